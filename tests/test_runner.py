@@ -5,7 +5,7 @@ import json
 import pytest
 
 from synthflaw import cli, config
-from synthflaw.runner import StepFailed, run_study, study_steps
+from synthflaw.runner import StepFailed, run_study, stage_variants, study_steps
 from synthflaw.runs import StepConfigChanged
 
 
@@ -59,3 +59,27 @@ def test_failed_step_names_cell_and_keeps_notebook(tmp_path):
     assert "failed in cell" in str(err.value) and str(notebook) in str(err.value)
     assert "01_generate_data" in str(err.value)
     assert notebook.exists() and not (tmp_path / "f" / "02_data_flaws" / "done.json").exists()
+
+
+def test_stage_variants_follow_the_config_and_reject_unknown_names():
+    cfg = config.resolve("smoke", {"cpt.branches": ["natural", "synthetic"], "unlearn.methods": ["npo"]})
+    assert stage_variants(cfg, "06_sft") == ["natural", "synthetic", "unlearn-npo"]
+    assert stage_variants(cfg, "06_sft", ["unlearn-npo", "natural"]) == ["natural", "unlearn-npo"]
+    assert stage_variants(cfg, "01_generate_data") == []
+    with pytest.raises(ValueError, match="rewritten.*not among"):
+        stage_variants(cfg, "04_continued_pretraining", ["rewritten"])
+
+
+def test_default_preset_runs_three_seeds_unless_told(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "run_study", lambda preset, run_id, overrides, **kw: calls.append((run_id, overrides)))
+    from synthflaw import seeds
+    monkeypatch.setattr(seeds, "summarize", lambda run_dir: {"seeds": ["0", "1", "2"]})
+    assert cli.main(["run", "--run-id", "r", "--runs-root", str(tmp_path)]) == 0
+    assert calls == [(f"seed-{k}", {"seed": k}) for k in (0, 1, 2)]
+    calls.clear()
+    assert cli.main(["run", "--run-id", "r", "--seeds", "4", "--runs-root", str(tmp_path)]) == 0
+    assert calls == [("r", {"seed": 4})]  # one seed: an ordinary run folder
+    calls.clear()
+    assert cli.main(["run", "--preset", "smoke", "--run-id", "s", "--runs-root", str(tmp_path)]) == 0
+    assert calls == [("s", {})]

@@ -89,6 +89,11 @@ def test_notebook_reproduces_the_inprocess_step(smoke_run, stage, variant):
     shutil.rmtree(step_dir)
     run_study("smoke", "s", runs_root=smoke_run.parent, engine="papermill", stages=[stage], log=lambda _: None)
     after = json.loads((step_dir / "result.json").read_text())
-    assert (step_dir / "notebook.ipynb").exists() and (step_dir / "done.json").exists()
+    # one notebook execution per stage, for the stage's unfinished variants only
+    assert (smoke_run / stage / "notebook.ipynb").exists() and (step_dir / "done.json").exists()
+    if variant:
+        executed = json.loads((smoke_run / stage / "notebook.ipynb").read_text())
+        injected = next(c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
+        assert f'variants = ["{variant}"]' in "".join(injected["source"])
     for key in COMPARE[stage]:
         assert after.get(key) == before.get(key), f"{stage}: {key} differs between papermill and in-process"
