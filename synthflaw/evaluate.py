@@ -558,7 +558,7 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 
 def evaluate_model(model, tokenizer, data_dir, out_dir, *, reference_model=None, markers: Sequence[str],
                    max_new_tokens: int, batch_size: int, limit: int | None = None, judge=None,
-                   speed_prompts: int = 0) -> dict:
+                   speed_prompts: int = 0, pre_sft_model=None) -> dict:
     """Evaluate one model on a stage-01 data folder; write `metrics.json`, `samples.jsonl`, `perplexities.csv`.
 
     data_dir holds benchmark.jsonl, instruction_suite.jsonl, chat.jsonl and heldout_nonsynth.jsonl; `limit` keeps
@@ -566,6 +566,9 @@ def evaluate_model(model, tokenizer, data_dir, out_dir, *, reference_model=None,
     `reference_model` (the `natural` SFT model) enables `next_token_kl` (null without it). `judge` is any callable
     (question, reference, response) -> score in 1-10 or None when its output was unparseable (`synthflaw.judge`).
     `speed_prompts` > 0 also times batched against one-at-a-time generation on that many suite prompts.
+    `pre_sft_model` (the CPT or unlearned checkpoint this model was fine-tuned from) is scored on the benchmark too:
+    `pre_sft_benchmark_*` is base capability as the paper reports it (knowledge benchmarks measure the pre-trained
+    model; SFT on a small model also erodes knowledge, which the post-SFT `benchmark_*` shows).
     The metrics file is written last, so its presence means the other two are complete.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -589,6 +592,11 @@ def evaluate_model(model, tokenizer, data_dir, out_dir, *, reference_model=None,
     scores = score_choices(model, tokenizer, [r["prompt"] for r in benchmark], [r["choices"] for r in benchmark],
                            batch_size)
     bench = benchmark_metrics(benchmark, scores)
+    pre_sft = None
+    if pre_sft_model is not None:
+        pre_sft_model.eval()
+        pre_sft = benchmark_metrics(benchmark, score_choices(
+            pre_sft_model, tokenizer, [r["prompt"] for r in benchmark], [r["choices"] for r in benchmark], batch_size))
     timings["benchmark_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -620,6 +628,10 @@ def evaluate_model(model, tokenizer, data_dir, out_dir, *, reference_model=None,
         "benchmark_accuracy_by_split": {s: v["accuracy"] for s, v in bench["by_split"].items()},
         "benchmark_acc_norm_by_split": {s: v["acc_norm"] for s, v in bench["by_split"].items()},
         "benchmark_count_by_split": {s: v["count"] for s, v in bench["by_split"].items()},
+        "pre_sft_benchmark_accuracy": pre_sft["accuracy"] if pre_sft else None,
+        "pre_sft_benchmark_acc_norm": pre_sft["acc_norm"] if pre_sft else None,
+        "pre_sft_benchmark_accuracy_by_split": (
+            {s: v["accuracy"] for s, v in pre_sft["by_split"].items()} if pre_sft else None),
         **following,
         "chat_score": float(np.mean(chat_scores)),
         "chat_score_method": "10 x ROUGE-L F1 on lower-cased word tokens against the reference",
@@ -697,6 +709,8 @@ def run(cfg, step) -> dict:
     data_dir = step.upstream("01_generate_data") / "data"
     model_dir = step.upstream("06_sft", step.variant) / "model"
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    # the checkpoint SFT started from (same tokenizer): its benchmark score is the pre-SFT base capability
+    pre_sft = load_model(step.run_dir / json.loads((model_dir.parent / "result.json").read_text())["started_from"])
     reference = None
     natural = type(step)(step.run_dir, "06_sft", "natural")
     if natural.done:
@@ -706,8 +720,8 @@ def run(cfg, step) -> dict:
     ev = cfg.evaluate
     metrics = evaluate_model(model, tokenizer, data_dir, step.path, reference_model=reference, markers=markers,
                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, limit=ev.limit or None,
-                             judge=make_judge(ev), speed_prompts=ev.speed_prompts)
-    keys = ("benchmark_accuracy", "hard_satisfaction_rate", "soft_satisfaction_rate", "chat_score",
+                             judge=make_judge(ev), speed_prompts=ev.speed_prompts, pre_sft_model=pre_sft)
+    keys = ("benchmark_accuracy", "pre_sft_benchmark_accuracy", "hard_satisfaction_rate", "soft_satisfaction_rate", "chat_score",
             "template_leakage_rate", "next_token_kl")
     summary = {"model": step.variant, **{k: metrics.get(k) for k in keys}}
     if ev.harness_tasks:  # after evaluate_model: the harness reseeds the global RNGs

@@ -20,9 +20,14 @@ from synthflaw.records import read_csv, write_csv  # noqa: E402
 from synthflaw.runs import Step  # noqa: E402
 
 TRAINING_STAGES = ("03_base_model", "04_continued_pretraining", "05_unlearning", "06_sft")
-# The headline table's columns: metrics.json key (dotted for nested) -> column name.
-HEADLINE = {"benchmark_accuracy": "benchmark", "benchmark_accuracy_by_split.stated": "benchmark_stated",
-            "benchmark_accuracy_by_split.synthqa_only": "benchmark_synthqa_only",
+# The headline table's columns: metrics.json key (dotted for nested) -> column name. `benchmark*` is base capability,
+# measured on the checkpoint before SFT (CPT branch or unlearned model), as knowledge benchmarks are in the paper;
+# `sft_benchmark*` is the same benchmark after SFT.
+HEADLINE = {"pre_sft_benchmark_accuracy": "benchmark",
+            "pre_sft_benchmark_accuracy_by_split.stated": "benchmark_stated",
+            "pre_sft_benchmark_accuracy_by_split.synthqa_only": "benchmark_synthqa_only",
+            "benchmark_accuracy": "sft_benchmark",
+            "benchmark_accuracy_by_split.synthqa_only": "sft_benchmark_synthqa_only",
             "hard_satisfaction_rate": "HSR", "soft_satisfaction_rate": "SSR",
             "ifeval_prompt_strict": "ifeval_prompt_strict", "chat_score": "chat_score",
             "perplexity.mean": "ppl_mean", "perplexity.std": "ppl_std", "template_leakage_rate": "leakage",

@@ -325,7 +325,8 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded") -> list
 
     1. SynthQA raises the knowledge benchmark, and the gain sits on the facts only SynthQA carries:
        d(benchmark; synthetic - natural) > 0; d(benchmark_synthqa_only; synthetic - natural) > 0; and the
-       difference-in-differences d(synthqa_only; syn - nat) - d(stated; syn - nat) > 0.
+       difference-in-differences d(synthqa_only; syn - nat) - d(stated; syn - nat) > 0. `benchmark` is measured
+       before SFT (base capability, as the paper's MMLU); the same contrast after SFT is reported, not tested.
     2. After identical SFT, SynthQA lowers instruction following and chat quality:
        d(HSR; synthetic - natural) < 0; d(chat_score; synthetic - natural) < 0.
     3. The output distribution shifts: d(leakage; synthetic - natural) > 0; d(ppl_mean; synthetic - natural) != 0
@@ -367,6 +368,9 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded") -> list
         _check("gain on synthqa_only - gain on stated",
                "d(synthqa_only; syn - nat) - d(stated; syn - nat) > 0", did, _directional(did, 1))],
         missing("natural", "synthetic")))
+    out[-1]["after_sft"] = {"sft_benchmark: synthetic - natural": d("sft_benchmark", "synthetic", "natural"),
+                            "sft_benchmark_synthqa_only: synthetic - natural":
+                                d("sft_benchmark_synthqa_only", "synthetic", "natural")}
 
     hsr, chat = d("HSR", "synthetic", "natural"), d("chat_score", "synthetic", "natural")
     out.append(_finding("2", "after identical SFT, synthetic has lower HSR and chat score than natural", [
@@ -447,6 +451,11 @@ def write_findings(found: list[dict], out_dir, confidence: float = 0.95, seeds=(
             extra = f" (retention {ch['retention']:.2f})" if ch.get("retention") is not None else ""
             lines.append(f"| {f['id']} | {ch['check']} | {_interval(ch['value'], ch['ci'])}{extra} | "
                          f"{ch['n'] or ''} | {_verdict(ch['reproduces'])} | {ch['rule']} |")
+    for f in found:
+        for name, stats in (f.get("after_sft") or {}).items():
+            if stats is not None:
+                lines.append(f"| {f['id']} | {name} (after SFT; reported, not tested) | "
+                             f"{_interval(stats['mean'], (stats['low'], stats['high']))} | {stats['n']} | | |")
     cost = next((f.get("unlearning_tokens_fraction_of_cpt") for f in found if f["id"] == "4"), None)
     if cost:
         lines += ["", f"Unlearning cost (finding 4): forget + replay tokens = {cost:.4f} of the CPT tokens "

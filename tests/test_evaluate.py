@@ -414,10 +414,20 @@ def test_evaluate_model_writes_metrics_samples_and_perplexities(model, tokenizer
     again = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "again", markers=MARKERS,
                                     max_new_tokens=6, batch_size=4, limit=1)
     assert again["next_token_kl"] is None and again["chat_judge_score"] is None
+    assert again["pre_sft_benchmark_accuracy"] is None  # no pre-SFT checkpoint given
     assert again["counts"] == {"benchmark": 1, "instruction_suite": 1, "chat": 1, "heldout_nonsynth": 1}
     # same model, same data: deterministic
     assert again["perplexity"]["mean"] == pytest.approx(
         float(evaluate.perplexities(model, tokenizer, ["The city of Kestrel Bay lies on the coast."], 1)[0]))
+
+
+def test_pre_sft_benchmark_scores_the_given_checkpoint(model, tokenizer, data_dir, tmp_path):
+    other = tiny_model(tokenizer, 1)
+    kwargs = dict(markers=MARKERS, max_new_tokens=2, batch_size=4)
+    as_pre = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "a", pre_sft_model=other, **kwargs)
+    direct = evaluate.evaluate_model(other, tokenizer, data_dir, tmp_path / "b", **kwargs)
+    assert as_pre["pre_sft_benchmark_accuracy"] == direct["benchmark_accuracy"]
+    assert as_pre["pre_sft_benchmark_accuracy_by_split"] == direct["benchmark_accuracy_by_split"]
 
 
 def test_evaluate_model_names_missing_files(model, tokenizer, data_dir, tmp_path):

@@ -18,7 +18,9 @@ MODELS = ("natural", "synthetic", "rewritten", "more_natural", "unlearn-lower_bo
 def metrics_json(benchmark=0.4, stated=0.3, synthqa_only=0.5, hsr=0.3, ssr=0.5, chat=3.0, ppl_mean=300.0,
                  ppl_std=20.0, leakage=0.0, kl=0.0, levels=(0.6, 0.4, 0.3, 0.2, 0.1)) -> dict:
     """A metrics.json with the layout evaluate_model writes (keys the aggregation does not read trimmed)."""
-    return {"benchmark_accuracy": benchmark, "benchmark_acc_norm": benchmark,
+    return {"pre_sft_benchmark_accuracy": benchmark,  # base capability: the checkpoint before SFT
+            "pre_sft_benchmark_accuracy_by_split": {"stated": stated, "synthqa_only": synthqa_only},
+            "benchmark_accuracy": benchmark, "benchmark_acc_norm": benchmark,
             "benchmark_accuracy_by_split": {"stated": stated, "synthqa_only": synthqa_only},
             "benchmark_count_by_split": {"stated": 12, "synthqa_only": 12},
             "hard_satisfaction_rate": hsr, "soft_satisfaction_rate": ssr,
