@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one parameter, e.g. --set cpt.synthetic_fraction=0.3 (see `synthflaw config`)")
     run.add_argument("--seeds", type=int, nargs="+", default=None,
-                     help="run the study once per seed, into runs/<run_id>/seed-<k>/ (default: the config's seed)")
+                     help="run the study once per seed, into runs/<run_id>/seed-<k>/, then the intervals across "
+                          "seeds into runs/<run_id>/seeds/ (default: 0 1 2 for the default preset, else the config's "
+                          "seed); one seed runs into runs/<run_id>/")
     run.add_argument("--stages", nargs="+", default=None, help="only these stages, e.g. 01 02 08")
     run.add_argument("--overwrite", action="store_true", help="re-run steps whose configuration changed")
     run.add_argument("--engine", default="papermill", choices=("papermill", "inprocess"),
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         overrides = config.parse_overrides(args.overrides)
         run_id = args.run_id or f"{args.preset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        if args.seeds is None and "seed" not in overrides:
+            args.seeds = list(config.PRESET_SEEDS.get(args.preset, ())) or None
         if args.seeds and len(args.seeds) > 1:
             config.resolve(args.preset, overrides)  # fail before any seed's folder is written
             for seed in args.seeds:

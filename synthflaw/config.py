@@ -34,20 +34,20 @@ class DataConfig:
     """Stage 01: the generated world and every data set built from it."""
 
     source: str = _f("embedded", "embedded (the generated world) | hub (real corpora + a generator model; paper preset)")
-    n_people: int = _f(160, "people in the world (5 facts each)")
-    n_organisations: int = _f(24, "organisations in the world (3 facts each)")
-    n_cities: int = _f(30, "cities in the world (1 fact each: its country)")
+    n_people: int = _f(40, "people in the world (5 facts each)")
+    n_organisations: int = _f(8, "organisations in the world (3 facts each)")
+    n_cities: int = _f(12, "cities in the world (1 fact each: its country)")
     nonsynth_fact_share: float = _f(0.5, "share of facts that NonSynth states; SynthQA states all of them")
-    nonsynth_docs: int = _f(4000, "NonSynth documents (natural text, many styles) for pre-training and CPT")
-    extra_natural_docs: int = _f(2000, "extra NonSynth documents for the more_natural branch")
+    nonsynth_docs: int = _f(3000, "NonSynth documents (natural text, many styles) for pre-training and CPT")
+    extra_natural_docs: int = _f(1500, "extra NonSynth documents for the more_natural branch")
     heldout_docs: int = _f(200, "held-out NonSynth documents (perplexity, never trained on)")
     general_text_share: float = _f(0.3, "share of NonSynth documents that are fact-free conversational/how-to text")
     synthetic_templates: int = _f(1, "number of distinct Q-A templates SynthQA uses (1 = the paper's uniform format)")
     synthqa_per_fact: int = _f(3, "SynthQA pairs per fact (question wordings vary, the template does not)")
-    sft_examples: int = _f(1200, "SFT chat examples, each with 1-3 verifiable constraints")
+    sft_examples: int = _f(1000, "SFT chat examples, each with 1-3 verifiable constraints")
     suite_bases: int = _f(60, "instruction-following base prompts; each yields levels 1-5 (5 test items)")
-    benchmark_items: int = _f(400, "knowledge benchmark questions (4-option multiple choice)")
-    chat_items: int = _f(60, "chat-quality open instructions with references")
+    benchmark_items: int = _f(200, "knowledge benchmark questions (4-option multiple choice)")
+    chat_items: int = _f(40, "chat-quality open instructions with references")
     # paper preset (source = hub): real corpora and a generator model
     natural_dataset: str = _f("", "hub id or local path of the natural corpus (source=hub)")
     natural_text_field: str = _f("text", "text column of the natural corpus")
@@ -64,7 +64,7 @@ class DataConfig:
 class FlawsConfig:
     """Stage 02: the data's flaws (distribution differences, pattern simplification)."""
 
-    max_texts: int = _f(500, "texts sampled per data set for the analyses")
+    max_texts: int = _f(300, "texts sampled per data set for the analyses")
     encoder: str = _f("minilm", "sentence encoder for the t-SNE: minilm (packaged all-MiniLM-L6-v2, offline)")
 
 
@@ -80,7 +80,7 @@ class BaseModelConfig:
     num_hidden_layers: int = _f(4, "transformer blocks")
     num_attention_heads: int = _f(4, "attention heads")
     block_size: int = _f(256, "tokens per packed training sequence")
-    max_tokens: int = _f(600_000, "pre-training token budget on NonSynth")
+    max_tokens: int = _f(300_000, "pre-training token budget on NonSynth")
     batch_size: int = _f(16, "sequences per step")
     learning_rate: float = _f(3e-3, "peak learning rate (cosine schedule)")
     warmup_steps: int = _f(20, "linear warm-up steps")
@@ -93,8 +93,8 @@ class CPTConfig:
 
     branches: tuple[str, ...] = _f(("natural", "synthetic", "rewritten", "more_natural"),
                                    "branches to train: natural | synthetic | rewritten | more_natural")
-    max_tokens: int = _f(300_000, "CPT token budget per branch")
-    synthetic_fraction: float = _f(0.2, "share of CPT tokens that are SynthQA (synthetic) or rewritten (rewritten)")
+    max_tokens: int = _f(200_000, "CPT token budget per branch")
+    synthetic_fraction: float = _f(0.3, "share of CPT tokens that are SynthQA (synthetic) or rewritten (rewritten)")
     more_natural_ratio: float = _f(1.0, "more_natural trains this many CPT budgets of extra natural data")
     more_natural_from: str = _f("synthetic", "branch more_natural continues from: synthetic (the paper's alternative "
                                 "mitigation: more natural data instead of unlearning) | natural")
@@ -108,8 +108,9 @@ class CPTConfig:
 class UnlearnConfig:
     """Stage 05: unlearning the synthetic pattern from the `synthetic` CPT model."""
 
-    methods: tuple[str, ...] = _f(("lower_bounded", "gradient_ascent", "gradient_difference", "npo", "simnpo"),
-                                  "unlearning methods to run (see synthflaw.unlearning.METHODS)")
+    methods: tuple[str, ...] = _f(("lower_bounded", "gradient_ascent", "npo"),
+                                  "unlearning methods to run: lower_bounded | gradient_ascent | gradient_difference | npo | "
+                                  "simnpo (synthflaw.unlearning.METHODS)")
     token_fraction: float = _f(0.02, "unlearning budget as a fraction of the CPT tokens (paper: ~1/300)")
     batch_size: int = _f(8, "forget (and replay) sequences per step")
     learning_rate: float = _f(3e-4, "learning rate")
@@ -124,7 +125,7 @@ class UnlearnConfig:
 class SFTConfig:
     """Stage 06: identical supervised fine-tuning for every model."""
 
-    epochs: float = _f(1.0, "passes over the SFT set")
+    epochs: float = _f(2.0, "passes over the SFT set")
     batch_size: int = _f(16, "conversations per step")
     learning_rate: float = _f(5e-4, "peak learning rate")
     warmup_steps: int = _f(10, "linear warm-up steps")
@@ -139,7 +140,7 @@ class EvalConfig:
     max_new_tokens: int = _f(96, "new tokens per generated response")
     batch_size: int = _f(32, "prompts per generation/scoring batch")
     limit: int = _f(0, "evaluate only the first N items of each suite (0 = all)")
-    speed_prompts: int = _f(16, "also time batched vs one-at-a-time generation on this many prompts (0 = skip)")
+    speed_prompts: int = _f(0, "also time batched vs one-at-a-time generation on this many prompts (0 = skip)")
     judge: str = _f("", "optional chat judge: empty (reference score only) | local model path | endpoint model name")
     judge_endpoint: str = _f("", "OpenAI-compatible base URL for the judge (key from judge_api_key_env)")
     judge_api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the judge's API key")
@@ -191,7 +192,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base.max_tokens": 8192, "base.batch_size": 8, "base.save_steps": 8, "base.warmup_steps": 2,
         "cpt.max_tokens": 4096, "cpt.batch_size": 8, "cpt.save_steps": 4, "cpt.warmup_steps": 1,
         "unlearn.token_fraction": 0.25, "unlearn.batch_size": 4, "unlearn.save_steps": 2,
-        "sft.batch_size": 8, "sft.max_length": 128, "sft.warmup_steps": 1,
+        "unlearn.methods": ("lower_bounded", "gradient_ascent", "gradient_difference", "npo", "simnpo"),
+        "sft.epochs": 1.0, "sft.batch_size": 8, "sft.max_length": 128, "sft.warmup_steps": 1,
         "evaluate.max_new_tokens": 24, "evaluate.batch_size": 16, "evaluate.speed_prompts": 4,
     },
     # Real models and data sets on a GPU (issue 7): a small hub base, an instruct model as the SynthQA generator,
@@ -209,6 +211,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evaluate.harness_tasks": ("mmlu", "ifeval"), "evaluate.harness_num_fewshot": 5,
     },
 }
+
+
+# Seeds `synthflaw run` / `make study` use when none are given: the default study's findings are tested on paired
+# differences across three seeds (synthflaw.seeds); the others run once, with the config's `seed`.
+PRESET_SEEDS: dict[str, tuple[int, ...]] = {"default": (0, 1, 2)}
 
 
 def _sections() -> dict[str, type]:
