@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--runs-root", default="runs")
     fig.add_argument("--engine", default="papermill", choices=("papermill", "inprocess"))
 
+    exp = sub.add_parser("export", help="copy a finished run's small outputs (no weights, no data) and its notebooks "
+                                        "as HTML into a folder to commit, e.g. runs/reference")
+    exp.add_argument("--run-id", required=True)
+    exp.add_argument("--to", required=True, help="output folder; must not exist")
+    exp.add_argument("--runs-root", default="runs")
+
     cfg = sub.add_parser("config", help="print every parameter with its default and help, or a preset resolved")
     cfg.add_argument("--preset", default=None, choices=sorted(config.PRESETS))
     cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -53,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
                 import json
                 resolved = config.resolve(args.preset or "default", config.parse_overrides(args.overrides))
                 print(json.dumps(resolved.to_dict(), indent=2))
+            return 0
+        if args.command == "export":
+            from synthflaw.export import export_run
+            written = export_run(Path(args.runs_root) / args.run_id, args.to)
+            print(f"wrote {len(written)} files to {args.to}")
             return 0
         if args.command == "figures":
             from synthflaw.figures import regenerate
@@ -76,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             run_study(args.preset, run_id, overrides, overwrite=args.overwrite, runs_root=args.runs_root,
                       engine=args.engine, stages=args.stages)
         return 0
-    except (config.ConfigError, StepConfigChanged, ValueError) as err:
+    except (config.ConfigError, StepConfigChanged, ValueError, FileExistsError) as err:
         print(f"synthflaw: error: {err}", file=sys.stderr)
         return 2
     except StepFailed as err:

@@ -97,3 +97,19 @@ def test_notebook_reproduces_the_inprocess_step(smoke_run, stage, variant):
         assert f'variants = ["{variant}"]' in "".join(injected["source"])
     for key in COMPARE[stage]:
         assert after.get(key) == before.get(key), f"{stage}: {key} differs between papermill and in-process"
+
+
+def test_export_keeps_no_weights_or_data_and_regenerates_the_same_tables(smoke_run, tmp_path):
+    from synthflaw.export import export_run
+    from synthflaw.figures import regenerate
+
+    out = tmp_path / "exported"
+    export_run(smoke_run, out)
+    assert (out / "study.json").exists() and (out / "07_evaluate" / "synthetic" / "metrics.json").exists()
+    assert not [p for p in out.rglob("*") if p.name in ("model", "data", "checkpoints") or p.suffix == ".safetensors"]
+    assert (out / "notebooks" / "08_figures.html").exists()  # the papermill re-executions above left notebooks
+    with pytest.raises(FileExistsError):
+        export_run(smoke_run, out)  # never over an existing export
+    original = {p.name: p.read_bytes() for p in (smoke_run / "08_figures").rglob("*.csv")}
+    regenerate("exported", runs_root=tmp_path, engine="inprocess")
+    assert {p.name: p.read_bytes() for p in (out / "08_figures").rglob("*.csv")} == original
