@@ -9,6 +9,7 @@ treats them alike.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -120,16 +121,19 @@ def build_model(tokenizer: PreTrainedTokenizerFast, model_config: dict, seed: in
     return model
 
 
-def load_model(model_name_or_path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | str | None = None):
+def load_model(model_name_or_path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = None):
     """Load a causal LM by hub id or local `save_pretrained` folder (the paper preset's base model).
 
-    `dtype=None` keeps the checkpoint's stored dtype ("auto"); remote code runs only when asked for.
+    `dtype=None` keeps the checkpoint's stored dtype ("auto"); remote code runs only when asked for. `device=None`
+    puts the model on the GPU when there is one (so evaluation and unlearning run there), else on the CPU.
     """
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(model_name_or_path),
         trust_remote_code=trust_remote_code,
         dtype=dtype if dtype is not None else "auto",
     )
+    return model.to(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_tokenizer(model_name_or_path: str | Path, trust_remote_code: bool = False):
@@ -145,6 +149,42 @@ def load_tokenizer(model_name_or_path: str | Path, trust_remote_code: bool = Fal
     return tokenizer
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that closes an assistant turn in the tokenizer's chat template (`<|end|>` in the embedded
+    one, `<|im_end|>` in Qwen's and SmolLM's, `<|eot_id|>` in Llama 3's), or None without a template or such a token.
+
+    Found by rendering a one-turn chat: the first token after the assistant's content, if it is a special token.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = "synthflaw probe answer"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "probe question"},
+                                          {"role": "assistant", "content": probe}], tokenize=False)
+    if probe not in text:
+        return None
+    ids = tokenizer(text[text.rindex(probe) + len(probe):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return int(ids[0]) if ids and ids[0] in special else None
+
+
+def stop_at_end_of_turn(model, tokenizer) -> list[int]:
+    """Make generation stop at the chat template's end-of-turn token as well as at the model's EOS ids.
+
+    A hub base model's generation config names only its EOS (Qwen2.5-0.5B: `<|endoftext|>`); after SFT on its chat
+    template the model ends a turn with `<|im_end|>` and would otherwise run on to max_new_tokens. The setting is
+    saved with the model, so every stage downstream (and lm-evaluation-harness) inherits it. Returns the stop ids.
+    """
+    configured = model.generation_config.eos_token_id
+    stop = list(configured) if isinstance(configured, (list, tuple)) else [configured] if configured is not None else []
+    for token_id in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)):
+        if token_id is not None and token_id not in stop:
+            stop.append(token_id)
+    model.generation_config.eos_token_id = stop
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return stop
+
+
 def _training_texts(data: dict) -> list[str]:
     """Every text the tokenizer should cover: the corpora and the SFT conversations' contents."""
     texts = [r["text"] for name in ("nonsynth", "extra_natural", "synthqa", "rewritten") for r in data[name]]
@@ -156,27 +196,44 @@ def run(cfg, step) -> dict:
 
     Embedded default: a tokenizer trained on the generated corpus and a Llama-style model pre-trained from scratch on
     NonSynth. With `base.model_name_or_path`: that model (hub id or local folder), saved into the run so every later
-    stage reads its base from the same place.
+    stage reads its base from the same place, with generation set to stop at its chat template's end of turn.
+    Pre-training runs in this process, or on `compute.num_processes` processes under `accelerate launch`.
     """
     from synthflaw.generate import load_data
-    from synthflaw.pretraining import pretrain
+    from synthflaw.hub_data import require_hub
+    from synthflaw.launch import run_training
 
     b = cfg.base
     model_dir = step.path / "model"
     if b.model_name_or_path:
-        model = load_model(b.model_name_or_path, trust_remote_code=b.trust_remote_code)
+        require_hub("base.model_name_or_path", b.model_name_or_path)
+        model = load_model(b.model_name_or_path, trust_remote_code=b.trust_remote_code, device="cpu")
         tokenizer = load_tokenizer(b.model_name_or_path, trust_remote_code=b.trust_remote_code)
+        stop_ids = stop_at_end_of_turn(model, tokenizer)
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-        return {"source": b.model_name_or_path, "parameters": sum(p.numel() for p in model.parameters())}
-    data = load_data(step.upstream("01_generate_data") / "data")
-    tokenizer = train_tokenizer(_training_texts(data), b.vocab_size, step.path / "tokenizer")
-    model = build_model(tokenizer, {"hidden_size": b.hidden_size, "intermediate_size": b.intermediate_size,
-                                    "num_hidden_layers": b.num_hidden_layers,
-                                    "num_attention_heads": b.num_attention_heads,
-                                    "num_key_value_heads": b.num_attention_heads,
-                                    "max_position_embeddings": b.block_size}, cfg.seed)
-    summary = pretrain(model, tokenizer, [r["text"] for r in data["nonsynth"]], step.path, max_tokens=b.max_tokens,
-                       block_size=b.block_size, batch_size=b.batch_size, learning_rate=b.learning_rate,
-                       warmup_steps=b.warmup_steps, seed=cfg.seed, save_steps=b.save_steps)
-    return {"source": "embedded", "parameters": sum(p.numel() for p in model.parameters()), **summary}
+        return {"source": b.model_name_or_path, "parameters": sum(p.numel() for p in model.parameters()),
+                "dtype": str(model.dtype).removeprefix("torch."), "stop_token_ids": stop_ids, "trained": False}
+    data_dir = step.upstream("01_generate_data") / "data"
+    tokenizer = train_tokenizer(_training_texts(load_data(data_dir)), b.vocab_size, step.path / "tokenizer")
+    model = build_model(tokenizer, embedded_model_config(b), cfg.seed)
+    parameters = sum(p.numel() for p in model.parameters())
+    # The job loads its model from a folder (in this process or in each launched one): the seeded initialisation.
+    init_dir = step.path / "init"
+    model.save_pretrained(init_dir)
+    tokenizer.save_pretrained(init_dir)
+    del model
+    job = {"task": "pretrain", "model_name_or_path": str(init_dir), "out_dir": str(step.path),
+           "texts": str(data_dir / "nonsynth.jsonl"), "max_tokens": b.max_tokens, "block_size": b.block_size,
+           "batch_size": b.batch_size, "learning_rate": b.learning_rate, "warmup_steps": b.warmup_steps,
+           "seed": cfg.seed, "save_steps": b.save_steps}
+    summary = run_training(job, cfg.compute, step.path)
+    shutil.rmtree(init_dir)  # rebuilt from the seed if the stage runs again; model/ holds the result
+    return {"source": "embedded", "parameters": parameters, **summary}
+
+
+def embedded_model_config(b) -> dict:
+    """The LlamaConfig fields of the embedded model from the `base` config section (vocabulary from the tokenizer)."""
+    return {"hidden_size": b.hidden_size, "intermediate_size": b.intermediate_size,
+            "num_hidden_layers": b.num_hidden_layers, "num_attention_heads": b.num_attention_heads,
+            "num_key_value_heads": b.num_attention_heads, "max_position_embeddings": b.block_size}

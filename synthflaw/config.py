@@ -58,6 +58,11 @@ class DataConfig:
     generator_max_new_tokens: int = _f(256, "new tokens per SynthQA generation")
     generator_batch_size: int = _f(8, "documents per generation batch")
     source_documents: int = _f(2000, "natural documents turned into SynthQA (source=hub)")
+    sft_dataset: str = _f("", "public SFT set replacing the embedded one (source=hub; data.sft_examples of its chats"
+                              " are used): hub id or local .jsonl/.json/.parquet file or folder with a chat column")
+    sft_dataset_config: str = _f("", "configuration (subset) name of the hub SFT set, e.g. all for smoltalk")
+    sft_split: str = _f("train", "split of the SFT set")
+    sft_messages_field: str = _f("messages", "column of the SFT set holding [{role, content}, ...] chats")
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,22 @@ class FiguresConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    """How the training stages use the hardware; none of it changes what is trained (not part of a step's
+    fingerprint): every stage's batch_size stays the sequences per optimizer step, split over processes and
+    accumulation micro-steps."""
+
+    num_processes: int = _f(1, "processes (GPUs) for stages 03, 04 and 06; > 1 runs each of them under "
+                                "`accelerate launch` (unlearning and evaluation stay on one device)")
+    accelerate_config: str = _f("", "accelerate config file for num_processes > 1 (empty = the shipped "
+                                    "accelerate/ddp.yaml; also accelerate/fsdp.yaml, accelerate/deepspeed_zero2.yaml)")
+    gradient_accumulation_steps: int = _f(1, "micro-steps per optimizer step in stages 03-06: each process runs "
+                                             "batch_size / (num_processes * this) sequences at a time (less memory)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass of stages 03-06 "
+                                             "(~30% slower, much less activation memory)")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """A whole study: the seed, the preset it came from, and one section per stage."""
 
@@ -170,12 +191,13 @@ class StudyConfig:
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "stage 06"})
     evaluate: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "stage 07"})
     figures: FiguresConfig = field(default_factory=FiguresConfig, metadata={"help": "stage 08"})
+    compute: ComputeConfig = field(default_factory=ComputeConfig, metadata={"help": "hardware use of stages 03-06"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("data", "flaws", "base", "cpt", "unlearn", "sft", "evaluate", "figures")
+SECTIONS = ("data", "flaws", "base", "cpt", "unlearn", "sft", "evaluate", "figures", "compute")
 
 # Presets are overrides of the defaults above (the `default` preset is the defaults themselves).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -196,19 +218,50 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft.epochs": 1.0, "sft.batch_size": 8, "sft.max_length": 128, "sft.warmup_steps": 1,
         "evaluate.max_new_tokens": 24, "evaluate.batch_size": 16, "evaluate.speed_prompts": 4,
     },
-    # Real models and data sets on a GPU (issue 7): a small hub base, an instruct model as the SynthQA generator,
-    # a public natural corpus. Every entry can be overridden with --set.
+    # Real models and data sets on a GPU (issue 7; docs/gpu.md): a small hub base, an instruct model as the SynthQA
+    # generator, a public natural corpus and SFT set, MMLU and IFEval through lm-evaluation-harness. The paper's
+    # shape at ~1/6000 of its CPT budget: 50M CPT tokens with 2% SynthQA, ~1 epoch of NonSynth (fineweb-edu
+    # documents average ~1k tokens), unlearning on 1/300 of the CPT tokens. Needs HF_HUB_OFFLINE=0. Every entry
+    # can be overridden with --set.
     "paper": {
         "data.source": "hub",
         "data.natural_dataset": "HuggingFaceFW/fineweb-edu",
+        "data.nonsynth_docs": 50_000, "data.extra_natural_docs": 50_000, "data.heldout_docs": 500,
+        "data.source_documents": 4000,
         "data.generator": "Qwen/Qwen2.5-1.5B-Instruct",
+        "data.generator_batch_size": 32, "data.generator_max_new_tokens": 384,
+        "data.sft_dataset": "HuggingFaceTB/smoltalk", "data.sft_dataset_config": "all", "data.sft_examples": 20_000,
         "base.model_name_or_path": "Qwen/Qwen2.5-0.5B",
         "base.block_size": 1024,
-        "cpt.max_tokens": 50_000_000, "cpt.batch_size": 16, "cpt.learning_rate": 2e-5, "cpt.save_steps": 500,
-        "unlearn.token_fraction": 1 / 300, "unlearn.learning_rate": 1e-5,
-        "sft.learning_rate": 2e-5, "sft.max_length": 1024, "sft.batch_size": 16,
+        "cpt.max_tokens": 50_000_000, "cpt.synthetic_fraction": 0.02, "cpt.batch_size": 16,
+        "cpt.learning_rate": 2e-5, "cpt.save_steps": 500,
+        "unlearn.token_fraction": 1 / 300, "unlearn.learning_rate": 1e-5, "unlearn.save_steps": 50,
+        "sft.epochs": 1.0, "sft.learning_rate": 2e-5, "sft.max_length": 1024, "sft.batch_size": 16,
+        "sft.save_steps": 500,
         "evaluate.max_new_tokens": 512,
-        "evaluate.harness_tasks": ("mmlu", "ifeval"), "evaluate.harness_num_fewshot": 5,
+        # each task's own few-shot setting (MMLU 0-shot, IFEval 0-shot: IFEval has no few-shot split)
+        "evaluate.harness_tasks": ("mmlu", "ifeval"), "evaluate.harness_num_fewshot": -1,
+    },
+    # The embedded study at GPU scale, for a GPU with no network and no weights (docs/gpu.md): a larger world (2000
+    # people, 400k NonSynth documents, ~12M tokens), a 0.34B-parameter Llama from random init (hidden 1024, 24
+    # layers, 16 heads, vocabulary 16384, block 1024), budgeted for about an hour on one H100 in bf16: pre-training
+    # passes over NonSynth ~8 times, CPT ~1.5 times. Other values (synthetic share, methods, epochs) are the
+    # default preset's.
+    "gpu": {
+        "data.n_people": 2000, "data.n_organisations": 300, "data.n_cities": 300,
+        "data.nonsynth_docs": 400_000, "data.extra_natural_docs": 200_000, "data.heldout_docs": 1000,
+        "data.sft_examples": 20_000, "data.suite_bases": 200, "data.benchmark_items": 2000, "data.chat_items": 200,
+        "base.vocab_size": 16384, "base.hidden_size": 1024, "base.intermediate_size": 2816,
+        "base.num_hidden_layers": 24, "base.num_attention_heads": 16, "base.block_size": 1024,
+        "base.max_tokens": 100_000_000, "base.batch_size": 64, "base.learning_rate": 6e-4,
+        "base.warmup_steps": 100, "base.save_steps": 250,
+        "cpt.max_tokens": 20_000_000, "cpt.batch_size": 32, "cpt.learning_rate": 3e-4, "cpt.warmup_steps": 30,
+        "cpt.save_steps": 200,
+        "unlearn.batch_size": 16, "unlearn.learning_rate": 3e-5, "unlearn.save_steps": 100,
+        "sft.batch_size": 32, "sft.learning_rate": 1e-4, "sft.warmup_steps": 30, "sft.save_steps": 200,
+        "evaluate.batch_size": 64,
+        # 32 sequences of 1024 tokens per micro-step keep a 0.34B model's activations under ~40 GB
+        "compute.gradient_accumulation_steps": 2,
     },
 }
 
@@ -319,7 +372,8 @@ def resolve(preset: str = "default", overrides: dict[str, Any] | None = None) ->
 
 def from_dict(d: dict) -> StudyConfig:
     """Rebuild a StudyConfig from its saved ``to_dict()`` form (a downstream stage reads its upstream's config)."""
-    sections = {name: cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d[name].items()})
+    # .get: a run saved before a section existed (e.g. compute) gets that section's defaults
+    sections = {name: cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.get(name, {}).items()})
                 for name, cls in _sections().items()}
     return StudyConfig(seed=d["seed"], preset=d["preset"], **sections)
 
@@ -355,6 +409,29 @@ def check(cfg: StudyConfig) -> None:
     for name in ("max_tokens",):
         if getattr(cfg.base, name) <= 0 or getattr(cfg.cpt, name) <= 0:
             problems.append(f"base.{name} and cpt.{name} must be positive")
+    if cfg.data.sft_dataset and cfg.data.source != "hub":
+        problems.append("data.sft_dataset replaces the SFT set of real-data runs only: set data.source=hub, or "
+                        "leave data.sft_dataset empty for the embedded study")
+    problems += _compute_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
+
+def _compute_problems(cfg: StudyConfig) -> list[str]:
+    """A stage's batch_size is split evenly over processes and accumulation micro-steps, or not at all."""
+    c = cfg.compute
+    if c.num_processes < 1 or c.gradient_accumulation_steps < 1:
+        return ["compute.num_processes and compute.gradient_accumulation_steps must be >= 1"]
+    problems = []
+    shares = {"cpt": c.num_processes * c.gradient_accumulation_steps,
+              "sft": c.num_processes * c.gradient_accumulation_steps,
+              "unlearn": c.gradient_accumulation_steps}  # unlearning runs in one process
+    if not cfg.base.model_name_or_path:
+        shares["base"] = c.num_processes * c.gradient_accumulation_steps
+    for section, share in shares.items():
+        batch = getattr(cfg, section).batch_size
+        if batch % share:
+            problems.append(f"{section}.batch_size={batch} is not divisible by {share} (compute.num_processes="
+                            f"{c.num_processes if section != 'unlearn' else 1} x compute.gradient_accumulation_steps="
+                            f"{c.gradient_accumulation_steps}): pick a batch size or accumulation that divides")
+    return problems

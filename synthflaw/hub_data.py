@@ -9,9 +9,13 @@ What comes from where:
   Q-A pairs by the generator with the fixed prompt `prompts/synthqa.txt`, in the paper's uniform format
   "Question: ...\\nAnswer: ..." (template 0). The rewritten set is the same pairs turned back into prose with
   `prompts/rewrite.txt`: same knowledge, no template.
-- The SFT set, the instruction suite, the chat set and the knowledge benchmark are the embedded study's
-  (:func:`synthflaw.generate.build_embedded`). For real models the knowledge benchmark that matters is MMLU, run
-  through lm-evaluation-harness (a later issue); the embedded suites remain for instruction following and chat.
+- The SFT set: `data.sft_examples` chats of a public SFT set (`data.sft_dataset`, e.g. HuggingFaceTB/smoltalk;
+  a "messages" column of [{"role", "content"}, ...]) in a seeded random order, in the package's sft.jsonl schema
+  with no constraints; chats that are not user/assistant(/system) conversations, or that contain an evaluation
+  prompt, are skipped and counted. Without `data.sft_dataset`, the embedded study's SFT set.
+- The instruction suite, the chat set and the knowledge benchmark are the embedded study's
+  (:func:`synthflaw.generate.build_embedded`): the package's own scoring. For real models the knowledge benchmark
+  that matters is MMLU, run through lm-evaluation-harness (`evaluate.harness_tasks`).
 
 The generator is an OpenAI-compatible chat-completions endpoint (`data.generator_endpoint`, the key read from the
 environment variable `data.generator_api_key_env` at each call and never stored, logged or written) or, without an
@@ -23,12 +27,18 @@ raw output and parsed pairs or failure reason, keyed by a hash of (generator, pr
 skips every document whose line matches; only endpoint errors (connection, timeout, 429, 5xx) are attempted again,
 since they say nothing about the document. Failed generations are counted in ``world["generation"]`` and listed
 in ``generation/failures.jsonl``; they never become records.
+
+Hub names are only touched when the hub is on: synthflaw sets HF_HUB_OFFLINE=1 unless told otherwise, and a name
+that is not a local path then fails at once (:func:`require_hub`), naming the config key and the fix, instead of
+letting a loader hang on the network or fail deep inside `huggingface_hub`.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -61,25 +71,57 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 # Failure reasons that say nothing about the document: a re-run attempts those documents again.
 RETRIED_ON_RESUME = ("endpoint_error",)
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+CHAT_ROLES = ("system", "user", "assistant")
+NATURAL_KEYS = ("data.natural_dataset", "data.natural_split", "data.natural_text_field")
+SFT_KEYS = ("data.sft_dataset", "data.sft_split", "data.sft_messages_field")
+
+
+class HubOffline(RuntimeError):
+    """A configured name is a hub id, but the hub is switched off (HF_HUB_OFFLINE=1)."""
+
+
+def hub_offline() -> bool:
+    """Whether hub downloads are off: HF_HUB_OFFLINE now, or as `huggingface_hub` read it when it was imported."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def require_hub(key: str, name: str) -> None:
+    """Raise HubOffline at once when `name` (the value of config key `key`) is not a local path and the hub is off.
+
+    Called before any loader is given a hub id, so an offline machine gets this message instead of a hang or a
+    cache-miss error from deep inside `huggingface_hub`.
+    """
+    if name and not Path(name).expanduser().exists() and hub_offline():
+        raise HubOffline(
+            f"{key}={name!r} is not a local path, so it would be downloaded from the Hugging Face hub, but the hub is "
+            "off (HF_HUB_OFFLINE=1, synthflaw's default). Run with HF_HUB_OFFLINE=0 set in the environment before "
+            f"Python starts (e.g. `HF_HUB_OFFLINE=0 synthflaw run --preset paper ...`), or set {key} to a local "
+            "folder or file.")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The natural corpus
 # --------------------------------------------------------------------------------------------------------------
 
-def _seeded_rows(dataset: str, split: str, text_field: str, seed: int) -> Iterator[tuple[int, dict]]:
-    """(row, example) pairs of the corpus in a seeded random order.
+def _seeded_rows(dataset: str, split: str, text_field: str, seed: int, *, config_name: str = "",
+                 keys: tuple[str, str, str] = NATURAL_KEYS) -> Iterator[tuple[int, dict]]:
+    """(row, example) pairs of a data set in a seeded random order; `keys` name its config keys in errors
+    (dataset, split, column).
 
     Local data is loaded whole and permuted, `row` being the index in the split. A hub id is streamed (a web
     corpus does not fit on disk) through a seeded shuffle buffer, `row` being the position in that seeded stream.
     """
     import datasets
 
+    dataset_key, split_key, field_key = keys
     path = Path(dataset).expanduser()
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"data.natural_dataset={dataset!r}: unsupported file type {path.suffix!r}; give a "
+            raise ValueError(f"{dataset_key}={dataset!r}: unsupported file type {path.suffix!r}; give a "
                              f"{', '.join(_FILE_BUILDERS)} file, a folder, or a hub id")
         # data_files keyed by the split, so that `data.natural_split` names the file's only split
         ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
@@ -88,22 +130,22 @@ def _seeded_rows(dataset: str, split: str, text_field: str, seed: int) -> Iterat
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise ValueError(f"data.natural_split={split!r} is not in {dataset!r}; its splits: "
-                                     f"{', '.join(ds)}")
+                    raise ValueError(f"{split_key}={split!r} is not in {dataset!r}; its splits: {', '.join(ds)}")
                 ds = ds[split]
         else:
             ds = datasets.load_dataset(str(path), split=split)
     else:
-        stream = datasets.load_dataset(dataset, split=split, streaming=True)
+        require_hub(dataset_key, dataset)
+        stream = datasets.load_dataset(dataset, config_name or None, split=split, streaming=True)
         stream = stream.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
         for row, example in enumerate(stream):
             if row == 0 and text_field not in example:
-                raise ValueError(f"data.natural_text_field={text_field!r} is not a column of {dataset!r}; its "
+                raise ValueError(f"{field_key}={text_field!r} is not a column of {dataset!r}; its "
                                  f"columns: {', '.join(example)}")
             yield row, example
         return
     if text_field not in ds.column_names:
-        raise ValueError(f"data.natural_text_field={text_field!r} is not a column of {dataset!r}; its columns: "
+        raise ValueError(f"{field_key}={text_field!r} is not a column of {dataset!r}; its columns: "
                          f"{', '.join(ds.column_names)}")
     for row in np.random.default_rng(seed).permutation(len(ds)):
         yield int(row), ds[int(row)]
@@ -146,6 +188,88 @@ def corpus_documents(data_cfg, seed: int) -> dict[str, list[dict]]:
         out[name] = [{"id": f"{name}-{i:06d}", **doc} for i, doc in enumerate(docs[start:start + size])]
         start += size
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The public SFT set
+# --------------------------------------------------------------------------------------------------------------
+
+def chat_messages(value) -> tuple[list[dict] | None, str | None]:
+    """(messages, None) for a chat the SFT stage can train on, else (None, the reason it is skipped).
+
+    A chat is a list of {"role", "content"} turns with roles system/user/assistant (other keys of a turn are
+    dropped), a user turn first after any system turns, at least one assistant turn, and no empty assistant turn.
+    """
+    if not isinstance(value, list) or not value:
+        return None, "not_a_chat"
+    messages = []
+    for turn in value:
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            return None, "not_a_chat"
+        if turn.get("role") not in CHAT_ROLES:
+            return None, "unknown_role"
+        if turn["role"] == "assistant" and not turn["content"].strip():
+            return None, "empty_assistant_turn"
+        messages.append({"role": turn["role"], "content": turn["content"]})
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    if not roles or roles[0] != "user":
+        return None, "no_user_turn_first"
+    if "assistant" not in roles:
+        return None, "no_assistant_turn"
+    return messages, None
+
+
+def public_sft_records(data_cfg, seed: int) -> tuple[list[dict], dict]:
+    """`data.sft_examples` chats of the public SFT set `data.sft_dataset` in the sft.jsonl schema, and counts.
+
+    Rows are read in a seeded random order; a chat `chat_messages` rejects, or an exact duplicate of an earlier one,
+    is skipped and counted by reason. Records: {"id", "messages", "constraints": [] (public chats carry no
+    verifiable constraints), "provenance": {"source": "hub", "dataset", "config", "split", "row", "seed"[,
+    "source_id"]}}. Raises when the set has fewer usable chats than asked for.
+    """
+    wanted = data_cfg.sft_examples
+    records, skipped, seen = [], Counter(), set()
+    rows = _seeded_rows(data_cfg.sft_dataset, data_cfg.sft_split, data_cfg.sft_messages_field, seed,
+                        config_name=data_cfg.sft_dataset_config, keys=SFT_KEYS)
+    for row, example in rows:
+        messages, reason = chat_messages(example[data_cfg.sft_messages_field])
+        if messages is not None:
+            fingerprint = json.dumps(messages, ensure_ascii=False)
+            reason = "duplicate" if fingerprint in seen else None
+            seen.add(fingerprint)
+        if reason:
+            skipped[reason] += 1
+            continue
+        provenance = {"source": "hub", "dataset": data_cfg.sft_dataset, "config": data_cfg.sft_dataset_config,
+                      "split": data_cfg.sft_split, "row": row, "seed": seed}
+        if isinstance(example.get("id"), (str, int)):
+            provenance["source_id"] = example["id"]
+        records.append({"id": f"sft-{len(records):06d}", "messages": messages, "constraints": [],
+                        "provenance": provenance})
+        if len(records) == wanted:
+            break
+    if len(records) < wanted:
+        raise ValueError(f"the SFT set {data_cfg.sft_dataset!r} (split {data_cfg.sft_split!r}) has {len(records)} "
+                         f"usable chats (skipped: {dict(skipped) or 'none'}), fewer than data.sft_examples={wanted}: "
+                         "lower data.sft_examples or use a larger set")
+    return records, {"dataset": data_cfg.sft_dataset, "config": data_cfg.sft_dataset_config,
+                     "split": data_cfg.sft_split, "records": len(records), "skipped": dict(sorted(skipped.items()))}
+
+
+def drop_leaking_chats(sft: list[dict], prompts: list[str]) -> tuple[list[dict], int]:
+    """The chats none of whose turns contains an evaluation prompt, and how many were dropped: a public set may hold
+    a prompt of the embedded suites verbatim, and training on it would make that test item a seen one."""
+    # One search per prompt through all chats joined by NULs (which no prompt contains), not one per chat and prompt.
+    texts = ["\x00".join(m["content"] for m in r["messages"]) for r in sft]
+    starts = list(itertools.accumulate((len(t) + 1 for t in texts[:-1]), initial=0))
+    corpus = "\x00".join(texts)
+    leaking = set()
+    for prompt in prompts:
+        at = corpus.find(prompt)
+        while at != -1:
+            leaking.add(bisect.bisect_right(starts, at) - 1)
+            at = corpus.find(prompt, at + 1)
+    return [r for i, r in enumerate(sft) if i not in leaking], len(leaking)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -362,6 +486,7 @@ class LocalGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        require_hub("data.generator", str(model_name_or_path))
         self.name = str(model_name_or_path)
         self.max_new_tokens = max_new_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(self.name)
@@ -504,8 +629,15 @@ def _check(data_cfg, generator) -> None:
         problems.append("data.generator_max_new_tokens must be >= 1")
     if generator is None and not data_cfg.generator:
         problems.append("data.generator is empty: name a local model folder or hub id, or the endpoint's model")
+    if data_cfg.sft_dataset and data_cfg.sft_examples < 1:
+        problems.append("data.sft_examples must be >= 1 with data.sft_dataset")
     if problems:
         raise ValueError("invalid configuration for data.source=hub:\n  - " + "\n  - ".join(problems))
+    # Every hub name of stage 01 is checked before any work, so an offline machine fails at once.
+    require_hub("data.natural_dataset", data_cfg.natural_dataset)
+    require_hub("data.sft_dataset", data_cfg.sft_dataset)
+    if generator is None and not data_cfg.generator_endpoint:
+        require_hub("data.generator", data_cfg.generator)
 
 
 def build_from_hub(cfg, out_dir: Path, generator=None) -> dict:
@@ -569,11 +701,21 @@ def build_from_hub(cfg, out_dir: Path, generator=None) -> dict:
 
     # The embedded suites come from the generated world; its own natural documents are not needed.
     embedded = generate.build_embedded(
-        dataclasses.replace(data_cfg, nonsynth_docs=0, extra_natural_docs=0, heldout_docs=0), seed)
+        dataclasses.replace(data_cfg, nonsynth_docs=0, extra_natural_docs=0, heldout_docs=0,
+                            sft_examples=0 if data_cfg.sft_dataset else data_cfg.sft_examples), seed)
+    sft, sft_stats = embedded["sft"], None
+    if data_cfg.sft_dataset:
+        sft, sft_stats = public_sft_records(data_cfg, seed)
+        prompts = ([r["question"] for r in embedded["benchmark"]] + [r["prompt"] for r in embedded["instruction_suite"]]
+                   + [r["prompt"] for r in embedded["chat"]])
+        sft, sft_stats["dropped_evaluation_prompt"] = drop_leaking_chats(sft, prompts)
+        if not sft:
+            raise ValueError(f"every chat of {data_cfg.sft_dataset!r} contains an evaluation prompt: use another "
+                             "SFT set")
     data: dict[str, object] = {
         "nonsynth": natural["nonsynth"], "extra_natural": natural["extra"], "heldout_nonsynth": natural["heldout"],
-        "synthqa": synthqa, "rewritten": rewritten,
-        **{name: embedded[name] for name in ("sft", "benchmark", "instruction_suite", "chat")},
+        "synthqa": synthqa, "rewritten": rewritten, "sft": sft,
+        **{name: embedded[name] for name in ("benchmark", "instruction_suite", "chat")},
     }
     # As in the embedded study: a held-out document found inside training text would not be held out.
     corpus = "\n\x00".join(generate.training_texts(data))
@@ -581,6 +723,6 @@ def build_from_hub(cfg, out_dir: Path, generator=None) -> dict:
     data["world"] = {**embedded["world"],
                      "natural_corpus": {"dataset": data_cfg.natural_dataset, "split": data_cfg.natural_split,
                                         "text_field": data_cfg.natural_text_field},
-                     "generation": stats}
+                     "generation": stats, "sft_dataset": sft_stats}
     data["synthqa_templates"] = {"templates": [generate.SYNTHQA_TEMPLATES[0]]}
     return data

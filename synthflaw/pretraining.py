@@ -211,22 +211,23 @@ def run(cfg, step) -> dict:
     `cpt.more_natural_ratio` budgets of extra natural data. From `synthetic` it is the paper's "300B more natural
     tokens" row: the alternative mitigation to unlearning, at ~300x its cost, which "recovers only part of the loss"
     (finding 5); from `natural` it asks whether more natural data alone changes instruction following.
+
+    Runs in this process, or on `compute.num_processes` processes under `accelerate launch` (`synthflaw.launch`).
     """
-    from synthflaw.base_model import load_model, load_tokenizer
-    from synthflaw.generate import load_data
+    from synthflaw.launch import run_training
 
     branch, c = step.variant, cfg.cpt
     if branch not in BRANCHES:
         raise ValueError(f"04_continued_pretraining needs a branch as variant, one of {', '.join(BRANCHES)}")
-    data = load_data(step.upstream("01_generate_data") / "data")
+    data_dir = step.upstream("01_generate_data") / "data"
     start = (step.upstream("04_continued_pretraining", c.more_natural_from) if branch == "more_natural"
              else step.upstream("03_base_model")) / "model"
-    model, tokenizer = load_model(start), load_tokenizer(start)
     max_tokens = round(c.max_tokens * c.more_natural_ratio) if branch == "more_natural" else c.max_tokens
-    texts = {name: [r["text"] for r in data[name]] for name in ("nonsynth", "synthqa", "rewritten", "extra_natural")}
-    summary = continue_pretraining(
-        model, tokenizer, step.path, branch=branch, nonsynth=texts["nonsynth"], synthqa=texts["synthqa"],
-        rewritten=texts["rewritten"], extra_natural=texts["extra_natural"], synthetic_fraction=c.synthetic_fraction,
-        max_tokens=max_tokens, block_size=cfg.base.block_size, batch_size=c.batch_size,
-        learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, seed=cfg.seed, save_steps=c.save_steps)
+    job = {"task": "continue_pretraining", "model_name_or_path": str(start), "out_dir": str(step.path),
+           "trust_remote_code": cfg.base.trust_remote_code, "branch": branch,
+           **{name: str(data_dir / f"{name}.jsonl") for name in ("nonsynth", "synthqa", "rewritten", "extra_natural")},
+           "synthetic_fraction": c.synthetic_fraction, "max_tokens": max_tokens, "block_size": cfg.base.block_size,
+           "batch_size": c.batch_size, "learning_rate": c.learning_rate, "warmup_steps": c.warmup_steps,
+           "seed": cfg.seed, "save_steps": c.save_steps}
+    summary = run_training(job, cfg.compute, step.path)
     return {"branch": branch, "started_from": str(start.relative_to(step.run_dir)), **summary}

@@ -129,17 +129,17 @@ def supervised_finetune(
 def run(cfg, step) -> dict:
     """Stage 06 entry point: the same SFT for the model named by the step's variant (a CPT branch or
     ``unlearn-<method>``)."""
-    from synthflaw.base_model import load_model, load_tokenizer
-    from synthflaw.generate import load_data
+    from synthflaw.launch import run_training
 
     name, s = step.variant, cfg.sft
     if not name:
         raise ValueError("06_sft needs a variant: a CPT branch or unlearn-<method>")
     start = (step.upstream("05_unlearning", name[len("unlearn-"):]) if name.startswith("unlearn-")
              else step.upstream("04_continued_pretraining", name)) / "model"
-    model, tokenizer = load_model(start), load_tokenizer(start)
-    records = load_data(step.upstream("01_generate_data") / "data")["sft"]
-    summary = supervised_finetune(model, tokenizer, records, step.path, max_length=s.max_length, epochs=s.epochs,
-                                  batch_size=s.batch_size, learning_rate=s.learning_rate,
-                                  warmup_steps=s.warmup_steps, seed=cfg.seed, save_steps=s.save_steps)
+    job = {"task": "supervised_finetune", "model_name_or_path": str(start), "out_dir": str(step.path),
+           "trust_remote_code": cfg.base.trust_remote_code,
+           "records": str(step.upstream("01_generate_data") / "data" / "sft.jsonl"), "max_length": s.max_length,
+           "epochs": s.epochs, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
+           "warmup_steps": s.warmup_steps, "seed": cfg.seed, "save_steps": s.save_steps}
+    summary = run_training(job, cfg.compute, step.path)  # here, or under `accelerate launch` (synthflaw.launch)
     return {"model": name, "started_from": str(start.relative_to(step.run_dir)), **summary}

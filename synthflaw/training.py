@@ -5,10 +5,12 @@ multi-process data parallelism (`accelerate launch`) come from the ecosystem. Wh
 packing a corpus into fixed blocks (tokenised once), converting a token budget into an exact number of steps,
 a padding collator that never puts loss on padding, the loss curve as CSV, and an atomic final save.
 
-Several processes: `accelerate launch --multi_gpu --num_processes 2 -m synthflaw.training job.json` runs one
-of the training tasks (see `run_job`) with DDP: NCCL on GPUs, gloo on a CPU-only host. (With accelerate 1.x,
-`accelerate launch --cpu --num_processes 2` starts a single process; `--multi_gpu` goes through torchrun, and on
-a host without CUDA the processes join a gloo group because the TrainingArguments say `use_cpu`.)
+Several processes: `accelerate launch --config_file accelerate/ddp.yaml --num_processes 2 -m synthflaw.training
+job.json` runs one of the training tasks (see `run_job`) with DDP: NCCL on GPUs, gloo on a CPU-only host
+(`synthflaw.launch` builds that command from the `compute` config section). With accelerate 1.x,
+`accelerate launch --cpu --num_processes 2` (or `distributed_type: MULTI_CPU`) starts a single process;
+`--multi_gpu` (`distributed_type: MULTI_GPU`) goes through torchrun, and on a host without CUDA the processes join
+a gloo group because the TrainingArguments say `use_cpu`.
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ def train_causal_lm(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     gradient_accumulation_steps: int = 1,
+    gradient_checkpointing: bool = False,
     callbacks: tuple[TrainerCallback, ...] = (),
     trainer_cls: type[Trainer] = Trainer,
 ) -> dict:
@@ -236,8 +239,13 @@ def train_causal_lm(
     written to `out_dir/loss.csv` as training goes. `trainer_cls` lets a `Trainer` subclass (e.g. an unlearning
     method overriding `compute_loss`) reuse all of this. The model is trained in place.
 
+    `batch_size` is per process and per micro-step: an optimizer step sees `batch_size * processes *
+    gradient_accumulation_steps` examples. `gradient_checkpointing` recomputes each block's activations in the
+    backward pass instead of keeping them (less memory, ~30% more compute); the weights it trains are the same.
+
     Returns a summary: steps, tokens (non-padding tokens trained on, all processes, whole run), tokens and
-    wall seconds of this call, tokens/s, final loss, the step resumed from, bf16 and the number of processes.
+    wall seconds of this call, tokens/s, final loss, the step resumed from, bf16, the number of processes and the
+    batch layout; on CUDA also the peak memory and the model FLOP utilisation (`model_flops_utilisation`).
     """
     for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("save_steps", save_steps),
                         ("logging_steps", logging_steps), ("gradient_accumulation_steps", gradient_accumulation_steps)):
@@ -279,6 +287,8 @@ def train_causal_lm(
         # Explicit on CPU-only hosts: it is what makes processes started by torchrun / `accelerate launch
         # --multi_gpu` join one gloo DDP group, and what allows bf16 autocast on CPU. CUDA is used when present.
         use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=CHECKPOINTS_KEPT,
@@ -305,9 +315,15 @@ def train_causal_lm(
     for default_bar in [c for c in trainer.callback_handler.callbacks if type(c).__name__.endswith("ProgressCallback")]:
         trainer.remove_callback(default_bar)
     trainer.add_callback(LossInProgressBar())
+    on_cuda = args.device.type == "cuda"
+    # Measured before training, on the same GPU, so MFU is against what this device does, not a datasheet.
+    peak_flops = matmul_flops(torch.bfloat16, args.device) if on_cuda else None
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
     wall_s = time.perf_counter() - start
+    peak_memory = torch.cuda.max_memory_allocated(args.device) if on_cuda else None
     _save_final(trainer, out_dir / "model")
 
     state = trainer.state
@@ -323,8 +339,20 @@ def train_causal_lm(
         "resumed_from_step": int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else None,
         "bf16": args.bf16,
         "num_processes": args.world_size,
+        "per_device_batch_size": batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_checkpointing": gradient_checkpointing,
         "device": str(args.device),
     }
+    if on_cuda:
+        tokens_per_s_per_device = tokens_this_call / wall_s / args.world_size
+        summary.update({
+            "peak_memory_gib": round(peak_memory / 2**30, 2),
+            "bf16_matmul_tflops": round(peak_flops / 1e12, 1),
+            "matmul_parameters": matmul_parameters(model),
+            # 6N per token (Kaplan et al. 2020): attention scores and gradient checkpointing's recompute not counted
+            "model_flops_utilisation": round(6 * matmul_parameters(model) * tokens_per_s_per_device / peak_flops, 4),
+        })
     return write_summary(out_dir, summary)
 
 
@@ -355,6 +383,33 @@ def _save_final(trainer: Trainer, model_dir: Path) -> None:
             shutil.rmtree(model_dir)
         os.replace(partial, model_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def matmul_parameters(model) -> int:
+    """Weights that do matrix multiplies per token: every `nn.Linear`, the output head included (also when tied to
+    the input embedding, which is a lookup and is left out otherwise)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_flops(dtype: torch.dtype, device: str | torch.device = "cpu", n: int | None = None, reps: int = 5) -> float:
+    """FLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs) on `device`, best of `reps` after one warm-up: the
+    denominator of model FLOP utilisation, measured rather than taken from a datasheet."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def data_parallel_processes() -> int:
@@ -397,7 +452,9 @@ def run_job(job: dict) -> dict:
         if isinstance(job.get(key), str):
             job[key] = read_jsonl(job[key])
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    model = load_model(source, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    # fp32 master weights (bf16 is autocast): a bf16 copy would round away updates of lr ~1e-5. Loaded on the CPU
+    # in every process; the Trainer moves it to this process's device.
+    model = load_model(source, trust_remote_code=trust_remote_code, dtype=torch.float32, device="cpu")
     return tasks[task](model, tokenizer, out_dir=job.pop("out_dir"), **job)
 
 

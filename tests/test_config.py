@@ -70,3 +70,67 @@ def test_cross_field_checks():
 def test_round_trip_through_dict():
     cfg = config.resolve("smoke", {"seed": 7})
     assert config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_gpu_preset_builds_a_model_of_a_few_hundred_million_parameters_without_allocating_it():
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from synthflaw.base_model import embedded_model_config
+
+    cfg = config.resolve("gpu")
+    assert cfg.data.source == "embedded" and not cfg.base.model_name_or_path  # no network, no weights
+    llama = LlamaConfig(**embedded_model_config(cfg.base), vocab_size=cfg.base.vocab_size)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = AutoModelForCausalLM.from_config(llama)
+    parameters = sum(p.numel() for p in model.parameters())
+    per_layer = 4 * 1024**2 + 3 * 1024 * 2816 + 2 * 1024  # attention, MLP, two norms
+    assert parameters == 24 * per_layer + 2 * 16384 * 1024 + 1024  # + embedding, untied head, final norm
+    assert 300e6 < parameters < 400e6
+    assert (cfg.base.hidden_size, cfg.base.num_hidden_layers, cfg.base.num_attention_heads, cfg.base.block_size) == (
+        1024, 24, 16, 1024)
+    default = config.resolve("default")
+    assert cfg.data.nonsynth_docs >= 10 * default.data.nonsynth_docs and cfg.data.n_people >= 5 * default.data.n_people
+    # the budgets keep the embedded study's order: pre-training > CPT > unlearning
+    assert cfg.base.max_tokens > cfg.cpt.max_tokens > cfg.unlearn.token_fraction * cfg.cpt.max_tokens
+
+
+def test_paper_preset_keeps_the_papers_shape():
+    cfg = config.resolve("paper")
+    assert cfg.data.source == "hub" and cfg.data.sft_dataset and cfg.base.model_name_or_path
+    assert cfg.cpt.synthetic_fraction == 0.02 and cfg.unlearn.token_fraction == 1 / 300
+    assert set(cfg.evaluate.harness_tasks) == {"mmlu", "ifeval"}
+
+
+def test_compute_options_must_split_every_batch_evenly():
+    cfg = config.resolve("smoke", {"compute.num_processes": 2, "compute.gradient_accumulation_steps": 2})
+    assert cfg.compute.num_processes == 2
+    with pytest.raises(ConfigError, match=r"(?s)cpt.batch_size=8 is not divisible by 6.*sft.batch_size=8"):
+        config.resolve("smoke", {"compute.num_processes": 3, "compute.gradient_accumulation_steps": 2})
+    # unlearning runs in one process: only the accumulation has to divide its batch
+    with pytest.raises(ConfigError, match=r"unlearn.batch_size=4 is not divisible by 8"):
+        config.resolve("smoke", {"compute.gradient_accumulation_steps": 8, "cpt.batch_size": 16,
+                                 "sft.batch_size": 16, "base.batch_size": 16})
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        config.resolve("smoke", {"compute.num_processes": 0})
+    with pytest.raises(ConfigError, match="data.sft_dataset replaces the SFT set of real-data runs only"):
+        config.resolve("smoke", {"data.sft_dataset": "HuggingFaceTB/smoltalk"})
+
+
+def test_compute_options_do_not_change_a_steps_fingerprint():
+    from synthflaw.runs import STAGE_SECTIONS, fingerprint, step_config
+
+    plain = config.resolve("smoke")
+    spread = config.resolve("smoke", {"compute.num_processes": 2, "compute.gradient_checkpointing": True,
+                                      "compute.accelerate_config": "accelerate/fsdp.yaml"})
+    for stage in STAGE_SECTIONS:
+        assert fingerprint(step_config(plain, stage, None)) == fingerprint(step_config(spread, stage, None)), stage
+    other_data = config.resolve("smoke", {"data.sft_examples": 50})
+    assert fingerprint(step_config(plain, "01_generate_data", None)) != fingerprint(
+        step_config(other_data, "01_generate_data", None))
+
+
+def test_a_config_saved_before_the_compute_section_still_loads():
+    saved = config.resolve("smoke", {"seed": 4}).to_dict()
+    del saved["compute"]
+    assert config.from_dict(saved) == config.resolve("smoke", {"seed": 4})

@@ -289,7 +289,8 @@ def test_a_missing_key_for_a_remote_endpoint_fails_before_any_work(tmp_path, mon
 def test_a_too_small_corpus_names_the_numbers(tmp_path):
     # 20 distinct documents; a duplicate and an empty text do not count
     corpus = write_corpus(tmp_path / "corpus.jsonl", 20, extra_rows=({"text": corpus_text(3)}, {"text": "  "}))
-    cfg = hub_cfg(corpus, "unused", nonsynth_docs=10, extra_natural_docs=4, heldout_docs=4, source_documents=4)
+    # the generator is never loaded: the corpus check comes first (a local folder, so the hub check passes)
+    cfg = hub_cfg(corpus, str(tmp_path), nonsynth_docs=10, extra_natural_docs=4, heldout_docs=4, source_documents=4)
     with pytest.raises(ValueError, match=r"has 20 usable documents.*heldout_docs=4.*source_documents=4.*"
                                          r"nonsynth_docs=10.*extra_natural_docs=4 = 22 are needed"):
         hub_data.build_from_hub(cfg, tmp_path / "data")
@@ -331,3 +332,66 @@ def test_prompts_ask_for_the_exact_format():
     assert "5 question-answer pairs" in prompt and "Question: <the question>\nAnswer: <the answer>" in prompt
     assert len(prompt) < hub_data.MAX_DOCUMENT_CHARS + 1000  # a long document is cut
     assert "Question: Q?\nAnswer: A." in hub_data.rewrite_prompt([("Q?", "A.")])
+
+
+# --- the public SFT set (data.sft_dataset) --------------------------------------------------------------------------
+
+def chat(*turns):
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+@pytest.mark.parametrize("value, expected", [
+    (chat(("user", "Hi"), ("assistant", "Hello.")), (chat(("user", "Hi"), ("assistant", "Hello.")), None)),
+    (chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "More?"), ("assistant", "No.")),
+     (chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "More?"), ("assistant", "No.")),
+      None)),
+    # extra keys of a turn (tulu's, smoltalk's) are dropped
+    ([{"role": "user", "content": "Hi", "name": "u"}, {"role": "assistant", "content": "Yo", "weight": 1}],
+     (chat(("user", "Hi"), ("assistant", "Yo")), None)),
+    (chat(("user", "Hi")), (None, "no_assistant_turn")),
+    (chat(("assistant", "I start."), ("user", "Hi")), (None, "no_user_turn_first")),
+    (chat(("user", "Weather?"), ("tool", "{}")), (None, "unknown_role")),
+    (chat(("user", "Hi"), ("assistant", "  ")), (None, "empty_assistant_turn")),
+    ("Hi there", (None, "not_a_chat")),
+    ([], (None, "not_a_chat")),
+    ([{"role": "user", "content": ["a", "list"]}], (None, "not_a_chat")),
+])
+def test_chat_messages(value, expected):
+    assert hub_data.chat_messages(value) == expected
+
+
+def test_public_sft_set_from_a_local_parquet_file(tmp_path):
+    import datasets
+
+    rows = [{"messages": chat(("system", "Be brief."), ("user", f"Question {i}?"), ("assistant", f"Answer {i}.")),
+             "source": "web", "id": f"row-{i}"} for i in range(10)]
+    rows += [{"messages": chat(("user", "Only a question")), "source": "broken", "id": "bad"}, dict(rows[2])]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "sft.parquet"))
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 30)
+    cfg = hub_cfg(corpus, "unused", sft_dataset=str(tmp_path / "sft.parquet"), sft_examples=10)
+    records_, stats = hub_data.public_sft_records(cfg.data, cfg.seed)
+    assert stats == {"dataset": str(tmp_path / "sft.parquet"), "config": "", "split": "train", "records": 10,
+                     "skipped": {"duplicate": 1, "no_assistant_turn": 1}}
+    assert [r["id"] for r in records_] == [f"sft-{i:06d}" for i in range(10)]
+    for r in records_:
+        source = rows[r["provenance"]["row"]]
+        assert r["messages"] == source["messages"] and r["constraints"] == []
+        assert r["provenance"] == {"source": "hub", "dataset": str(tmp_path / "sft.parquet"), "config": "",
+                                   "split": "train", "row": r["provenance"]["row"], "seed": cfg.seed,
+                                   "source_id": source["id"]}
+    assert sorted(r["messages"][1]["content"] for r in records_) == sorted(f"Question {i}?" for i in range(10))
+    assert hub_data.public_sft_records(cfg.data, cfg.seed)[0] == records_  # seeded: the same order again
+    with pytest.raises(ValueError, match=r"has 10 usable chats \(skipped: .*\), fewer than data.sft_examples=11"):
+        hub_data.public_sft_records(dataclasses.replace(cfg.data, sft_examples=11), cfg.seed)
+    with pytest.raises(ValueError, match="data.sft_messages_field='conversations' is not a column"):
+        hub_data.public_sft_records(dataclasses.replace(cfg.data, sft_messages_field="conversations"), cfg.seed)
+
+
+def test_chats_holding_an_evaluation_prompt_are_dropped():
+    sft = [{"id": "a", "messages": chat(("user", "Say hi"), ("assistant", "hi"))},
+           {"id": "b", "messages": chat(("user", "Well: In a few sentences, what should I know about owls? Go."),
+                                        ("assistant", "Owls..."))},
+           {"id": "c", "messages": chat(("user", "What should I"), ("assistant", "know about owls?"))}]
+    kept, dropped = hub_data.drop_leaking_chats(sft, ["In a few sentences, what should I know about owls?",
+                                                      "what should I know about owls?"])
+    assert [r["id"] for r in kept] == ["a", "c"] and dropped == 1  # a prompt split over two turns is no leak

@@ -2,9 +2,7 @@
 
 import csv
 import json
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from synthflaw.base_model import build_model, load_model, load_tokenizer, train_tokenizer
+from synthflaw.base_model import (build_model, end_of_turn_id, load_model, load_tokenizer, stop_at_end_of_turn,
+                                  train_tokenizer)
+from synthflaw import launch
+from synthflaw.config import ComputeConfig
+from synthflaw.launch import (DEFAULT_ACCELERATE_CONFIG, LaunchFailed, accelerate_command, accelerate_config_path,
+                              launch_job, run_training)
 from synthflaw.pretraining import BRANCHES, branch_mixture, continue_pretraining, mix_at_token_fraction, pretrain
 from synthflaw.sft import IGNORE_INDEX, encode_chat, supervised_finetune
 from synthflaw.training import CausalLMCollator, pack_texts, steps_for_token_budget, train_causal_lm
@@ -92,6 +95,26 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone(tokenizer):
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     assert a.config.vocab_size == len(tokenizer) and a.config.pad_token_id == tokenizer.pad_token_id
     assert a.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn(tokenizer, tmp_path):
+    assert end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|end|>")
+    # A hub base like Qwen2.5-0.5B: a ChatML template whose turns end with <|im_end|>, a generation config that
+    # stops at the EOS only. After SFT on that template the model must stop at <|im_end|> too.
+    chatml = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    chatml.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    chatml.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    im_end = chatml.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(chatml) == im_end
+    model = tiny_model(tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert stop_at_end_of_turn(model, chatml) == [tokenizer.eos_token_id, im_end]
+    model.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).generation_config.eos_token_id == [tokenizer.eos_token_id,
+                                                                                            im_end]
+    chatml.chat_template = None
+    assert end_of_turn_id(chatml) is None
 
 
 def test_local_saved_model_folder_works_as_model_name_or_path(tokenizer, tmp_path):
@@ -281,30 +304,124 @@ def test_supervised_finetune_trains_and_saves(tokenizer, tmp_path):
 
 # --- several processes ---------------------------------------------------------------------------------------------
 
-def test_two_process_cpt_under_accelerate_launch_writes_a_checkpoint(tokenizer, tmp_path):
+def write_text_jsonl(path, texts):
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts))
+    return str(path)
+
+
+def test_two_process_cpt_through_the_shipped_ddp_config_writes_a_checkpoint(tokenizer, tmp_path):
     tiny_model(tokenizer).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    with open(tmp_path / "nonsynth.jsonl", "w") as f:
-        f.writelines(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(natural_docs(60)))
-    with open(tmp_path / "synthqa.jsonl", "w") as f:
-        f.writelines(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(synthqa_docs(20)))
     job = {"task": "continue_pretraining", "model_name_or_path": str(tmp_path / "base"),
-           "out_dir": str(tmp_path / "cpt"), "branch": "synthetic", "nonsynth": str(tmp_path / "nonsynth.jsonl"),
-           "synthqa": str(tmp_path / "synthqa.jsonl"),
+           "out_dir": str(tmp_path / "cpt"), "branch": "synthetic",
+           "nonsynth": write_text_jsonl(tmp_path / "nonsynth.jsonl", natural_docs(60)),
+           "synthqa": write_text_jsonl(tmp_path / "synthqa.jsonl", synthqa_docs(20)),
            "rewritten": [], "extra_natural": [], "synthetic_fraction": 0.2, "max_tokens": 512, "block_size": 16,
-           "batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 0, "seed": 0, "save_steps": 2}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    # accelerate 1.x: `--cpu --num_processes 2` starts ONE process (its simple launcher); `--multi_gpu` goes through
-    # torchrun, and on a host without CUDA the processes join a gloo DDP group (TrainingArguments use_cpu=True).
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "synthflaw.training", str(tmp_path / "job.json")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "cpt" / "train_summary.json").read_text())
-    assert summary["num_processes"] == 2 and summary["steps"] == 4 and summary["tokens"] == 512
+           "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 0, "seed": 0, "save_steps": 2}
+    lines = []
+    # The path a stage takes with compute.num_processes=2: the global batch of 8 becomes 4 per process, and the job
+    # runs under `accelerate launch --config_file accelerate/ddp.yaml` (MULTI_GPU: torchrun; gloo on this CPU host).
+    summary = run_training(job, ComputeConfig(num_processes=2), tmp_path / "cpt", echo=lines.append)
+    assert summary["num_processes"] == 2 and summary["per_device_batch_size"] == 4
+    assert summary["steps"] == 4 and summary["tokens"] == 512  # 4 steps x 2 processes x 4 blocks x 16 tokens
     assert (tmp_path / "cpt" / "checkpoints" / "checkpoint-4").is_dir()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "cpt" / "model")
     assert model.config.vocab_size == len(tokenizer)
+    log = (tmp_path / "cpt" / "launch.log").read_text()
+    assert "--config_file " + str(DEFAULT_ACCELERATE_CONFIG) in log and "--num_processes 2" in log
+    assert json.loads(lines[-1]) == summary  # the launched job's output came through, last line its summary
+
+
+def test_a_failed_launch_says_where_its_log_is(tmp_path, monkeypatch):
+    # A stand-in for `accelerate launch` that fails at once: what matters is what launch_job makes of it.
+    failing = [sys.executable, "-c", "import sys; print('loading the job'); print('CUDA out of memory'); sys.exit(3)"]
+    monkeypatch.setattr(launch, "accelerate_command", lambda *args, **kwargs: failing)
+    lines = []
+    with pytest.raises(LaunchFailed, match=r"exited with code 3; full log: .*launch\.log\. Last lines:\n"
+                                           r"loading the job\nCUDA out of memory"):
+        launch_job({"task": "pretrain", "out_dir": str(tmp_path)}, tmp_path, num_processes=2, echo=lines.append)
+    assert lines == ["loading the job", "CUDA out of memory"]
+    assert (tmp_path / "launch.log").read_text().endswith("CUDA out of memory\n")
+    assert json.loads((tmp_path / "job.json").read_text())["task"] == "pretrain"
+    with pytest.raises(ValueError, match="launch_job is for 2 or more processes"):
+        launch_job({}, tmp_path, num_processes=1)
+
+
+def test_shipped_accelerate_configs_parse_and_leave_precision_to_the_library():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted(DEFAULT_ACCELERATE_CONFIG.parent.glob("*.yaml")):
+        parsed = load_config_from_file(str(path))
+        kinds[path.name] = parsed.distributed_type.value
+        assert parsed.mixed_precision == "no", path.name  # bf16 comes from TrainingArguments (bf16 on CUDA)
+        assert parsed.num_machines == 1, path.name
+    assert kinds == {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "deepspeed_zero2.yaml": "DEEPSPEED"}
+    fsdp = load_config_from_file(str(DEFAULT_ACCELERATE_CONFIG.parent / "fsdp.yaml")).fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert accelerate_config_path("") == DEFAULT_ACCELERATE_CONFIG
+    assert accelerate_config_path("accelerate/fsdp.yaml").name == "fsdp.yaml"
+    with pytest.raises(FileNotFoundError, match="compute.accelerate_config='zero9.yaml'.*accelerate/ddp.yaml"):
+        accelerate_config_path("zero9.yaml")
+    command = accelerate_command("job.json", 4, DEFAULT_ACCELERATE_CONFIG, port=29600)
+    assert command[command.index("--num_processes") + 1] == "4" and command[-3:] == ["-m", "synthflaw.training",
+                                                                                      "job.json"]
+
+
+# --- memory options: accumulation and checkpointing change the memory, not the training -------------------------
+
+def test_accumulation_and_checkpointing_train_the_same_weights(tokenizer, tmp_path):
+    base = tmp_path / "base"
+    tiny_model(tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    job = {"task": "pretrain", "model_name_or_path": str(base), "texts": write_text_jsonl(tmp_path / "t.jsonl",
+                                                                                             natural_docs(40)),
+           "max_tokens": 384, "block_size": 16, "batch_size": 8, "learning_rate": 1e-2, "warmup_steps": 0,
+           "seed": 0, "save_steps": 100}
+    results = {}
+    for name, compute in (("plain", ComputeConfig()), ("accumulated", ComputeConfig(gradient_accumulation_steps=4)),
+                          ("checkpointed", ComputeConfig(gradient_checkpointing=True))):
+        summary = run_training({**job, "out_dir": str(tmp_path / name)}, compute, tmp_path / name)
+        results[name] = (summary, weights(AutoModelForCausalLM.from_pretrained(tmp_path / name / "model")))
+    plain, plain_weights = results["plain"]
+    assert plain["steps"] == 3 and plain["tokens"] == 384
+    accumulated, accumulated_weights = results["accumulated"]
+    assert (accumulated["per_device_batch_size"], accumulated["gradient_accumulation_steps"]) == (2, 4)
+    assert accumulated["steps"] == 3 and accumulated["tokens"] == 384  # same examples per optimizer step
+    checkpointed, checkpointed_weights = results["checkpointed"]
+    assert checkpointed["gradient_checkpointing"] is True
+    for other in (accumulated_weights, checkpointed_weights):
+        assert all(torch.allclose(plain_weights[k], other[k], atol=1e-5) for k in plain_weights)
+    assert not all(torch.equal(plain_weights[k], weights(tiny_model(tokenizer))[k]) for k in plain_weights)
+    with pytest.raises(ValueError, match="batch_size=8 is not divisible by 1 processes x 3 accumulation"):
+        run_training({**job, "out_dir": str(tmp_path / "bad")}, ComputeConfig(gradient_accumulation_steps=3),
+                     tmp_path / "bad")
+
+
+def test_unlearning_with_accumulation_and_checkpointing_matches_the_plain_run(tokenizer, tmp_path):
+    from synthflaw.unlearning import make_method, unlearn
+
+    # Cut to 8 tokens each: a token-mean loss over micro-batches equals the whole batch's when every sequence has the
+    # same length (with unequal lengths, micro-batches are weighted equally and the step differs slightly).
+    forget, replay = synthqa_docs(16), natural_docs(16)
+    runs = {}
+    for name, options in (("plain", {}), ("accumulated", {"gradient_accumulation_steps": 2}),
+                          ("checkpointed", {"gradient_checkpointing": True})):
+        model = tiny_model(tokenizer)
+        summary = unlearn(model, tokenizer, make_method("gradient_difference"), forget, replay, tmp_path / name,
+                          max_steps=3, batch_size=4, learning_rate=1e-2, seed=0, max_length=8, save_steps=10,
+                          replay_loss_bound=float("inf"), **options)
+        runs[name] = (summary, weights(model), read_curve(tmp_path / name / "loss.csv"))
+    plain, plain_weights, plain_curve = runs["plain"]
+    for name in ("accumulated", "checkpointed"):
+        summary, other_weights, curve = runs[name]
+        assert summary["forget_tokens"] == plain["forget_tokens"] and summary["steps"] == 3
+        assert all(torch.allclose(plain_weights[k], other_weights[k], atol=1e-5) for k in plain_weights), name
+        # the logged terms of a step are the mean over its micro-batches: the plain run's numbers
+        for a, b in zip(plain_curve, curve):
+            assert abs(float(a["loss"]) - float(b["loss"])) < 1e-5, name
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=3 .* divides batch_size=4"):
+        unlearn(tiny_model(tokenizer), tokenizer, make_method("gradient_difference"), forget, replay,
+                tmp_path / "bad", max_steps=1, batch_size=4, learning_rate=1e-2, seed=0, max_length=32,
+                save_steps=10, replay_loss_bound=float("inf"), gradient_accumulation_steps=3)

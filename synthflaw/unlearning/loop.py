@@ -80,7 +80,7 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
             learning_rate: float, seed: int, markers: list[str] | None = None, forget_scope: str = "all",
             max_length: int, save_steps: int, replay_loss_bound: float,
             eval_fn: Callable | None = None, eval_every: int = 0, select_fn: Callable | None = None,
-            resume: bool = True) -> dict:
+            resume: bool = True, gradient_accumulation_steps: int = 1, gradient_checkpointing: bool = False) -> dict:
     """Unlearn `forget_texts` (SynthQA) from `model` with `method`, replaying `replay_texts` (NonSynth).
 
     Each step pairs batch_size forget texts with batch_size replay texts (and general texts when given, for the
@@ -92,6 +92,12 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
     moved to rejected/, so the last good checkpoint is what a re-run resumes from. With `resume` (default), a run
     whose out_dir already has checkpoints continues from the newest one with the arguments it is given.
 
+    Memory: `gradient_accumulation_steps` splits each step's batch_size pairs into that many micro-batches (the
+    step's loss is their mean, its logged terms too; the replay bound is checked on the step's mean), and
+    `gradient_checkpointing` recomputes activations in the backward pass. Neither changes the step's examples; a
+    method whose loss is a mean over the batch's tokens (gradient ascent, gradient difference) weighs micro-batches
+    equally, so with sequences of unequal length its step differs slightly from the unsplit batch's.
+
     Evaluation: every `eval_every` steps and at the last step, `eval_fn(model) -> dict` is recorded (eval.jsonl)
     and a checkpoint saved; at the end `select_fn(history) -> step` (default: the last step; see
     `select_checkpoint` for the recovery-vs-retention rule) picks the checkpoint that lands in model/.
@@ -102,6 +108,10 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
     out_dir = Path(out_dir)
     _validate(method, forget_texts, replay_texts, reference, general_texts, max_steps, batch_size, learning_rate,
               markers, forget_scope, max_length, save_steps, replay_loss_bound, eval_fn, eval_every, select_fn)
+    if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps < 1 or (
+            batch_size % gradient_accumulation_steps):
+        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps!r} must be a positive integer "
+                         f"that divides batch_size={batch_size}")
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_token_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with; set tokenizer.pad_token")
@@ -127,7 +137,10 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
 
     use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
-        output_dir=str(checkpoints_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
+        output_dir=str(checkpoints_dir), max_steps=max_steps,
+        per_device_train_batch_size=batch_size // gradient_accumulation_steps,
+        gradient_accumulation_steps=gradient_accumulation_steps, activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch", seed=seed, data_seed=seed,
         train_sampling_strategy="sequential", remove_unused_columns=False, dataloader_num_workers=0,
@@ -182,6 +195,9 @@ class _UnlearningTrainer(Trainer):
     def __init__(self, *args, method, reference, replay_loss_bound, log, **kwargs):
         super().__init__(*args, **kwargs)
         self.method, self.replay_loss_bound, self.run_log = method, replay_loss_bound, log
+        # The method's loss is a mean over its micro-batch: the Trainer must divide it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self._micro_step, self._micro_sums, self._micro_count = None, {}, 0
         self.reference = None
         if reference is not None:
             self.reference = reference.to(self.args.device).eval().requires_grad_(False)
@@ -189,12 +205,20 @@ class _UnlearningTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms = self.method.loss(model, inputs["forget"], inputs["replay"], self.reference, inputs.get("general"))
         step = self.state.global_step + 1
-        self.run_log.step_terms = {name: float(value.detach()) for name, value in terms.items()}
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        # With accumulation a step has several micro-batches (equal in size): its terms are their mean.
+        if self._micro_step != step:
+            self._micro_step, self._micro_sums, self._micro_count = step, dict.fromkeys(values, 0.0), 0
+        self._micro_count += 1
+        for name, value in values.items():
+            self._micro_sums[name] += value
+        self.run_log.step_terms = {name: total / self._micro_count for name, total in self._micro_sums.items()}
         self.run_log.step_terms["lr"] = self._get_learning_rate()
-        for name, value in self.run_log.step_terms.items():
+        for name, value in values.items():
             if not math.isfinite(value):
                 raise _diverged(step, name, value, "is not finite", bad_from_step=step - 1)
-        if self.run_log.step_terms["replay_nll"] > self.replay_loss_bound:
+        if (self._micro_count == self.args.gradient_accumulation_steps
+                and self.run_log.step_terms["replay_nll"] > self.replay_loss_bound):
             raise _diverged(step, "replay_nll", self.run_log.step_terms["replay_nll"],
                             f"exceeds replay_loss_bound={self.replay_loss_bound}", bad_from_step=step - 1)
         return terms["loss"]

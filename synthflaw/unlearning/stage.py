@@ -9,6 +9,9 @@ as unlikely as it is for a model that never saw SynthQA, which is this reconstru
 
 A run that diverges (NaN, or replay NLL above `unlearn.replay_loss_bound`) keeps its last good checkpoint as the
 model and records where and why it stopped: an unbounded method's collapse is a result of the study, not a crash.
+
+Unlearning runs in one process on one device (the GPU when there is one) whatever `compute.num_processes` says:
+its budget is ~1/300 of CPT's. `compute.gradient_accumulation_steps` and `compute.gradient_checkpointing` apply.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def run(cfg, step) -> dict:
     data = load_data(data_dir)
     markers = [m for t in data["synthqa_templates"]["templates"] for m in t["markers"]]
     start_dir = step.upstream("04_continued_pretraining", "synthetic") / "model"
-    model, tokenizer = load_model(start_dir), load_tokenizer(start_dir)
+    # fp32 weights to train (bf16 is autocast on CUDA); frozen models too, so their scores match the trained one's
+    model, tokenizer = load_model(start_dir, dtype=torch.float32), load_tokenizer(start_dir)
     forget = [r["text"] for r in data["synthqa"]]
     replay = [r["text"] for r in data["nonsynth"]]
     general = [r["text"] for r in data["extra_natural"]] or replay
@@ -86,14 +90,14 @@ def run(cfg, step) -> dict:
     calibrated = None
     if step.variant == "lower_bounded" and "tau" not in hyper:
         natural_dir = step.upstream("04_continued_pretraining", "natural") / "model"
-        calibrated = forget_nll(load_model(natural_dir), tokenizer, forget[:CALIBRATION_TEXTS], cfg.base.block_size,
-                                markers if scope == "template" else None)
+        calibrated = forget_nll(load_model(natural_dir, dtype=torch.float32), tokenizer, forget[:CALIBRATION_TEXTS],
+                                cfg.base.block_size, markers if scope == "template" else None)
         hyper["tau"] = round(calibrated, 4)
     method = make_method(step.variant, **hyper)
     reference = None
     if method.needs_reference:
         ref_branch = "synthetic" if un.reference == "cpt" else "natural"
-        reference = load_model(step.upstream("04_continued_pretraining", ref_branch) / "model")
+        reference = load_model(step.upstream("04_continued_pretraining", ref_branch) / "model", dtype=torch.float32)
 
     # Budget in forget tokens: a fraction of the CPT budget, at the SynthQA texts' mean length.
     mean_len = sum(len(e["input_ids"]) for e in tokenize(tokenizer, forget[:CALIBRATION_TEXTS], cfg.base.block_size)
@@ -106,7 +110,9 @@ def run(cfg, step) -> dict:
                           general_texts=general, max_steps=max_steps, batch_size=un.batch_size,
                           learning_rate=un.learning_rate, seed=cfg.seed, markers=markers, forget_scope=scope,
                           max_length=cfg.base.block_size, save_steps=un.save_steps,
-                          replay_loss_bound=un.replay_loss_bound)
+                          replay_loss_bound=un.replay_loss_bound,
+                          gradient_accumulation_steps=cfg.compute.gradient_accumulation_steps,
+                          gradient_checkpointing=cfg.compute.gradient_checkpointing)
     except UnlearningDiverged as err:
         kept = _keep_last_good(step.path, tokenizer, start_dir)
         stopped = {"step": err.step, "term": err.term, "value": err.value, "kept_step": kept, "message": str(err)}
