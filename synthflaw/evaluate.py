@@ -589,14 +589,13 @@ def evaluate_model(model, tokenizer, data_dir, out_dir, *, reference_model=None,
     timings = {}
 
     started = time.perf_counter()
-    scores = score_choices(model, tokenizer, [r["prompt"] for r in benchmark], [r["choices"] for r in benchmark],
-                           batch_size)
+    prompts, choices = [r["prompt"] for r in benchmark], [r["choices"] for r in benchmark]
+    scores = score_choices(model, tokenizer, prompts, choices, batch_size)
     bench = benchmark_metrics(benchmark, scores)
     pre_sft = None
     if pre_sft_model is not None:
         pre_sft_model.eval()
-        pre_sft = benchmark_metrics(benchmark, score_choices(
-            pre_sft_model, tokenizer, [r["prompt"] for r in benchmark], [r["choices"] for r in benchmark], batch_size))
+        pre_sft = benchmark_metrics(benchmark, score_choices(pre_sft_model, tokenizer, prompts, choices, batch_size))
     timings["benchmark_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -721,8 +720,8 @@ def run(cfg, step) -> dict:
     metrics = evaluate_model(model, tokenizer, data_dir, step.path, reference_model=reference, markers=markers,
                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, limit=ev.limit or None,
                              judge=make_judge(ev), speed_prompts=ev.speed_prompts, pre_sft_model=pre_sft)
-    keys = ("benchmark_accuracy", "pre_sft_benchmark_accuracy", "hard_satisfaction_rate", "soft_satisfaction_rate", "chat_score",
-            "template_leakage_rate", "next_token_kl")
+    keys = ("benchmark_accuracy", "pre_sft_benchmark_accuracy", "hard_satisfaction_rate", "soft_satisfaction_rate",
+            "chat_score", "template_leakage_rate", "next_token_kl")
     summary = {"model": step.variant, **{k: metrics.get(k) for k in keys}}
     if ev.harness_tasks:  # after evaluate_model: the harness reseeds the global RNGs
         from synthflaw.harness import run_harness

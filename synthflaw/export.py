@@ -3,9 +3,9 @@
 What is kept is what the figures, tables and findings are made from, plus a readable record of the run:
 ``study.json``, and per step ``config.json``, ``meta.json``, ``result.json``, ``done.json``, the metrics JSON and
 every CSV, PNG and Markdown file (PNGs of a multi-seed run: the first seed's and the cross-seed ones); the executed
-notebooks as HTML (``notebooks/<stage>.html``, of the first seed of a multi-seed run). Left out: weights and checkpoints (never committed), the generated data sets and per-item samples
-(megabytes per seed, regenerated exactly by re-running with the same seed) and the ``.ipynb`` copies (the HTML is
-their readable form). ``08_figures`` and the cross-seed tables regenerate from the export alone:
+notebooks as HTML (``notebooks/<stage>.html``, of the first seed of a multi-seed run). Left out: weights and
+checkpoints (never committed), the generated data sets and per-item samples (megabytes per seed, regenerated exactly
+by re-running with the same seed) and the ``.ipynb`` copies (the HTML is their readable form). ``08_figures`` and the cross-seed tables regenerate from the export alone:
 ``synthflaw figures --run-id reference`` (tested against the committed tables).
 """
 
@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from synthflaw import seeds
 
 KEEP_SUFFIXES = (".json", ".csv", ".png", ".md")
 SKIP_DIRS = {"model", "checkpoints", "data", "generation", "harness"}
@@ -45,16 +47,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True) -
     if tmp.exists():
         shutil.rmtree(tmp)
     written = []
-    seed_dirs = sorted(run_dir.glob("seed-*"))
-    multi_seed = bool(seed_dirs) and not (run_dir / "study.json").exists()
-    first_seed = seed_dirs[0].name if multi_seed else None
+    # the first finished seed in numeric order (seed-2 before seed-10), as the cross-seed summary orders them
+    seed_dirs = [] if (run_dir / "study.json").exists() else seeds.seed_runs(run_dir)
+    first_seed = seed_dirs[0].name if seed_dirs else None
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and _kept(p, run_dir, first_seed)):
         target = tmp / path.relative_to(run_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
         written.append(out_dir / path.relative_to(run_dir))
     if html:
-        source = seed_dirs[0] if multi_seed else run_dir
+        source = seed_dirs[0] if seed_dirs else run_dir
         notebooks = sorted(source.glob("*/notebook.ipynb"))
         if notebooks:
             staged = tmp / "notebooks"

@@ -130,12 +130,16 @@ def run_study(preset: str, run_id: str, overrides: dict | None = None, *, overwr
     write_json_atomic(run_dir / "study.json", {"preset": preset, "overrides": overrides, "config": cfg.to_dict()})
     started = time.time()
     position = {spec.name: i for i, spec in enumerate(specs, 1)}
+
+    def prefix(spec: StepSpec, label: str) -> str:
+        return f"[{position[spec.name]:2d}/{len(specs)}] {label:40s}"
+
     for stage in dict.fromkeys(spec.stage for spec in specs):  # stages in order
         todo = []
         for spec in (s for s in specs if s.stage == stage):
             step = Step(run_dir, spec.stage, spec.variant)
             if step.status(cfg) == "done":
-                log(f"[{position[spec.name]:2d}/{len(specs)}] {spec.name:40s} skipped (done, same config)")
+                log(f"{prefix(spec, spec.name)} skipped (done, same config)")
                 continue
             todo.append((spec, step.open(cfg, overwrite=overwrite)))
         if not todo:
@@ -146,13 +150,13 @@ def run_study(preset: str, run_id: str, overrides: dict | None = None, *, overwr
             for _, step in todo:
                 step.complete()  # the notebook completed each step already; this only checks it can
             names = ", ".join(spec.variant or spec.stage for spec, _ in todo)
-            log(f"[{position[todo[-1][0].name]:2d}/{len(specs)}] {stage} ({names}) done in {time.time() - t0:6.1f} s")
+            log(f"{prefix(todo[-1][0], f'{stage} ({names})')} done in {time.time() - t0:6.1f} s")
             continue
         for spec, step in todo:
             t0 = time.time()
             _run_inprocess(spec, step)
             step.complete()
-            log(f"[{position[spec.name]:2d}/{len(specs)}] {spec.name:40s} done in {time.time() - t0:6.1f} s")
+            log(f"{prefix(spec, spec.name)} done in {time.time() - t0:6.1f} s")
     log(f"run {run_dir} finished in {time.time() - started:.1f} s")
     return run_dir
 
