@@ -10,7 +10,8 @@ Four families of measurements, each a plain function with explicit arguments:
 3. Chat quality (the MT-Bench analog): a reference-based score on a 0-10 scale, plus an optional LLM judge
    (`synthflaw.judge`).
 4. Output-distribution shift: per-sample perplexities, template leakage, response length, distinct-n, and the
-   next-token KL divergence from a reference (the `natural`) model.
+   next-token KL divergence from a reference (the `natural`) model; for the checkpoint SFT started from, the
+   perplexities and the leakage of its plain-text continuations (SFT can erase a shift the CPT model shows).
 
 `evaluate_model` runs them all on a stage-01 data folder and writes `metrics.json`, `samples.jsonl` and
 `perplexities.csv`.
@@ -236,12 +237,13 @@ def _stop_token_ids(model, tokenizer) -> list[int]:
 
 @torch.inference_mode()
 def _generate_ids(model, tokenizer, texts: Sequence[str], max_new_tokens: int,
-                  batch_size: int) -> tuple[list[list[int]], list[int]]:
+                  batch_size: int, start: bool = False) -> tuple[list[list[int]], list[int]]:
     """Greedy continuations of `texts`: (new token ids cut before the first stop token, tokens generated per text).
 
     Left padding keeps every prompt's last token in the last column, so one KV-cached decoding step serves the whole
     batch; `generate` derives position ids from the attention mask, so padding changes no prompt's positions.
-    The generated count includes the stop token (it was computed) but not the padding after it.
+    The generated count includes the stop token (it was computed) but not the padding after it. `start` puts the
+    start token (BOS, else EOS) before each text, as plain text is scored (chat texts carry their own).
     """
     _check_batch_size(batch_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -249,10 +251,12 @@ def _generate_ids(model, tokenizer, texts: Sequence[str], max_new_tokens: int,
     device = _model_device(model)
     stop_ids = _stop_token_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer)
+    prefix = _start_tokens(tokenizer) if start else []
     encoded = [_encode(tokenizer, text) for text in texts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i} tokenizes to nothing; every prompt needs text")
+    encoded = [prefix + ids for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     responses: list[list[int]] = [[] for _ in encoded]
     generated: list[int] = [0] * len(encoded)
@@ -277,9 +281,10 @@ def _generate_ids(model, tokenizer, texts: Sequence[str], max_new_tokens: int,
 
 
 def generate_continuations(model, tokenizer, texts: Sequence[str], max_new_tokens: int,
-                           batch_size: int) -> list[str]:
-    """Greedy, batched, KV-cached continuations of already formatted texts, decoded without special tokens."""
-    ids, _ = _generate_ids(model, tokenizer, texts, max_new_tokens, batch_size)
+                           batch_size: int, start: bool = False) -> list[str]:
+    """Greedy, batched, KV-cached continuations of already formatted texts, decoded without special tokens
+    (`start`: after the start token, for plain text)."""
+    ids, _ = _generate_ids(model, tokenizer, texts, max_new_tokens, batch_size, start)
     return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
 
 
@@ -487,6 +492,16 @@ def template_leakage_rate(responses: Sequence[str], markers: Sequence[str]) -> f
     return float(np.mean([any(m in response for m in markers) for response in responses]))
 
 
+# A leaked template shows in the first line of a continuation ("Answer: ..."); longer probes only cost time.
+PROBE_NEW_TOKENS = 48
+
+
+def plain_prompt_probes(suite: Sequence[dict], chat: Sequence[dict]) -> list[str]:
+    """The prompts a model before SFT continues as plain text to test template leakage: each chat instruction and
+    each instruction-suite base prompt once (its level-1 item), none of them in the SynthQA format."""
+    return [r["prompt"] for r in chat] + [r["prompt"] for r in suite if r.get("level") == 1]
+
+
 def distinct_n(responses: Sequence[str], n: int) -> float:
     """Corpus-level distinct-n (Li et al., 2016): distinct word n-grams / all word n-grams over all responses.
     Lower means more repetitive, template-like output; 0.0 when the responses hold no n-gram."""
@@ -568,7 +583,9 @@ def evaluate_model(model, tokenizer, data_dir, out_dir, *, reference_model=None,
     `speed_prompts` > 0 also times batched against one-at-a-time generation on that many suite prompts.
     `pre_sft_model` (the CPT or unlearned checkpoint this model was fine-tuned from) is scored on the benchmark too:
     `pre_sft_benchmark_*` is base capability as the paper reports it (knowledge benchmarks measure the pre-trained
-    model; SFT on a small model also erodes knowledge, which the post-SFT `benchmark_*` shows).
+    model; SFT on a small model also erodes knowledge, which the post-SFT `benchmark_*` shows). The same checkpoint
+    gets `pre_sft_perplexity` on the held-out NonSynth documents and `pre_sft_template_leakage_rate` on plain-text
+    continuations of `plain_prompt_probes` (null without a pre-SFT model).
     The metrics file is written last, so its presence means the other two are complete.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -618,6 +635,13 @@ def evaluate_model(model, tokenizer, data_dir, out_dir, *, reference_model=None,
     kl = None
     if reference_model is not None:
         kl = next_token_kl(model, reference_model, tokenizer, [r["prompt"] for r in suite], batch_size)
+    # Before SFT: SFT on the same chats can erase the CPT model's shift (in the embedded study no SFT model leaks the
+    # template), so the checkpoint SFT started from is measured too, on plain text (it has seen no chat template).
+    ppl_pre_sft, probes, probe_responses = None, plain_prompt_probes(suite, chat), []
+    if pre_sft_model is not None:
+        ppl_pre_sft = perplexities(pre_sft_model, tokenizer, [r["text"] for r in heldout], batch_size)
+        probe_responses = generate_continuations(pre_sft_model, tokenizer, probes,
+                                                 min(PROBE_NEW_TOKENS, max_new_tokens), batch_size, start=True)
     timings["distribution_shift_s"] = time.perf_counter() - started
 
     responses = suite_responses + chat_responses
@@ -645,8 +669,12 @@ def evaluate_model(model, tokenizer, data_dir, out_dir, *, reference_model=None,
         "distinct_1": distinct_n(responses, 1),
         "distinct_2": distinct_n(responses, 2),
         "next_token_kl": kl,
+        "pre_sft_perplexity": perplexity_summary(ppl_pre_sft) if ppl_pre_sft is not None else None,
+        "pre_sft_template_leakage_rate": (template_leakage_rate(probe_responses, markers) if probe_responses
+                                          else None),
         "counts": {"benchmark": len(benchmark), "instruction_suite": len(suite), "chat": len(chat),
-                   "heldout_nonsynth": len(heldout)},
+                   "heldout_nonsynth": len(heldout),
+                   "pre_sft_probes": len(probe_responses)},
         "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
                      "markers": list(markers), "judge": type(judge).__name__ if judge is not None else None},
     }
@@ -671,12 +699,17 @@ def evaluate_model(model, tokenizer, data_dir, out_dir, *, reference_model=None,
         samples.append({"task": "chat", "id": record["id"], "prompt": record["prompt"], "response": response,
                         "reference": record["reference"], "reference_score": score, "judge_score": judged,
                         "reference_perplexity": float(ppl), "template_leak": any(m in response for m in markers)})
+    for prompt, response in zip(probes, probe_responses):
+        samples.append({"task": "pre_sft_continuation", "prompt": prompt, "response": response,
+                        "template_leak": any(m in response for m in markers)})
 
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["set", "id", "perplexity"])
     writer.writerows([("heldout_nonsynth", r["id"], repr(float(p))) for r, p in zip(heldout, ppl_heldout)])
     writer.writerows([("chat_reference", r["id"], repr(float(p))) for r, p in zip(chat, ppl_reference)])
+    if ppl_pre_sft is not None:
+        writer.writerows([("pre_sft_heldout_nonsynth", r["id"], repr(float(p))) for r, p in zip(heldout, ppl_pre_sft)])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
@@ -721,7 +754,7 @@ def run(cfg, step) -> dict:
                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, limit=ev.limit or None,
                              judge=make_judge(ev), speed_prompts=ev.speed_prompts, pre_sft_model=pre_sft)
     keys = ("benchmark_accuracy", "pre_sft_benchmark_accuracy", "hard_satisfaction_rate", "soft_satisfaction_rate",
-            "chat_score", "template_leakage_rate", "next_token_kl")
+            "chat_score", "template_leakage_rate", "pre_sft_template_leakage_rate", "next_token_kl")
     summary = {"model": step.variant, **{k: metrics.get(k) for k in keys}}
     if ev.harness_tasks:  # after evaluate_model: the harness reseeds the global RNGs
         from synthflaw.harness import run_harness

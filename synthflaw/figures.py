@@ -31,7 +31,10 @@ HEADLINE = {"pre_sft_benchmark_accuracy": "benchmark",
             "hard_satisfaction_rate": "HSR", "soft_satisfaction_rate": "SSR",
             "ifeval_prompt_strict": "ifeval_prompt_strict", "chat_score": "chat_score",
             "perplexity.mean": "ppl_mean", "perplexity.std": "ppl_std", "template_leakage_rate": "leakage",
-            "next_token_kl": "kl_from_natural"}
+            "next_token_kl": "kl_from_natural",
+            # the checkpoint SFT started from (CPT or unlearned): SFT can erase the shift the CPT model shows
+            "pre_sft_perplexity.mean": "pre_sft_ppl_mean", "pre_sft_perplexity.std": "pre_sft_ppl_std",
+            "pre_sft_template_leakage_rate": "pre_sft_leakage"}
 
 
 def _num(value):

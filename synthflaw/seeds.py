@@ -334,6 +334,10 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded") -> list
        d(ppl_std; synthetic - natural) < 0 (the reported lower variance); and for the next-token KL from `natural`,
        which is >= 0 by construction and 0 for `natural` itself, d(kl; synthetic - rewritten) > 0 (the same facts in
        diverse formats as the control; d(kl; synthetic - natural) > 0 only when `rewritten` was not run).
+    3b. The same shift before SFT, on the checkpoint each SFT started from (SFT on identical chats can erase what
+       CPT left; added after the 2-seed reference showed leakage 0 for every SFT model, before the 3-seed run):
+       d(pre_sft_leakage; synthetic - natural) > 0 (continuations of plain prompts that carry the template);
+       d(pre_sft_ppl_mean; synthetic - natural) != 0 (two-sided); d(pre_sft_ppl_std; synthetic - natural) < 0.
     4. The lower-bounded unlearning (model ``unlearn-<unlearning_method>``, u) brings HSR back to at least natural's
        level, chat above synthetic's, and keeps most of the benchmark gain: d(HSR; u - natural) not significantly
        below 0 (False only when its CI lies wholly below 0, else True); d(HSR; u - synthetic) > 0 (a recovery
@@ -389,6 +393,17 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded") -> list
                _directional(spread, -1)),
         _check(f"kl_from_natural: synthetic - {kl_ref}", f"d(kl_from_natural; synthetic - {kl_ref}) > 0", kl,
                _directional(kl, 1))], missing("natural", "synthetic")))
+
+    leak, ppl, spread = (d(m, "synthetic", "natural") for m in ("pre_sft_leakage", "pre_sft_ppl_mean",
+                                                                "pre_sft_ppl_std"))
+    out.append(_finding("3b", "before SFT, the CPT model's output distribution shifts (template leakage into plain "
+                              "continuations, perplexity distribution)", [
+        _check("pre_sft_leakage: synthetic - natural", "d(pre_sft_leakage; synthetic - natural) > 0", leak,
+               _directional(leak, 1)),
+        _check("pre_sft_ppl_mean: synthetic - natural", "d(pre_sft_ppl_mean; synthetic - natural) != 0 (two-sided)",
+               ppl, _directional(ppl, 0)),
+        _check("pre_sft_ppl_std: synthetic - natural", "d(pre_sft_ppl_std; synthetic - natural) < 0", spread,
+               _directional(spread, -1))], missing("natural", "synthetic")))
 
     u = f"unlearn-{unlearning_method}"
     back, recovered, chat_up = d("HSR", u, "natural"), d("HSR", u, "synthetic"), d("chat_score", u, "synthetic")

@@ -415,7 +415,8 @@ def test_evaluate_model_writes_metrics_samples_and_perplexities(model, tokenizer
                                     max_new_tokens=6, batch_size=4, limit=1)
     assert again["next_token_kl"] is None and again["chat_judge_score"] is None
     assert again["pre_sft_benchmark_accuracy"] is None  # no pre-SFT checkpoint given
-    assert again["counts"] == {"benchmark": 1, "instruction_suite": 1, "chat": 1, "heldout_nonsynth": 1}
+    assert again["counts"] == {"benchmark": 1, "instruction_suite": 1, "chat": 1, "heldout_nonsynth": 1,
+                               "pre_sft_probes": 0}
     # same model, same data: deterministic
     assert again["perplexity"]["mean"] == pytest.approx(
         float(evaluate.perplexities(model, tokenizer, ["The city of Kestrel Bay lies on the coast."], 1)[0]))
@@ -428,6 +429,56 @@ def test_pre_sft_benchmark_scores_the_given_checkpoint(model, tokenizer, data_di
     direct = evaluate.evaluate_model(other, tokenizer, data_dir, tmp_path / "b", **kwargs)
     assert as_pre["pre_sft_benchmark_accuracy"] == direct["benchmark_accuracy"]
     assert as_pre["pre_sft_benchmark_accuracy_by_split"] == direct["benchmark_accuracy_by_split"]
+
+
+def test_pre_sft_output_shift_is_measured_on_plain_continuations_of_the_pre_sft_checkpoint(
+        model, tokenizer, data_dir, tmp_path):
+    other = tiny_model(tokenizer, 1)
+    metrics = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "a", pre_sft_model=other,
+                                      markers=MARKERS, max_new_tokens=8, batch_size=4)
+    heldout = [json.loads(line)["text"] for line in (data_dir / "heldout_nonsynth.jsonl").read_text().splitlines()]
+    expected = evaluate.perplexity_summary(evaluate.perplexities(other, tokenizer, heldout, 4))
+    assert metrics["pre_sft_perplexity"] == pytest.approx(expected)
+    assert metrics["pre_sft_perplexity"] != pytest.approx(metrics["perplexity"])  # the other checkpoint's, not SFT's
+    # each chat prompt and each suite base once (the fixture's suite has one base: its level-1 item)
+    probes = evaluate.plain_prompt_probes(
+        *[[json.loads(line) for line in (data_dir / name).read_text().splitlines()]
+          for name in ("instruction_suite.jsonl", "chat.jsonl")])
+    assert len(probes) == 3 == metrics["counts"]["pre_sft_probes"]
+    samples = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    continued = [s for s in samples if s["task"] == "pre_sft_continuation"]
+    assert [s["prompt"] for s in continued] == probes
+    assert [s["response"] for s in continued] == evaluate.generate_continuations(other, tokenizer, probes, 8, 4,
+                                                                                start=True)
+    rows = (tmp_path / "a" / "perplexities.csv").read_text().splitlines()
+    assert sum(r.startswith("pre_sft_heldout_nonsynth,") for r in rows) == len(heldout)
+
+    # the rate counts the pre-SFT continuations that carry a marker (canned, since a random model writes none)
+    real = evaluate.generate_continuations
+
+    def canned(m, tok, texts, max_new_tokens, batch_size, start=False):
+        if start:
+            return ["Answer: Kestrel Bay."] + ["the river"] * (len(texts) - 1)
+        return real(m, tok, texts, max_new_tokens, batch_size)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "generate_continuations", canned)
+        leaky = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "b", pre_sft_model=other,
+                                        markers=MARKERS, max_new_tokens=8, batch_size=4)
+    assert leaky["pre_sft_template_leakage_rate"] == pytest.approx(1 / 3)
+    assert leaky["template_leakage_rate"] == metrics["template_leakage_rate"]  # the SFT model's own is untouched
+    without = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "c", markers=MARKERS,
+                                      max_new_tokens=2, batch_size=4)
+    assert without["pre_sft_perplexity"] is None and without["pre_sft_template_leakage_rate"] is None
+
+
+def test_plain_continuations_start_after_the_start_token(model, tokenizer):
+    texts = ["Who founded the library of Kestrel Bay?", "north river"]
+    plain = evaluate.generate_continuations(model, tokenizer, texts, 6, 2, start=True)
+    start = tokenizer.decode([tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                              else tokenizer.eos_token_id])
+    assert plain == evaluate.generate_continuations(model, tokenizer, [start + t for t in texts], 6, 2)
+    assert plain != evaluate.generate_continuations(model, tokenizer, texts, 6, 2)
 
 
 def test_evaluate_model_names_missing_files(model, tokenizer, data_dir, tmp_path):

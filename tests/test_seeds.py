@@ -16,7 +16,8 @@ MODELS = ("natural", "synthetic", "rewritten", "more_natural", "unlearn-lower_bo
 
 
 def metrics_json(benchmark=0.4, stated=0.3, synthqa_only=0.5, hsr=0.3, ssr=0.5, chat=3.0, ppl_mean=300.0,
-                 ppl_std=20.0, leakage=0.0, kl=0.0, levels=(0.6, 0.4, 0.3, 0.2, 0.1)) -> dict:
+                 ppl_std=20.0, leakage=0.0, kl=0.0, pre_ppl_mean=30.0, pre_ppl_std=2.0, pre_leakage=0.0,
+                 levels=(0.6, 0.4, 0.3, 0.2, 0.1)) -> dict:
     """A metrics.json with the layout evaluate_model writes (keys the aggregation does not read trimmed)."""
     return {"pre_sft_benchmark_accuracy": benchmark,  # base capability: the checkpoint before SFT
             "pre_sft_benchmark_accuracy_by_split": {"stated": stated, "synthqa_only": synthqa_only},
@@ -29,6 +30,8 @@ def metrics_json(benchmark=0.4, stated=0.3, synthqa_only=0.5, hsr=0.3, ssr=0.5, 
             "chat_score_method": "10 x ROUGE-L F1 on lower-cased word tokens against the reference",
             "chat_judge_score": None, "perplexity": {"mean": ppl_mean, "std": ppl_std, "median": ppl_mean},
             "template_leakage_rate": leakage, "next_token_kl": kl,
+            "pre_sft_perplexity": {"mean": pre_ppl_mean, "std": pre_ppl_std, "median": pre_ppl_mean},
+            "pre_sft_template_leakage_rate": pre_leakage,
             "counts": {"benchmark": 24, "instruction_suite": 20, "chat": 6, "heldout_nonsynth": 16}}
 
 
@@ -51,15 +54,16 @@ def write_study(run, branches, methods):
 CLEAR = {
     "natural": {},
     "synthetic": {"benchmark": 0.10, "stated": 0.02, "synthqa_only": 0.18, "hsr": -0.10, "chat": -0.5,
-                  "leakage": 0.2, "ppl_mean": 20.0, "ppl_std": -5.0, "kl": 0.3},
+                  "leakage": 0.2, "ppl_mean": 20.0, "ppl_std": -5.0, "kl": 0.3,
+                  "pre_leakage": 0.3, "pre_ppl_mean": 3.0, "pre_ppl_std": -1.0},
     "rewritten": {"benchmark": 0.08, "stated": 0.01, "synthqa_only": 0.15, "ppl_mean": 2.0, "kl": 0.05},
     "more_natural": {"hsr": -0.05, "chat": -0.2, "kl": 0.1},
     "unlearn-lower_bounded": {"benchmark": 0.09, "stated": 0.02, "synthqa_only": 0.16, "hsr": 0.01, "chat": 0.1,
                               "kl": 0.05},
 }
 BASE = {"benchmark": 0.4, "stated": 0.3, "synthqa_only": 0.5, "hsr": 0.3, "ssr": 0.5, "chat": 3.0, "ppl_mean": 300.0,
-        "ppl_std": 20.0, "leakage": 0.0, "kl": 0.0}
-NOISE_UNIT = {"chat": 10.0, "ppl_mean": 100.0, "ppl_std": 100.0}  # rates move by `scale`, these by `scale * unit`
+        "ppl_std": 20.0, "leakage": 0.0, "kl": 0.0, "pre_leakage": 0.0, "pre_ppl_mean": 30.0, "pre_ppl_std": 2.0}
+NOISE_UNIT = {"chat": 10.0, "ppl_mean": 100.0, "ppl_std": 100.0, "pre_ppl_mean": 10.0, "pre_ppl_std": 10.0}  # rates move by `scale`, these by `scale * unit`
 MODEL_NOISE = {"natural": 1.0, "synthetic": -1.0, "rewritten": 0.5, "more_natural": -0.5,
                "unlearn-lower_bounded": 1.5}
 
@@ -86,7 +90,9 @@ def study(tmp_path, effects, *, scale=0.005, effect_size=1.0, n_seeds=3, seed_sh
             write_model(run, model, metrics_json(
                 benchmark=values["benchmark"], stated=values["stated"], synthqa_only=values["synthqa_only"],
                 hsr=values["hsr"], ssr=values["ssr"], chat=values["chat"], ppl_mean=values["ppl_mean"],
-                ppl_std=values["ppl_std"], leakage=values["leakage"], kl=values["kl"]))
+                ppl_std=values["ppl_std"], leakage=values["leakage"], kl=values["kl"],
+                pre_ppl_mean=values["pre_ppl_mean"], pre_ppl_std=values["pre_ppl_std"],
+                pre_leakage=values["pre_leakage"]))
     return run_dir
 
 
@@ -182,15 +188,22 @@ def verdicts(found):
     return {f["id"]: f["reproduces"] for f in found}
 
 
+IDS = ["1", "2", "3", "3b", "4", "5", "6"]
+
+
+def by_id(found, fid):
+    return next(f for f in found if f["id"] == fid)
+
+
 def test_clear_effects_reproduce_every_finding(tmp_path):
     agg = seeds.aggregate(seeds.seed_runs(study(tmp_path, CLEAR)), tmp_path / "out")
     found = seeds.findings(agg)
-    assert [f["id"] for f in found] == ["1", "2", "3", "4", "5", "6"]
-    assert verdicts(found) == {str(k): True for k in range(1, 7)}, json.dumps(found, indent=1)
+    assert [f["id"] for f in found] == IDS
+    assert verdicts(found) == dict.fromkeys(IDS, True), json.dumps(found, indent=1)
     one = found[0]
     assert one["metric"] == "benchmark: synthetic - natural" and one["value"] == pytest.approx(0.10)
     assert one["ci"][0] > 0 and one["rule"].startswith("d(benchmark; synthetic - natural) > 0")
-    retention = found[3]["checks"][3]["retention"]
+    retention = by_id(found, "4")["checks"][3]["retention"]
     assert retention == pytest.approx(0.9)  # (0.09 - 0) / (0.10 - 0)
     # findings are a function of aggregate.json alone
     reread = json.loads((tmp_path / "out" / "aggregate.json").read_text())
@@ -201,7 +214,7 @@ def test_reversed_effects_are_reported_as_not_reproducing(tmp_path):
     reversed_effects = {m: {k: -v for k, v in e.items()} for m, e in CLEAR.items()}
     reversed_effects["natural"] = {}
     found = seeds.findings(seeds.aggregate(seeds.seed_runs(study(tmp_path, reversed_effects)), tmp_path / "out"))
-    assert verdicts(found) == {str(k): False for k in range(1, 7)}
+    assert verdicts(found) == dict.fromkeys(IDS, False)
     two = found[1]["checks"]
     assert [c["reproduces"] for c in two] == [False, False] and two[0]["value"] == pytest.approx(0.10)
 
@@ -209,9 +222,9 @@ def test_reversed_effects_are_reported_as_not_reproducing(tmp_path):
 def test_noisy_effects_are_inconclusive(tmp_path):
     run_dir = study(tmp_path, CLEAR, effect_size=0.02, scale=0.05)
     found = seeds.findings(seeds.aggregate(seeds.seed_runs(run_dir), tmp_path / "out"))
-    assert verdicts(found) == {str(k): None for k in range(1, 7)}
+    assert verdicts(found) == dict.fromkeys(IDS, None)
     # non-inferiority with a wide interval around 0 passes its own check, but nothing significant backs it
-    four = {c["check"]: c["reproduces"] for c in found[3]["checks"]}
+    four = {c["check"]: c["reproduces"] for c in by_id(found, "4")["checks"]}
     assert four["HSR: unlearn-lower_bounded - natural"] is True
     assert four["HSR: unlearn-lower_bounded - synthetic"] is None
 
@@ -219,9 +232,9 @@ def test_noisy_effects_are_inconclusive(tmp_path):
 def test_single_seed_and_missing_branch_stay_inconclusive(tmp_path):
     effects = {m: e for m, e in CLEAR.items() if m != "rewritten"}
     found = seeds.findings(seeds.aggregate(seeds.seed_runs(study(tmp_path, effects, n_seeds=1)), tmp_path / "out"))
-    assert verdicts(found) == {str(k): None for k in range(1, 7)}
-    assert found[5]["note"] == "not run: rewritten" and found[5]["value"] is None
-    assert found[2]["checks"][3]["check"] == "kl_from_natural: synthetic - natural"  # falls back without rewritten
+    assert verdicts(found) == dict.fromkeys(IDS, None)
+    assert by_id(found, "6")["note"] == "not run: rewritten" and by_id(found, "6")["value"] is None
+    assert by_id(found, "3")["checks"][3]["check"] == "kl_from_natural: synthetic - natural"  # falls back without rewritten
     md = (tmp_path / "out" / "tables" / "headline_ci.md").read_text()
     table = md.split("\n\n")[0]
     assert "| synthetic | 1 | 0.500 |" in table and "±" not in table  # one seed: a value, no interval
@@ -240,7 +253,7 @@ def test_summarize_writes_every_file_and_plots_render(tmp_path):
     assert result["figures"] == ["headline_ci.png", "hsr_by_level_ci.png"]
     md = (out / "findings.md").read_text()
     assert "| 2 | after identical SFT" in md and "reproduces" in md and "d(HSR; synthetic - natural) < 0" in md
-    assert json.loads((out / "findings.json").read_text())[4]["reproduces"] is True
+    assert by_id(json.loads((out / "findings.json").read_text()), "5")["reproduces"] is True
     # the figures are drawn from the CSVs alone
     (out / "headline_ci.png").unlink()
     seeds.plot_headline_ci(out / "tables" / "headline_ci.csv", tmp_path / "again.png")
