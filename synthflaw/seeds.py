@@ -382,28 +382,25 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded") -> list
         _check("chat_score: synthetic - natural", "d(chat_score; synthetic - natural) < 0", chat,
                _directional(chat, -1))], missing("natural", "synthetic")))
 
-    leak, ppl, spread = (d(m, "synthetic", "natural") for m in ("leakage", "ppl_mean", "ppl_std"))
+    def shift_checks(prefix: str) -> list[dict]:
+        """Findings 3 and 3b's shared rule on `prefix` metrics (after SFT: "", before: "pre_sft_"), synthetic -
+        natural: leakage up, perplexity mean moved (either way), perplexity spread down."""
+        checks = []
+        for metric, rule, sign in (("leakage", "> 0", 1), ("ppl_mean", "!= 0 (two-sided)", 0), ("ppl_std", "< 0", -1)):
+            stats = d(prefix + metric, "synthetic", "natural")
+            checks.append(_check(f"{prefix}{metric}: synthetic - natural",
+                                 f"d({prefix}{metric}; synthetic - natural) {rule}", stats, _directional(stats, sign)))
+        return checks
+
     kl_ref = "rewritten" if "rewritten" in per_seed else "natural"
     kl = d("kl_from_natural", "synthetic", kl_ref)
     out.append(_finding("3", "the output distribution shifts (template leakage, perplexity distribution, KL)", [
-        _check("leakage: synthetic - natural", "d(leakage; synthetic - natural) > 0", leak, _directional(leak, 1)),
-        _check("ppl_mean: synthetic - natural", "d(ppl_mean; synthetic - natural) != 0 (two-sided)", ppl,
-               _directional(ppl, 0)),
-        _check("ppl_std: synthetic - natural", "d(ppl_std; synthetic - natural) < 0", spread,
-               _directional(spread, -1)),
+        *shift_checks(""),
         _check(f"kl_from_natural: synthetic - {kl_ref}", f"d(kl_from_natural; synthetic - {kl_ref}) > 0", kl,
                _directional(kl, 1))], missing("natural", "synthetic")))
-
-    leak, ppl, spread = (d(m, "synthetic", "natural") for m in ("pre_sft_leakage", "pre_sft_ppl_mean",
-                                                                "pre_sft_ppl_std"))
     out.append(_finding("3b", "before SFT, the CPT model's output distribution shifts (template leakage into plain "
-                              "continuations, perplexity distribution)", [
-        _check("pre_sft_leakage: synthetic - natural", "d(pre_sft_leakage; synthetic - natural) > 0", leak,
-               _directional(leak, 1)),
-        _check("pre_sft_ppl_mean: synthetic - natural", "d(pre_sft_ppl_mean; synthetic - natural) != 0 (two-sided)",
-               ppl, _directional(ppl, 0)),
-        _check("pre_sft_ppl_std: synthetic - natural", "d(pre_sft_ppl_std; synthetic - natural) < 0", spread,
-               _directional(spread, -1))], missing("natural", "synthetic")))
+                              "continuations, perplexity distribution)", shift_checks("pre_sft_"),
+                        missing("natural", "synthetic")))
 
     u = f"unlearn-{unlearning_method}"
     back, recovered, chat_up = d("HSR", u, "natural"), d("HSR", u, "synthetic"), d("chat_score", u, "synthetic")

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from synthflaw.base_model import train_tokenizer
+from synthflaw.records import read_jsonl
 from synthflaw import evaluate
 from synthflaw.judge import LocalJudge, OpenAICompatibleJudge, judge_prompt, parse_rating
 
@@ -436,16 +437,15 @@ def test_pre_sft_output_shift_is_measured_on_plain_continuations_of_the_pre_sft_
     other = tiny_model(tokenizer, 1)
     metrics = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "a", pre_sft_model=other,
                                       markers=MARKERS, max_new_tokens=8, batch_size=4)
-    heldout = [json.loads(line)["text"] for line in (data_dir / "heldout_nonsynth.jsonl").read_text().splitlines()]
+    heldout = [r["text"] for r in read_jsonl(data_dir / "heldout_nonsynth.jsonl")]
     expected = evaluate.perplexity_summary(evaluate.perplexities(other, tokenizer, heldout, 4))
     assert metrics["pre_sft_perplexity"] == pytest.approx(expected)
     assert metrics["pre_sft_perplexity"] != pytest.approx(metrics["perplexity"])  # the other checkpoint's, not SFT's
     # each chat prompt and each suite base once (the fixture's suite has one base: its level-1 item)
-    probes = evaluate.plain_prompt_probes(
-        *[[json.loads(line) for line in (data_dir / name).read_text().splitlines()]
-          for name in ("instruction_suite.jsonl", "chat.jsonl")])
+    probes = evaluate.plain_prompt_probes(read_jsonl(data_dir / "instruction_suite.jsonl"),
+                                          read_jsonl(data_dir / "chat.jsonl"))
     assert len(probes) == 3 == metrics["counts"]["pre_sft_probes"]
-    samples = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    samples = read_jsonl(tmp_path / "a" / "samples.jsonl")
     continued = [s for s in samples if s["task"] == "pre_sft_continuation"]
     assert [s["prompt"] for s in continued] == probes
     assert [s["response"] for s in continued] == evaluate.generate_continuations(other, tokenizer, probes, 8, 4,
