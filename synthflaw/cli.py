@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {len(written)} files to {args.to}")
             return 0
         if args.command == "figures":
-            from synthflaw.figures import regenerate
+            from synthflaw.runner import regenerate
             regenerate(args.run_id, runs_root=args.runs_root, engine=args.engine)
             return 0
         overrides = config.parse_overrides(args.overrides)
@@ -77,15 +77,15 @@ def main(argv: list[str] | None = None) -> int:
             config.resolve(args.preset, overrides)  # fail before any seed's folder is written
             for seed in args.seeds:
                 run_study(args.preset, f"seed-{seed}", {**overrides, "seed": seed}, overwrite=args.overwrite,
-                          runs_root=f"{args.runs_root}/{run_id}", engine=args.engine, stages=args.stages)
-            from synthflaw import seeds
-            summary = seeds.summarize(Path(args.runs_root) / run_id)
+                          runs_root=f"{args.runs_root}/{run_id}", engine=args.engine, only=args.stages)
+            from synthflaw.reporting.aggregate import summarize
+            summary = summarize(Path(args.runs_root) / run_id)
             print(f"across seeds {summary['seeds']}: {Path(args.runs_root) / run_id / 'seeds'}")
         else:
             if args.seeds:
                 overrides["seed"] = args.seeds[0]
             run_study(args.preset, run_id, overrides, overwrite=args.overwrite, runs_root=args.runs_root,
-                      engine=args.engine, stages=args.stages)
+                      engine=args.engine, only=args.stages)
         return 0
     except (config.ConfigError, StepConfigChanged, ValueError, FileExistsError) as err:
         print(f"synthflaw: error: {err}", file=sys.stderr)

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# The CPT branches, in the order every table shows them: the paper's control, the paper's SynthQA run, and two
+# controls this project adds (synthflaw.training.pretraining says what each trains on).
+BRANCHES = ("natural", "synthetic", "rewritten", "more_natural")
+
+
 class ConfigError(ValueError):
     """A preset name, override key or override value that is not valid; the message says what is."""
 
@@ -96,8 +101,7 @@ class BaseModelConfig:
 class CPTConfig:
     """Stage 04: continued pre-training, one branch per step, equal token budgets."""
 
-    branches: tuple[str, ...] = _f(("natural", "synthetic", "rewritten", "more_natural"),
-                                   "branches to train: natural | synthetic | rewritten | more_natural")
+    branches: tuple[str, ...] = _f(BRANCHES, "branches to train: " + " | ".join(BRANCHES))
     max_tokens: int = _f(200_000, "CPT token budget per branch")
     synthetic_fraction: float = _f(0.3, "share of CPT tokens that are SynthQA (synthetic) or rewritten (rewritten)")
     more_natural_ratio: float = _f(1.0, "more_natural trains this many CPT budgets of extra natural data")
@@ -267,7 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # Seeds `synthflaw run` / `make study` use when none are given: the default study's findings are tested on paired
-# differences across three seeds (synthflaw.seeds); the others run once, with the config's `seed`.
+# differences across three seeds (synthflaw.reporting); the others run once, with the config's `seed`.
 PRESET_SEEDS: dict[str, tuple[int, ...]] = {"default": (0, 1, 2)}
 
 
@@ -387,10 +391,9 @@ def check(cfg: StudyConfig) -> None:
         problems.append("data.synthetic_templates must be >= 1")
     if not 0.0 <= cfg.cpt.synthetic_fraction < 1.0:
         problems.append("cpt.synthetic_fraction must be in [0, 1)")
-    valid_branches = ("natural", "synthetic", "rewritten", "more_natural")
     for b in cfg.cpt.branches:
-        if b not in valid_branches:
-            problems.append(f"cpt.branches: unknown branch {b!r}; valid: {', '.join(valid_branches)}")
+        if b not in BRANCHES:
+            problems.append(f"cpt.branches: unknown branch {b!r}; valid: {', '.join(BRANCHES)}")
     if cfg.cpt.more_natural_from not in ("synthetic", "natural"):
         problems.append("cpt.more_natural_from must be synthetic or natural")
     elif "more_natural" in cfg.cpt.branches and (

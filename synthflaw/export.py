@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from synthflaw import seeds
+from synthflaw.reporting.aggregate import seed_runs
 
 KEEP_SUFFIXES = (".json", ".csv", ".png", ".md")
 SKIP_DIRS = {"model", "checkpoints", "data", "generation", "harness"}
@@ -48,7 +48,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True) -
         shutil.rmtree(tmp)
     written = []
     # the first finished seed in numeric order (seed-2 before seed-10), as the cross-seed summary orders them
-    seed_dirs = [] if (run_dir / "study.json").exists() else seeds.seed_runs(run_dir)
+    seed_dirs = [] if (run_dir / "study.json").exists() else seed_runs(run_dir)
     first_seed = seed_dirs[0].name if seed_dirs else None
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and _kept(p, run_dir, first_seed)):
         target = tmp / path.relative_to(run_dir)

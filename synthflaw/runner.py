@@ -5,89 +5,42 @@ has its own folder. With ``engine="papermill"`` (the batch path) the runner exec
 for all of the stage's unfinished variants, into ``<run>/<stage>/notebook.ipynb``: a notebook execution costs ~10 s
 of kernel start and imports (torch + transformers) on 2 cores, so one execution per stage instead of one per step
 takes a seed of the default study from 31 executions to 8. ``engine="inprocess"`` calls the same library functions
-without notebooks. Each step is marked done as it finishes. The order and the fan-out live here and nowhere else.
+without notebooks. Each step is marked done as it finishes. The order and the fan-out are :mod:`synthflaw.registry`'s.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from synthflaw import config as config_mod
+from synthflaw import stages
+from synthflaw.registry import FIGURES, STAGES, Stage, StepSpec, study_steps
+from synthflaw.registry import stage as find
 from synthflaw.runs import Step, StepConfigChanged, write_json_atomic
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-
-# stage -> the library module whose `run(cfg, step)` the stage's notebook calls.
-STAGE_MODULES = {
-    "01_generate_data": "synthflaw.generate",
-    "02_data_flaws": "synthflaw.flaws",
-    "03_base_model": "synthflaw.base_model",
-    "04_continued_pretraining": "synthflaw.pretraining",
-    "05_unlearning": "synthflaw.unlearning.stage",
-    "06_sft": "synthflaw.sft",
-    "07_evaluate": "synthflaw.evaluate",
-    "08_figures": "synthflaw.figures",
-}
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    stage: str
-    variant: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.stage}/{self.variant}" if self.variant else self.stage
-
-
-def models_of(cfg: config_mod.StudyConfig) -> list[str]:
-    """Every model that is fine-tuned and evaluated: the CPT branches, then one per unlearning method."""
-    return list(cfg.cpt.branches) + [f"unlearn-{m}" for m in cfg.unlearn.methods]
-
-
-def study_steps(cfg: config_mod.StudyConfig) -> list[StepSpec]:
-    """The whole study, in execution order."""
-    steps = [StepSpec("01_generate_data"), StepSpec("02_data_flaws"), StepSpec("03_base_model")]
-    steps += [StepSpec("04_continued_pretraining", b) for b in cfg.cpt.branches]
-    steps += [StepSpec("05_unlearning", m) for m in cfg.unlearn.methods]
-    steps += [StepSpec("06_sft", m) for m in models_of(cfg)]
-    steps += [StepSpec("07_evaluate", m) for m in models_of(cfg)]
-    steps.append(StepSpec("08_figures"))
-    return steps
-
-
-def stage_variants(cfg: config_mod.StudyConfig, stage: str, variants=None) -> list[str]:
-    """The variants `cfg` runs for a stage, in study order; `variants` (a subset, e.g. a notebook parameter) or all."""
-    known = [s.variant for s in study_steps(cfg) if s.stage == stage and s.variant]
-    if not variants:
-        return known
-    unknown = [v for v in variants if v not in known]
-    if unknown:
-        raise ValueError(f"{stage}: {', '.join(map(repr, unknown))} not among this configuration's variants "
-                         f"({', '.join(known) or 'none'}); leave `variants` empty to run them all")
-    return [v for v in known if v in variants]
 
 
 class StepFailed(RuntimeError):
     """A step raised; the message says which cell and where the executed notebook is."""
 
 
-def _run_papermill(stage: str, variants: list[str], run_dir: Path, preset: str, overrides: dict) -> None:
+def _run_papermill(stage: Stage, variants: list[str], run_dir: Path, preset: str, overrides: dict) -> None:
     """Execute the stage's notebook once for `variants` (empty for a stage without variants)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    notebook = NOTEBOOKS_DIR / f"{stage}.ipynb"
-    out = Path(run_dir) / stage / "notebook.ipynb"
+    notebook = NOTEBOOKS_DIR / stage.notebook
+    out = Path(run_dir) / stage.name / "notebook.ipynb"
     if variants and out.exists():  # an earlier execution ran other variants: keep its record
         out.rename(out.with_name(f"notebook-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(out.stat().st_mtime))}.ipynb"))
     params = {"run_dir": str(Path(run_dir).resolve()), "preset": preset, "overrides": overrides}
     if variants:
         params["variants"] = list(variants)
-    name = f"{stage}/{{{','.join(variants)}}}" if variants else stage
+    name = f"{stage.name}/{{{','.join(variants)}}}" if variants else stage.name
     try:
         pm.execute_notebook(str(notebook), str(out), parameters=params, progress_bar=False,
                             cwd=str(NOTEBOOKS_DIR.parent), kernel_name="python3")
@@ -97,7 +50,7 @@ def _run_papermill(stage: str, variants: list[str], run_dir: Path, preset: str, 
 
 
 def _run_inprocess(spec: StepSpec, step: Step) -> None:
-    module = importlib.import_module(STAGE_MODULES[spec.stage])
+    module = stages.stage_module(spec.stage)
     try:
         step.run(module.run)
     except Exception as err:  # noqa: BLE001 - re-raised with the step named
@@ -105,9 +58,10 @@ def _run_inprocess(spec: StepSpec, step: Step) -> None:
 
 
 def run_study(preset: str, run_id: str, overrides: dict | None = None, *, overwrite: bool = False,
-              runs_root: str | Path = "runs", engine: str = "papermill", stages: list[str] | None = None,
+              runs_root: str | Path = "runs", engine: str = "papermill", only: list[str] | None = None,
               log=print) -> Path:
-    """Run the study (or the listed `stages`) into ``<runs_root>/<run_id>``; returns the run folder.
+    """Run the study (or only the listed stages, by number or name) into ``<runs_root>/<run_id>``; returns the run
+    folder.
 
     Everything is validated before anything is written: bad overrides raise ConfigError, and a step that already ran
     with another configuration raises StepConfigChanged (unless `overwrite`).
@@ -118,10 +72,12 @@ def run_study(preset: str, run_id: str, overrides: dict | None = None, *, overwr
         raise ValueError(f"run id {run_id!r} must be a plain folder name such as 'study-2026-11-21'")
     overrides = dict(overrides or {})
     cfg = config_mod.resolve(preset, overrides)
+    stages.check(cfg)
     run_dir = Path(runs_root) / run_id
-    specs = [s for s in study_steps(cfg) if stages is None or s.stage in stages or s.stage[:2] in stages]
+    wanted = None if only is None else {find(s) for s in only}
+    specs = [s for s in study_steps(cfg) if wanted is None or s.stage in wanted]
     if not specs:
-        raise ValueError(f"no step matches stages={stages}; stages: {', '.join(STAGE_MODULES)}")
+        raise ValueError(f"no step matches stages={only}; stages: {', '.join(s.name for s in STAGES)}")
     changed = [s.name for s in specs if Step(run_dir, s.stage, s.variant).status(cfg) == "changed"]
     if changed and not overwrite:
         raise StepConfigChanged(f"these steps of {run_dir} ran with a different configuration: {', '.join(changed)}."
@@ -149,8 +105,8 @@ def run_study(preset: str, run_id: str, overrides: dict | None = None, *, overwr
             _run_papermill(stage, [spec.variant for spec, _ in todo if spec.variant], run_dir, preset, overrides)
             for _, step in todo:
                 step.complete()  # the notebook completed each step already; this only checks it can
-            names = ", ".join(spec.variant or spec.stage for spec, _ in todo)
-            log(f"{prefix(todo[-1][0], f'{stage} ({names})')} done in {time.time() - t0:6.1f} s")
+            names = ", ".join(spec.variant or spec.stage.name for spec, _ in todo)
+            log(f"{prefix(todo[-1][0], f'{stage.name} ({names})')} done in {time.time() - t0:6.1f} s")
             continue
         for spec, step in todo:
             t0 = time.time()
@@ -160,3 +116,28 @@ def run_study(preset: str, run_id: str, overrides: dict | None = None, *, overwr
     log(f"run {run_dir} finished in {time.time() - started:.1f} s")
     return run_dir
 
+
+def regenerate(run_id: str, runs_root: str | Path = "runs", engine: str = "papermill") -> Path:
+    """Re-make stage 08 of a finished run from its files (no training): `synthflaw figures --run-id ID`.
+
+    On a multi-seed run (``runs/ID/seed-<k>/``) it re-makes every seed's figures and the cross-seed tables, intervals
+    and findings in ``runs/ID/seeds/``."""
+    from synthflaw.reporting.aggregate import summarize
+
+    run_dir = Path(runs_root) / run_id
+    study = run_dir / "study.json"
+    seed_dirs = sorted(p for p in run_dir.glob("seed-*") if (p / "study.json").exists())
+    if not study.exists() and seed_dirs:  # a multi-seed run: each seed's figures, then the intervals across seeds
+        for seed_dir in seed_dirs:
+            regenerate(seed_dir.name, runs_root=run_dir, engine=engine)
+        summarize(run_dir)
+        return run_dir
+    if not study.exists():
+        raise ValueError(f"{run_dir} is not a run folder (no study.json); runs: "
+                         f"{', '.join(sorted(p.name for p in Path(runs_root).glob('*'))) or 'none'}")
+    saved = json.loads(study.read_text())
+    step = Step(run_dir, FIGURES)
+    if step.path.exists():
+        shutil.rmtree(step.path)
+    return run_study(saved["preset"], run_id, saved["overrides"], runs_root=runs_root, engine=engine,
+                     only=[FIGURES.name])

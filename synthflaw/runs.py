@@ -20,18 +20,8 @@ from pathlib import Path
 
 from synthflaw.config import StudyConfig, from_dict
 from synthflaw.records import write_json
+from synthflaw.registry import Stage, stage as find_stage
 
-# The config sections each stage depends on: its own and its upstreams'. A change in any of them changes the step.
-STAGE_SECTIONS = {
-    "01_generate_data": ("data",),
-    "02_data_flaws": ("data", "flaws"),
-    "03_base_model": ("data", "base"),
-    "04_continued_pretraining": ("data", "base", "cpt"),
-    "05_unlearning": ("data", "base", "cpt", "unlearn"),
-    "06_sft": ("data", "base", "cpt", "sft"),
-    "07_evaluate": ("data", "base", "cpt", "sft", "evaluate"),
-    "08_figures": ("data", "flaws", "base", "cpt", "unlearn", "sft", "evaluate", "figures"),
-}
 PACKAGES = ("synthflaw", "torch", "transformers", "tokenizers", "datasets", "accelerate", "papermill")
 
 
@@ -47,15 +37,10 @@ def write_json_atomic(path: Path, obj) -> None:
     write_json(path, obj, sort_keys=True)
 
 
-def step_config(cfg: StudyConfig, stage: str, variant: str | None) -> dict:
+def step_config(cfg: StudyConfig, stage: str | Stage, variant: str | None) -> dict:
     """The part of the study configuration a step depends on, plus the seed and the variant."""
-    if stage not in STAGE_SECTIONS:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_SECTIONS)}")
-    sections = list(STAGE_SECTIONS[stage])
-    if variant and variant.startswith("unlearn-") and "unlearn" not in sections:
-        sections.append("unlearn")
     full = cfg.to_dict()
-    return {"seed": cfg.seed, "variant": variant, **{s: full[s] for s in sections}}
+    return {"seed": cfg.seed, "variant": variant, **{s: full[s] for s in find_stage(stage).sections_for(variant)}}
 
 
 def fingerprint(config: dict) -> str:
@@ -100,19 +85,23 @@ class Step:
     """One step of a run: a stage, optionally a variant (a branch, an unlearning method, a model)."""
 
     run_dir: Path
-    stage: str
+    stage: Stage
     variant: str | None = None
     cfg: StudyConfig | None = None
     _started: float = field(default=0.0, repr=False)
 
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        self.stage = find_stage(self.stage)
+
     @property
     def path(self) -> Path:
-        base = Path(self.run_dir) / self.stage
+        base = self.run_dir / self.stage.name
         return base / self.variant if self.variant else base
 
     @property
     def name(self) -> str:
-        return f"{self.stage}/{self.variant}" if self.variant else self.stage
+        return f"{self.stage.name}/{self.variant}" if self.variant else self.stage.name
 
     @property
     def done(self) -> bool:
@@ -181,7 +170,7 @@ class Step:
         write_json_atomic(self.path / "done.json", marker)
         return marker
 
-    def upstream(self, stage: str, variant: str | None = None) -> Path:
+    def upstream(self, stage: str | Stage, variant: str | None = None) -> Path:
         """The folder of a finished upstream step of the same run (named explicitly, never 'latest')."""
         other = Step(self.run_dir, stage, variant)
         if not other.done:
@@ -190,7 +179,7 @@ class Step:
         return other.path
 
 
-def open_step(run_dir: str | Path, stage: str, variant: str | None, cfg: StudyConfig,
+def open_step(run_dir: str | Path, stage: str | Stage, variant: str | None, cfg: StudyConfig,
               overwrite: bool = False) -> Step:
     """The notebooks' entry point: the step's folder, prepared for `cfg`."""
     return Step(Path(run_dir), stage, variant or None).open(cfg, overwrite=overwrite)

@@ -76,7 +76,7 @@ def test_gpu_preset_builds_a_model_of_a_few_hundred_million_parameters_without_a
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from synthflaw.base_model import embedded_model_config
+    from synthflaw.models.build import embedded_model_config
 
     cfg = config.resolve("gpu")
     assert cfg.data.source == "embedded" and not cfg.base.model_name_or_path  # no network, no weights
@@ -118,12 +118,13 @@ def test_compute_options_must_split_every_batch_evenly():
 
 
 def test_compute_options_do_not_change_a_steps_fingerprint():
-    from synthflaw.runs import STAGE_SECTIONS, fingerprint, step_config
+    from synthflaw.registry import STAGES
+    from synthflaw.runs import fingerprint, step_config
 
     plain = config.resolve("smoke")
     spread = config.resolve("smoke", {"compute.num_processes": 2, "compute.gradient_checkpointing": True,
                                       "compute.accelerate_config": "accelerate/fsdp.yaml"})
-    for stage in STAGE_SECTIONS:
+    for stage in STAGES:
         assert fingerprint(step_config(plain, stage, None)) == fingerprint(step_config(spread, stage, None)), stage
     other_data = config.resolve("smoke", {"data.sft_examples": 50})
     assert fingerprint(step_config(plain, "01_generate_data", None)) != fingerprint(

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from synthflaw import constraints as C
+from synthflaw.data import constraints as C
 
 # (response, args, expected strict verdict), per constraint type; every type has True and False rows.
 TABLE = {

@@ -13,10 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from synthflaw.base_model import train_tokenizer
+from synthflaw.metrics import benchmark, chat, evaluation, instruction_following, shift
+from synthflaw.metrics.chat import RatingJudge, judge_prompt, parse_rating
+from synthflaw.metrics.text import distinct_n, words
+from synthflaw.models import generation
+from synthflaw.models import tokenizer as tokenizer_mod
+from synthflaw.models.chat_client import EndpointChat, LocalChat
+from synthflaw.models.tokenizer import train_tokenizer
 from synthflaw.records import read_jsonl
-from synthflaw import evaluate
-from synthflaw.judge import LocalJudge, OpenAICompatibleJudge, judge_prompt, parse_rating
 
 WORDS = ("the city of river mountain was born in founded by works at Ilara Venn Tomas Orr Kestrel Bay north "
          "south council library answer question please write a short list of three facts about its people "
@@ -65,8 +69,8 @@ def test_score_choices_batched_equals_unbatched_and_manual(model, tokenizer):
     prompts = ["Ilara Venn was born in", "The library was founded by", "Kestrel"]
     choices = [["Kestrel Bay", "the city", "a river", "north"], ["Tomas Orr", "Ilara", "the council of the city", "x"],
                ["Bay", "south", "mountain", "works"]]
-    batched = evaluate.score_choices(model, tokenizer, prompts, choices, batch_size=5)
-    single = evaluate.score_choices(model, tokenizer, prompts, choices, batch_size=1)
+    batched = benchmark.score_choices(model, tokenizer, prompts, choices, batch_size=5)
+    single = benchmark.score_choices(model, tokenizer, prompts, choices, batch_size=1)
     for row_b, row_s, options, prompt in zip(batched, single, choices, prompts):
         for (lp_b, n_b, c_b), (lp_s, n_s, c_s), choice in zip(row_b, row_s, options):
             assert lp_b == pytest.approx(lp_s, abs=1e-4)
@@ -86,26 +90,26 @@ def test_benchmark_metrics_on_hand_built_scores():
     ]
     scores = [[(-2.0, 1, 1), (-5.0, 3, 10)], [(-2.0, 1, 1), (-5.0, 3, 10)], [(-3.0, 1, 1), (-1.0, 1, 1)],
               [(-3.0, 1, 1), (-1.0, 1, 1)], [(-1.0, 1, 1), (-3.0, 1, 1)]]
-    metrics = evaluate.benchmark_metrics(records, scores)
+    metrics = benchmark.benchmark_metrics(records, scores)
     assert metrics["accuracy"] == pytest.approx(3 / 5)
     assert metrics["acc_norm"] == pytest.approx(3 / 5)
     assert metrics["count"] == 5
     assert metrics["by_split"]["stated"] == {"accuracy": 0.5, "acc_norm": 0.5, "count": 2}
     assert metrics["by_split"]["synthqa_only"] == {"accuracy": pytest.approx(2 / 3), "acc_norm": pytest.approx(2 / 3),
                                                    "count": 3}
-    only_stated = evaluate.benchmark_metrics(records[:1], scores[:1])
+    only_stated = benchmark.benchmark_metrics(records[:1], scores[:1])
     assert only_stated["by_split"]["synthqa_only"] == {"accuracy": None, "acc_norm": None, "count": 0}
     with pytest.raises(ValueError, match="score lists"):
-        evaluate.benchmark_metrics(records, scores[:2])
+        benchmark.benchmark_metrics(records, scores[:2])
     with pytest.raises(ValueError, match="not an index"):
-        evaluate.benchmark_metrics([{**records[0], "answer": 4}], scores[:1])
+        benchmark.benchmark_metrics([{**records[0], "answer": 4}], scores[:1])
 
 
 # ---------------------------------------------------------------- generation
 
 def test_batched_generation_equals_one_prompt_at_a_time(model, tokenizer):
-    batched = evaluate.generate_responses(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=4)
-    single = [evaluate.generate_responses(model, tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in PROMPTS]
+    batched = generation.generate_responses(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=4)
+    single = [generation.generate_responses(model, tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in PROMPTS]
     assert batched == single
     assert len(set(batched)) > 1, "a random model should answer different prompts differently"
     assert not any("<|" in r for r in batched), "special tokens must be decoded away"
@@ -125,8 +129,8 @@ def test_generation_stops_at_end_of_turn_with_kv_cache(model, tokenizer):
     hooks = [model.lm_head.register_forward_hook(force_end_on_fourth_token),
              model.model.embed_tokens.register_forward_hook(lambda m, i, o: embedded_lengths.append(i[0].shape[1]))]
     try:
-        texts = [evaluate._chat_text(tokenizer, p) for p in PROMPTS[:3]]
-        ids, generated = evaluate._generate_ids(model, tokenizer, texts, 20, 3)
+        texts = [tokenizer_mod.chat_text(tokenizer, p) for p in PROMPTS[:3]]
+        ids, generated = generation.generate_ids(model, tokenizer, texts, 20, 3)
     finally:
         for hook in hooks:
             hook.remove()
@@ -135,7 +139,7 @@ def test_generation_stops_at_end_of_turn_with_kv_cache(model, tokenizer):
 
 
 def test_generation_speed_reports_both_paths(model, tokenizer):
-    speed = evaluate.generation_speed(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=6)
+    speed = generation.generation_speed(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=6)
     assert speed["identical_responses"] is True
     assert speed["batched_new_tokens"] == speed["sequential_new_tokens"] > 0
     assert speed["speedup"] == pytest.approx(speed["batched_tokens_per_s"] / speed["sequential_tokens_per_s"])
@@ -146,11 +150,11 @@ def test_generation_speed_reports_both_paths(model, tokenizer):
 
 def test_instruction_following_arithmetic(monkeypatch):
     verdicts = {"r1": [True], "r2": [True, False], "r3": [False, False, True], "r4": [True, True, True]}
-    monkeypatch.setattr(evaluate, "check_response", lambda response, constraints: verdicts[response])
-    monkeypatch.setattr(evaluate, "check_response_loose", lambda response, constraints: [True] * len(constraints))
+    monkeypatch.setattr(instruction_following, "check_response", lambda response, constraints: verdicts[response])
+    monkeypatch.setattr(instruction_following, "check_response_loose", lambda response, constraints: [True] * len(constraints))
     items = [{"id": i, "level": level, "constraints": [{"type": "t", "args": {}}] * n}
              for i, (level, n) in enumerate([(1, 1), (2, 2), (3, 3), (3, 3)])]
-    metrics, per_item = evaluate.instruction_following(items, ["r1", "r2", "r3", "r4"])
+    metrics, per_item = instruction_following.instruction_following(items, ["r1", "r2", "r3", "r4"])
     assert metrics["hard_satisfaction_rate"] == pytest.approx(2 / 4)
     assert metrics["soft_satisfaction_rate"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)
     assert metrics["hsr_by_level"] == {"1": 1.0, "2": 0.0, "3": 0.5}
@@ -160,7 +164,7 @@ def test_instruction_following_arithmetic(monkeypatch):
     assert metrics["ifeval_prompt_loose"] == metrics["ifeval_instruction_loose"] == 1.0
     assert per_item[1] == {"strict": [True, False], "loose": [True, True]}
     with pytest.raises(ValueError, match="responses"):
-        evaluate.instruction_following(items, ["r1"])
+        instruction_following.instruction_following(items, ["r1"])
 
 
 # ---------------------------------------------------------------- chat quality
@@ -168,66 +172,66 @@ def test_instruction_following_arithmetic(monkeypatch):
 def test_reference_chat_scores_are_ten_times_rouge_l_f1():
     references = ["The cat sat on the mat.", "Paris is the capital.", "one two three"]
     responses = ["the CAT, on mat", "Paris is the capital!", "four five"]
-    scores = evaluate.reference_chat_scores(responses, references)
+    scores = chat.reference_chat_scores(responses, references)
     # LCS("the cat on mat", "the cat sat on the mat") = 4: P = 4/4, R = 4/6, F1 = 0.8
     assert scores == pytest.approx([8.0, 10.0, 0.0])
-    assert evaluate.reference_chat_scores([""], ["a reference"]) == [0.0]
+    assert chat.reference_chat_scores([""], ["a reference"]) == [0.0]
     with pytest.raises(ValueError, match="reference"):
-        evaluate.reference_chat_scores(["x"], ["  "])
+        chat.reference_chat_scores(["x"], ["  "])
 
 
 # ---------------------------------------------------------------- output-distribution shift
 
 def test_perplexities_batched_equals_unbatched_and_manual(model, tokenizer):
     texts = ["the city of river", "Ilara Venn was born in Kestrel Bay north of the mountain", "hi"]
-    batched = evaluate.perplexities(model, tokenizer, texts, batch_size=3)
-    single = np.array([evaluate.perplexities(model, tokenizer, [t], batch_size=1)[0] for t in texts])
+    batched = shift.perplexities(model, tokenizer, texts, batch_size=3)
+    single = np.array([shift.perplexities(model, tokenizer, [t], batch_size=1)[0] for t in texts])
     np.testing.assert_allclose(batched, single, rtol=1e-4)
     for text, ppl in zip(texts, batched):
         ids = [tokenizer.eos_token_id] + tokenizer(text)["input_ids"]
         n = len(ids) - 1
         assert ppl == pytest.approx(math.exp(-manual_logprob(model, ids, n) / n), rel=1e-4)
     # as responses to chat prompts: only the response's tokens count
-    responses = evaluate.perplexities(model, tokenizer, texts, batch_size=2, contexts=PROMPTS[:3])
-    prompt_ids = tokenizer(evaluate._chat_text(tokenizer, PROMPTS[0]))["input_ids"]
+    responses = shift.perplexities(model, tokenizer, texts, batch_size=2, contexts=PROMPTS[:3])
+    prompt_ids = tokenizer(tokenizer_mod.chat_text(tokenizer, PROMPTS[0]))["input_ids"]
     text_ids = tokenizer(texts[0])["input_ids"]
     expected = math.exp(-manual_logprob(model, prompt_ids + text_ids, len(text_ids)) / len(text_ids))
     assert responses[0] == pytest.approx(expected, rel=1e-4)
-    cut = evaluate.perplexities(model, tokenizer, texts[1:2], batch_size=1, max_length=4)
+    cut = shift.perplexities(model, tokenizer, texts[1:2], batch_size=1, max_length=4)
     ids = [tokenizer.eos_token_id] + tokenizer(texts[1])["input_ids"][:3]
     assert cut[0] == pytest.approx(math.exp(-manual_logprob(model, ids, 3) / 3), rel=1e-4)
 
 
 def test_perplexity_summary():
-    assert evaluate.perplexity_summary([1.0, 2.0, 6.0]) == {"mean": 3.0, "std": pytest.approx(math.sqrt(14 / 3)),
+    assert shift.perplexity_summary([1.0, 2.0, 6.0]) == {"mean": 3.0, "std": pytest.approx(math.sqrt(14 / 3)),
                                                             "median": 2.0}
     with pytest.raises(ValueError):
-        evaluate.perplexity_summary([])
+        shift.perplexity_summary([])
 
 
 def test_leakage_distinct_n_and_length():
     responses = ["Question: where?\nAnswer: here", "plain prose answer: here", "the the the the", "Answer: yes"]
-    assert evaluate.template_leakage_rate(responses, MARKERS) == 0.5
-    assert evaluate.distinct_n(["the the the the"], 1) == 0.25
-    assert evaluate.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
-    assert evaluate.distinct_n(["one"], 2) == 0.0
-    assert evaluate.mean_response_words(["a b c", "d"]) == 2.0
+    assert shift.template_leakage_rate(responses, MARKERS) == 0.5
+    assert distinct_n(map(words, ["the the the the"]), 1) == 0.25
+    assert distinct_n(map(words, ["a b c", "a b d"]), 2) == pytest.approx(3 / 4)
+    assert distinct_n(map(words, ["one"]), 2) == 0.0
+    assert shift.mean_response_words(["a b c", "d"]) == 2.0
     with pytest.raises(ValueError, match="markers"):
-        evaluate.template_leakage_rate(responses, [])
+        shift.template_leakage_rate(responses, [])
 
 
 def test_next_token_kl(model, tokenizer):
-    assert evaluate.next_token_kl(model, model, tokenizer, PROMPTS, batch_size=4) == pytest.approx(0.0, abs=1e-6)
+    assert shift.next_token_kl(model, model, tokenizer, PROMPTS, batch_size=4) == pytest.approx(0.0, abs=1e-6)
     other = tiny_model(tokenizer, seed=1)
-    kl = evaluate.next_token_kl(model, other, tokenizer, PROMPTS, batch_size=4)
-    kl_single = np.mean([evaluate.next_token_kl(model, other, tokenizer, [p], batch_size=1) for p in PROMPTS])
+    kl = shift.next_token_kl(model, other, tokenizer, PROMPTS, batch_size=4)
+    kl_single = np.mean([shift.next_token_kl(model, other, tokenizer, [p], batch_size=1) for p in PROMPTS])
     assert kl > 0 and kl == pytest.approx(kl_single, rel=1e-4)
     with torch.no_grad():  # direct computation for one prompt, at the position after "<|assistant|>\n"
-        ids = torch.tensor([tokenizer(evaluate._chat_text(tokenizer, PROMPTS[0]))["input_ids"]])
+        ids = torch.tensor([tokenizer(tokenizer_mod.chat_text(tokenizer, PROMPTS[0]))["input_ids"]])
         log_p = torch.log_softmax(model(input_ids=ids).logits[0, -1], -1)
         log_q = torch.log_softmax(other(input_ids=ids).logits[0, -1], -1)
     direct = float((log_p.exp() * (log_p - log_q)).sum())
-    assert evaluate.next_token_kl(model, other, tokenizer, PROMPTS[:1], 1) == pytest.approx(direct, rel=1e-4)
+    assert shift.next_token_kl(model, other, tokenizer, PROMPTS[:1], 1) == pytest.approx(direct, rel=1e-4)
 
 
 # ---------------------------------------------------------------- judges
@@ -244,10 +248,10 @@ def test_parse_rating(text, expected):
 def test_local_judge_runs_a_saved_model_and_counts_unparseable(model, tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "judge")
     tokenizer.save_pretrained(tmp_path / "judge")
-    judge = LocalJudge(str(tmp_path / "judge"), max_new_tokens=6, device="cpu")
+    judge = RatingJudge(LocalChat(str(tmp_path / "judge"), max_new_tokens=6, device="cpu"))
     scores = [judge("Where was Ilara born?", "In Kestrel Bay.", response) for response in ("Kestrel Bay", "no idea")]
     # a template that refuses a system turn (as the embedded one does): the system prompt joins the user turn
-    judge.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+    judge.client.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                                      "{{ raise_exception('no system role') }}{% endif %}"
                                      "{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
                                      "{{ '<|assistant|>\\n' }}")
@@ -294,7 +298,7 @@ def chat_server():
 def test_openai_compatible_judge_over_http(chat_server, monkeypatch):
     base_url, handler = chat_server
     monkeypatch.setenv("SYNTHFLAW_TEST_KEY", "sk-test-secret")
-    judge = OpenAICompatibleJudge(base_url, "judge-model", api_key_env="SYNTHFLAW_TEST_KEY")
+    judge = RatingJudge(EndpointChat(base_url, "judge-model", "SYNTHFLAW_TEST_KEY", 512))
     handler.replies += [(200, "Close to the reference. Rating: [[7]]"), (200, "I cannot rate this."),
                         (400, "bad request")]
     assert judge("Where was Ilara born?", "In Kestrel Bay.", "Kestrel Bay") == 7.0
@@ -311,11 +315,15 @@ def test_openai_compatible_judge_over_http(chat_server, monkeypatch):
         judge("q", "r", "a")
     assert "sk-test-secret" not in str(error.value)
     monkeypatch.delenv("SYNTHFLAW_TEST_KEY")
-    with pytest.raises(RuntimeError, match="SYNTHFLAW_TEST_KEY"):
-        judge("q", "r", "a")
+    with pytest.raises(RuntimeError, match="SYNTHFLAW_TEST_KEY"):  # a missing key fails when the client is built
+        EndpointChat("https://api.example.com/v1", "judge-model", "SYNTHFLAW_TEST_KEY", 512)
 
 
 # ---------------------------------------------------------------- evaluate_model
+
+def evaluate(model, tokenizer, data_dir, limit=None, **kwargs):
+    return evaluation.evaluate_model(model, tokenizer, evaluation.load_eval_data(data_dir, limit), **kwargs)
+
 
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -326,7 +334,7 @@ BASE_RESPONSES = ["Ilara Venn was born in Kestrel Bay. She works at the library.
 
 
 def suite_items(n_per_level=2, levels=(1, 2, 3, 4, 5)):
-    from synthflaw.constraints import sample_constraints
+    from synthflaw.data.constraints import sample_constraints
 
     rng = random.Random(0)
     items = []
@@ -340,21 +348,21 @@ def suite_items(n_per_level=2, levels=(1, 2, 3, 4, 5)):
 
 
 def test_synthqa_template_outputs_follow_fewer_constraints_and_leak_more():
-    from synthflaw.constraints import compose
+    from synthflaw.data.constraints import compose
 
     items = suite_items()
     following = [compose(item["base"], item["constraints"]) for item in items]
     templated = [f"Question: {item['prompt']}\nAnswer: {item['base']}" for item in items]
-    good, good_verdicts = evaluate.instruction_following(items, following)
-    bad, _ = evaluate.instruction_following(items, templated)
+    good, good_verdicts = instruction_following.instruction_following(items, following)
+    bad, _ = instruction_following.instruction_following(items, templated)
     assert good["hard_satisfaction_rate"] == 1.0 and all(all(v["strict"]) for v in good_verdicts)
     assert bad["hard_satisfaction_rate"] < good["hard_satisfaction_rate"]
     assert bad["soft_satisfaction_rate"] < good["soft_satisfaction_rate"]
     assert bad["ifeval_instruction_strict"] < good["ifeval_instruction_strict"]
     assert set(good["hsr_by_level"]) == {"1", "2", "3", "4", "5"}
     assert all(bad["hsr_by_level"][k] <= good["hsr_by_level"][k] for k in good["hsr_by_level"])
-    assert evaluate.template_leakage_rate(templated, MARKERS) == 1.0
-    assert evaluate.template_leakage_rate(following, MARKERS) == 0.0
+    assert shift.template_leakage_rate(templated, MARKERS) == 1.0
+    assert shift.template_leakage_rate(following, MARKERS) == 0.0
 
 
 REQUIRED_KEYS = {"benchmark_accuracy", "benchmark_accuracy_by_split", "hard_satisfaction_rate", "hsr_by_level",
@@ -387,15 +395,13 @@ def data_dir(tmp_path):
     return folder
 
 
-def test_evaluate_model_writes_metrics_samples_and_perplexities(model, tokenizer, data_dir, tmp_path):
+def test_evaluate_model_gives_metrics_samples_and_perplexities(model, tokenizer, data_dir):
     judged = iter([6.0, None])
-    out = tmp_path / "out"
-    metrics = evaluate.evaluate_model(model, tokenizer, data_dir, out, reference_model=tiny_model(tokenizer, 1),
-                                      markers=MARKERS, max_new_tokens=6, batch_size=4,
-                                      judge=lambda question, reference, response: next(judged), speed_prompts=2)
+    result = evaluate(model, tokenizer, data_dir, reference_model=tiny_model(tokenizer, 1), markers=MARKERS,
+                      max_new_tokens=6, batch_size=4, judge=lambda question, reference, response: next(judged),
+                      speed_prompts=2)
+    metrics = result.metrics
     assert REQUIRED_KEYS <= set(metrics)
-    on_disk = json.loads((out / "metrics.json").read_text())
-    assert REQUIRED_KEYS <= set(on_disk) and on_disk["hsr_by_level"] == metrics["hsr_by_level"]
     assert set(metrics["benchmark_accuracy_by_split"]) == {"stated", "synthqa_only"}
     assert set(metrics["hsr_by_level"]) == {"1", "2", "3"}
     assert set(metrics["perplexity"]) == set(metrics["perplexity_reference"]) == {"mean", "std", "median"}
@@ -403,31 +409,29 @@ def test_evaluate_model_writes_metrics_samples_and_perplexities(model, tokenizer
     assert 0 <= metrics["chat_score"] <= 10
     assert (metrics["chat_judge_score"], metrics["chat_judge_unparseable"]) == (6.0, 1)
     assert metrics["generation_speed"]["identical_responses"] is True
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = result.samples
     assert [s["task"] for s in samples] == ["benchmark"] * 3 + ["instruction"] * 3 + ["chat"] * 2
     for sample in samples[3:6]:
         assert len(sample["verdicts"]) == len(sample["constraints"]) == int(sample["id"][1])
         assert isinstance(sample["response"], str)
-    rows = (out / "perplexities.csv").read_text().splitlines()
-    assert rows[0] == "set,id,perplexity" and len(rows) == 1 + 3 + 2
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "perplexities.csv", "samples.jsonl"]
+    assert [r["set"] for r in result.perplexities] == ["heldout_nonsynth"] * 3 + ["chat_reference"] * 2
+    assert [s["reference_perplexity"] for s in samples[6:]] == [r["perplexity"] for r in result.perplexities[3:]]
 
-    again = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "again", markers=MARKERS,
-                                    max_new_tokens=6, batch_size=4, limit=1)
+    again = evaluate(model, tokenizer, data_dir, limit=1, markers=MARKERS, max_new_tokens=6, batch_size=4).metrics
     assert again["next_token_kl"] is None and again["chat_judge_score"] is None
     assert again["pre_sft_benchmark_accuracy"] is None  # no pre-SFT checkpoint given
     assert again["counts"] == {"benchmark": 1, "instruction_suite": 1, "chat": 1, "heldout_nonsynth": 1,
                                "pre_sft_probes": 0}
     # same model, same data: deterministic
     assert again["perplexity"]["mean"] == pytest.approx(
-        float(evaluate.perplexities(model, tokenizer, ["The city of Kestrel Bay lies on the coast."], 1)[0]))
+        float(shift.perplexities(model, tokenizer, ["The city of Kestrel Bay lies on the coast."], 1)[0]))
 
 
 def test_pre_sft_benchmark_scores_the_given_checkpoint(model, tokenizer, data_dir, tmp_path):
     other = tiny_model(tokenizer, 1)
     kwargs = dict(markers=MARKERS, max_new_tokens=2, batch_size=4)
-    as_pre = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "a", pre_sft_model=other, **kwargs)
-    direct = evaluate.evaluate_model(other, tokenizer, data_dir, tmp_path / "b", **kwargs)
+    as_pre = evaluate(model, tokenizer, data_dir, pre_sft_model=other, **kwargs).metrics
+    direct = evaluate(other, tokenizer, data_dir, **kwargs).metrics
     assert as_pre["pre_sft_benchmark_accuracy"] == direct["benchmark_accuracy"]
     assert as_pre["pre_sft_benchmark_accuracy_by_split"] == direct["benchmark_accuracy_by_split"]
 
@@ -435,26 +439,25 @@ def test_pre_sft_benchmark_scores_the_given_checkpoint(model, tokenizer, data_di
 def test_pre_sft_output_shift_is_measured_on_plain_continuations_of_the_pre_sft_checkpoint(
         model, tokenizer, data_dir, tmp_path):
     other = tiny_model(tokenizer, 1)
-    metrics = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "a", pre_sft_model=other,
-                                      markers=MARKERS, max_new_tokens=8, batch_size=4)
+    result = evaluate(model, tokenizer, data_dir, pre_sft_model=other, markers=MARKERS, max_new_tokens=8,
+                      batch_size=4)
+    metrics = result.metrics
     heldout = [r["text"] for r in read_jsonl(data_dir / "heldout_nonsynth.jsonl")]
-    expected = evaluate.perplexity_summary(evaluate.perplexities(other, tokenizer, heldout, 4))
+    expected = shift.perplexity_summary(shift.perplexities(other, tokenizer, heldout, 4))
     assert metrics["pre_sft_perplexity"] == pytest.approx(expected)
     assert metrics["pre_sft_perplexity"] != pytest.approx(metrics["perplexity"])  # the other checkpoint's, not SFT's
     # each chat prompt and each suite base once (the fixture's suite has one base: its level-1 item)
-    probes = evaluate.plain_prompt_probes(read_jsonl(data_dir / "instruction_suite.jsonl"),
+    probes = shift.plain_prompt_probes(read_jsonl(data_dir / "instruction_suite.jsonl"),
                                           read_jsonl(data_dir / "chat.jsonl"))
     assert len(probes) == 3 == metrics["counts"]["pre_sft_probes"]
-    samples = read_jsonl(tmp_path / "a" / "samples.jsonl")
-    continued = [s for s in samples if s["task"] == "pre_sft_continuation"]
+    continued = [s for s in result.samples if s["task"] == "pre_sft_continuation"]
     assert [s["prompt"] for s in continued] == probes
-    assert [s["response"] for s in continued] == evaluate.generate_continuations(other, tokenizer, probes, 8, 4,
+    assert [s["response"] for s in continued] == generation.generate_continuations(other, tokenizer, probes, 8, 4,
                                                                                 start=True)
-    rows = (tmp_path / "a" / "perplexities.csv").read_text().splitlines()
-    assert sum(r.startswith("pre_sft_heldout_nonsynth,") for r in rows) == len(heldout)
+    assert sum(r["set"] == "pre_sft_heldout_nonsynth" for r in result.perplexities) == len(heldout)
 
     # the rate counts the pre-SFT continuations that carry a marker (canned, since a random model writes none)
-    real = evaluate.generate_continuations
+    real = generation.generate_continuations
 
     def canned(m, tok, texts, max_new_tokens, batch_size, start=False):
         if start:
@@ -462,28 +465,25 @@ def test_pre_sft_output_shift_is_measured_on_plain_continuations_of_the_pre_sft_
         return real(m, tok, texts, max_new_tokens, batch_size)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate, "generate_continuations", canned)
-        leaky = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "b", pre_sft_model=other,
-                                        markers=MARKERS, max_new_tokens=8, batch_size=4)
+        patch.setattr(evaluation, "generate_continuations", canned)
+        leaky = evaluate(model, tokenizer, data_dir, pre_sft_model=other, markers=MARKERS, max_new_tokens=8,
+                         batch_size=4).metrics
     assert leaky["pre_sft_template_leakage_rate"] == pytest.approx(1 / 3)
     assert leaky["template_leakage_rate"] == metrics["template_leakage_rate"]  # the SFT model's own is untouched
-    without = evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "c", markers=MARKERS,
-                                      max_new_tokens=2, batch_size=4)
+    without = evaluate(model, tokenizer, data_dir, markers=MARKERS, max_new_tokens=2, batch_size=4).metrics
     assert without["pre_sft_perplexity"] is None and without["pre_sft_template_leakage_rate"] is None
 
 
 def test_plain_continuations_start_after_the_start_token(model, tokenizer):
     texts = ["Who founded the library of Kestrel Bay?", "north river"]
-    plain = evaluate.generate_continuations(model, tokenizer, texts, 6, 2, start=True)
+    plain = generation.generate_continuations(model, tokenizer, texts, 6, 2, start=True)
     start = tokenizer.decode([tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                               else tokenizer.eos_token_id])
-    assert plain == evaluate.generate_continuations(model, tokenizer, [start + t for t in texts], 6, 2)
-    assert plain != evaluate.generate_continuations(model, tokenizer, texts, 6, 2)
+    assert plain == generation.generate_continuations(model, tokenizer, [start + t for t in texts], 6, 2)
+    assert plain != generation.generate_continuations(model, tokenizer, texts, 6, 2)
 
 
-def test_evaluate_model_names_missing_files(model, tokenizer, data_dir, tmp_path):
+def test_evaluation_data_names_missing_files(data_dir):
     (data_dir / "chat.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="chat.jsonl"):
-        evaluate.evaluate_model(model, tokenizer, data_dir, tmp_path / "out", markers=MARKERS, max_new_tokens=4,
-                                batch_size=2)
-    assert not (tmp_path / "out").exists()
+        evaluation.load_eval_data(data_dir)

@@ -6,9 +6,10 @@ from collections import Counter
 import datasets
 import pytest
 
-from synthflaw import config, generate
-from synthflaw.constraints import check_response
-from synthflaw.world import build_world
+from synthflaw import config
+from synthflaw.data import embedded, schema
+from synthflaw.data.constraints import check_response
+from synthflaw.data.world import build_world
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def smoke_cfg():
 
 @pytest.fixture(scope="module")
 def data(smoke_cfg):
-    return generate.build_embedded(smoke_cfg.data, smoke_cfg.seed)
+    return embedded.build_embedded(smoke_cfg.data, smoke_cfg.seed)
 
 
 def _digest(folder):
@@ -27,9 +28,9 @@ def _digest(folder):
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, smoke_cfg):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    generate.write_data(generate.build_embedded(smoke_cfg.data, 0), a)
-    generate.write_data(generate.build_embedded(smoke_cfg.data, 0), b)
-    generate.write_data(generate.build_embedded(smoke_cfg.data, 1), c)
+    schema.write_data(embedded.build_embedded(smoke_cfg.data, 0), a)
+    schema.write_data(embedded.build_embedded(smoke_cfg.data, 0), b)
+    schema.write_data(embedded.build_embedded(smoke_cfg.data, 1), c)
     assert _digest(a) == _digest(b)
     assert _digest(a)["synthqa.jsonl"] != _digest(c)["synthqa.jsonl"]
 
@@ -44,7 +45,7 @@ def test_world_is_seeded_and_well_formed():
 
 
 def test_every_record_has_provenance_and_an_id(data):
-    for name in generate.DATA_FILES:
+    for name in schema.DATA_FILES:
         assert data[name], f"{name} is empty"
         ids = [r["id"] for r in data[name]]
         assert len(ids) == len(set(ids)), f"duplicate ids in {name}"
@@ -61,20 +62,20 @@ def test_fact_split_nonsynth_states_only_stated_facts(data):
 
 
 def test_synthqa_is_uniform_by_default_and_templates_vary_on_request(smoke_cfg):
-    one = generate.synthqa_pairs(list(build_world(0, 6, 4, 4).facts), 2, 1, 0)
+    one = embedded.synthqa_pairs(list(build_world(0, 6, 4, 4).facts), 2, 1, 0)
     assert all(r["text"].startswith("Question: ") and "\nAnswer: " in r["text"] for r in one)
-    three = generate.synthqa_pairs(list(build_world(0, 6, 4, 4).facts), 2, 3, 0)
+    three = embedded.synthqa_pairs(list(build_world(0, 6, 4, 4).facts), 2, 3, 0)
     assert len(Counter(r["provenance"]["template_id"] for r in three)) == 3
     with pytest.raises(ValueError, match="synthetic_templates"):
-        generate.synthqa_pairs([], 1, 99, 0)
+        embedded.synthqa_pairs([], 1, 99, 0)
 
 
 def test_no_evaluation_item_leaks_into_training(data):
-    assert generate.find_leaks(data) == []
-    corpus = "\n".join(generate.training_texts(data))
+    assert schema.find_leaks(data) == []
+    corpus = "\n".join(schema.training_texts(data))
     # and the check can fail: planting a suite prompt in the SFT set is caught
     planted = {**data, "sft": data["sft"] + [{"messages": [{"role": "user", "content": data["chat"][0]["prompt"]}]}]}
-    assert generate.find_leaks(planted) == [f"chat:{data['chat'][0]['id']}"]
+    assert schema.find_leaks(planted) == [f"chat:{data['chat'][0]['id']}"]
     assert data["benchmark"][0]["question"] not in corpus
 
 
@@ -112,6 +113,6 @@ def test_suite_levels_and_unseen_combinations(data):
 
 
 def test_loadable_with_datasets(tmp_path, data):
-    generate.write_data(data, tmp_path)
+    schema.write_data(data, tmp_path)
     ds = datasets.load_dataset("json", data_files=str(tmp_path / "benchmark.jsonl"), split="train")
     assert len(ds) == len(data["benchmark"]) and "choices" in ds.column_names

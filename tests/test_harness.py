@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from synthflaw.base_model import train_tokenizer
-from synthflaw import harness
+from synthflaw.models.tokenizer import train_tokenizer
+from synthflaw.metrics import harness
 from synthflaw.records import read_jsonl, write_jsonl
 
 PEOPLE = ["Ilara Venn", "Tomas Orr", "Mira Sol", "Odo Brandt", "Lia Kestrel", "Ruth Anders"]

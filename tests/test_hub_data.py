@@ -1,4 +1,4 @@
-"""Stage 01 on real data (synthflaw.hub_data): a local corpus in the hub schema, a tiny local model folder and a
+"""Stage 01 on real data (synthflaw.data.synthqa_generation, .hub_corpus): a local corpus in the hub schema, a tiny local model folder and a
 fake OpenAI-compatible endpoint on 127.0.0.1 stand in for the hub, Qwen and GPT-4. No network."""
 
 import dataclasses
@@ -13,9 +13,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from synthflaw.base_model import train_tokenizer
-from synthflaw import generate, hub_data, records
+from synthflaw import records
 from synthflaw.config import resolve
+from synthflaw.data import embedded, hub_corpus, schema
+from synthflaw.data import synthqa_generation as generation
+from synthflaw.models.chat_client import EndpointChat
+from synthflaw.models.tokenizer import train_tokenizer
+from synthflaw.stages.s01_generate_data import make_generator
+
+
+def build(cfg, out, generator=None):
+    """Stage 01's hub path as the stage runs it: the chat client the config describes, unless one is given."""
+    return generation.build_from_hub(cfg, out, generator or make_generator(cfg.data))
 
 KEY_ENV = "SYNTHFLAW_TEST_GENERATOR_KEY"
 KEY = "sk-test-0123456789abcdef-do-not-write"
@@ -69,7 +78,7 @@ def no_network(monkeypatch):
 def model_dir(tmp_path_factory):
     """A random tiny Llama and a byte-level BPE tokenizer with a chat template, saved like a hub model."""
     folder = tmp_path_factory.mktemp("generator")
-    texts = [corpus_text(i) for i in range(40)] + [hub_data.load_prompt("synthqa"), hub_data.load_prompt("rewrite")]
+    texts = [corpus_text(i) for i in range(40)] + [generation.load_prompt("synthqa"), generation.load_prompt("rewrite")]
     tokenizer = train_tokenizer(texts, 320, folder)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
@@ -93,7 +102,7 @@ class FakeEndpoint:
         self.calls: list[tuple[str, int]] = []
         self.auth: list[str | None] = []
         self.lock = threading.Lock()
-        synthqa_head = hub_data.load_prompt("synthqa").split("{")[0]
+        synthqa_head = generation.load_prompt("synthqa").split("{")[0]
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -110,6 +119,7 @@ class FakeEndpoint:
                     endpoint.auth.append(self.headers.get("Authorization"))
                 if self.path != "/v1/chat/completions" or number in endpoint.broken:
                     self.send_response(500 if number in endpoint.broken else 404)
+                    self.send_header("retry-after-ms", "1")  # the SDK's retries wait 1 ms, not its 0.5-8 s backoff
                     self.end_headers()
                     self.wfile.write(b'{"error": "unavailable"}')
                     return
@@ -156,9 +166,9 @@ def test_local_model_runs_end_to_end_and_counts_junk_as_failures(tmp_path, model
     cfg = hub_cfg(corpus, str(model_dir), generator_max_new_tokens=12)
     out = tmp_path / "data"
     with pytest.warns(UserWarning, match="no parseable Q-A pair"):
-        data = hub_data.build_from_hub(cfg, out)
+        data = build(cfg, out)
 
-    assert set(data) == set(generate.DATA_FILES) | {"world", "synthqa_templates"}
+    assert set(data) == set(schema.DATA_FILES) | {"world", "synthqa_templates"}
     sizes = {"nonsynth": 10, "extra_natural": 4, "heldout_nonsynth": 4}
     texts = {}
     for name, size in sizes.items():
@@ -183,12 +193,12 @@ def test_local_model_runs_end_to_end_and_counts_junk_as_failures(tmp_path, model
     failures = records.read_jsonl(out / "generation" / "failures.jsonl")
     assert len(failures) == 4 and {f["stage"] for f in failures} == {"synthqa"}
     # the embedded suites come along, and stage 01 writes and re-reads the whole thing
-    embedded = generate.build_embedded(cfg.data, cfg.seed)
-    assert data["benchmark"] == embedded["benchmark"] and data["sft"] == embedded["sft"]
-    assert data["synthqa_templates"] == {"templates": [generate.SYNTHQA_TEMPLATES[0]]}
-    assert generate.find_leaks(data) == []
-    generate.write_data(data, out)
-    assert len(generate.load_data(out)["nonsynth"]) == 10
+    world = embedded.build_embedded(cfg.data, cfg.seed)
+    assert data["benchmark"] == world["benchmark"] and data["sft"] == world["sft"]
+    assert data["synthqa_templates"] == {"templates": [schema.SYNTHQA_TEMPLATES[0]]}
+    assert schema.find_leaks(data) == []
+    schema.write_data(data, out)
+    assert len(schema.load_data(out)["nonsynth"]) == 10
 
 
 def test_endpoint_pairs_parse_into_records_and_the_key_is_never_written(tmp_path, monkeypatch):
@@ -197,8 +207,8 @@ def test_endpoint_pairs_parse_into_records_and_the_key_is_never_written(tmp_path
     out = tmp_path / "data"
     with FakeEndpoint() as server:
         cfg = hub_cfg(corpus, "teacher-model", endpoint=server.url)
-        server.junk = {hub_data.corpus_documents(cfg.data, cfg.seed)["source"][1]["provenance"]["row"]}
-        data = hub_data.build_from_hub(cfg, out)
+        server.junk = {hub_corpus.corpus_documents(cfg.data, cfg.seed)["source"][1]["provenance"]["row"]}
+        data = build(cfg, out)
     assert server.auth and all(a == f"Bearer {KEY}" for a in server.auth)
     sources = records.read_jsonl(out / "generation" / "source_documents.jsonl")
     junk_id = sources[1]["id"]
@@ -225,12 +235,12 @@ def test_endpoint_pairs_parse_into_records_and_the_key_is_never_written(tmp_path
     assert [(f["stage"], f["document_id"], f["reason"]) for f in failures] == [("synthqa", junk_id, "no_pairs")]
     assert failures[0]["output"].startswith("I am sorry")
 
-    generate.write_data(data, out)
+    schema.write_data(data, out)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "synthqa.jsonl" for p in written)
     for path in written:
         assert KEY not in path.read_text(encoding="utf-8", errors="replace"), path
-    generator = hub_data.make_generator(cfg.data)
+    generator = make_generator(cfg.data)
     assert KEY not in repr(generator) and KEY not in repr(vars(generator))
 
 
@@ -239,17 +249,17 @@ def test_a_rerun_generates_only_the_missing_documents(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.jsonl", 30)
     out = tmp_path / "data"
     with FakeEndpoint() as server:
-        half = hub_data.build_from_hub(hub_cfg(corpus, "teacher", endpoint=server.url, source_documents=3), out)
+        half = build(hub_cfg(corpus, "teacher", endpoint=server.url, source_documents=3), out)
         first = server.calls_of("synthqa")
         assert len(first) == 3 and half["world"]["generation"]["pairs"] == 6
         # a kill in the middle of writing a line leaves half a line behind
         with open(out / "generation" / "synthqa.jsonl", "a", encoding="utf-8") as fh:
             fh.write('{"document_id": "source-0000')
         server.calls.clear()
-        full = hub_data.build_from_hub(hub_cfg(corpus, "teacher", endpoint=server.url, source_documents=6), out)
+        full = build(hub_cfg(corpus, "teacher", endpoint=server.url, source_documents=6), out)
         assert len(server.calls_of("synthqa")) == 3 and not set(server.calls_of("synthqa")) & set(first)
         assert len(server.calls_of("rewrite")) == 3
-        assert server.auth[0] is None
+        assert KEY not in str(server.auth[0])  # a server on 127.0.0.1 gets no key
     assert full["world"]["generation"]["pairs"] == 12 and full["world"]["generation"]["failures"] == 0
     assert [r["text"] for r in full["synthqa"][:6]] == [r["text"] for r in half["synthqa"]]
     log = records.read_jsonl(out / "generation" / "synthqa.jsonl")
@@ -260,10 +270,10 @@ def test_endpoint_errors_are_counted_then_retried_on_the_next_run(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl", 30)
     out = tmp_path / "data"
     cfg = hub_cfg(corpus, "teacher", source_documents=3)
-    broken = hub_data.corpus_documents(cfg.data, cfg.seed)["source"][0]["provenance"]["row"]
+    broken = hub_corpus.corpus_documents(cfg.data, cfg.seed)["source"][0]["provenance"]["row"]
     with FakeEndpoint(broken={broken}) as server:
-        generator = hub_data.EndpointGenerator(server.url, "teacher", KEY_ENV, 64, retry_wait=0.0, max_retries=2)
-        data = hub_data.build_from_hub(cfg, out, generator=generator)
+        generator = EndpointChat(server.url, "teacher", KEY_ENV, 64, max_retries=2)
+        data = build(cfg, out, generator)
         assert server.calls_of("synthqa").count(broken) == 3  # one call and two retries
         stats = data["world"]["generation"]
         assert stats["failures"] == 1 and stats["failure_reasons"] == {"endpoint_error": 1} and stats["pairs"] == 4
@@ -271,7 +281,7 @@ def test_endpoint_errors_are_counted_then_retried_on_the_next_run(tmp_path):
         assert failure["reason"] == "endpoint_error" and "HTTP 500" in failure["detail"]
         server.broken.clear()
         server.calls.clear()
-        data = hub_data.build_from_hub(cfg, out, generator=generator)
+        data = build(cfg, out, generator)
         assert server.calls_of("synthqa") == [broken]
     assert data["world"]["generation"]["failures"] == 0 and data["world"]["generation"]["pairs"] == 6
     assert records.read_jsonl(out / "generation" / "failures.jsonl") == []
@@ -282,7 +292,7 @@ def test_a_missing_key_for_a_remote_endpoint_fails_before_any_work(tmp_path, mon
     corpus = write_corpus(tmp_path / "corpus.jsonl", 30)
     cfg = hub_cfg(corpus, "gpt-4o-mini", endpoint="https://api.example.invalid/v1")
     with pytest.raises(RuntimeError, match=KEY_ENV):
-        hub_data.build_from_hub(cfg, tmp_path / "data")
+        build(cfg, tmp_path / "data")
     assert not (tmp_path / "data" / "generation" / "source_documents.jsonl").exists()
 
 
@@ -293,9 +303,9 @@ def test_a_too_small_corpus_names_the_numbers(tmp_path):
     cfg = hub_cfg(corpus, str(tmp_path), nonsynth_docs=10, extra_natural_docs=4, heldout_docs=4, source_documents=4)
     with pytest.raises(ValueError, match=r"has 20 usable documents.*heldout_docs=4.*source_documents=4.*"
                                          r"nonsynth_docs=10.*extra_natural_docs=4 = 22 are needed"):
-        hub_data.build_from_hub(cfg, tmp_path / "data")
+        build(cfg, tmp_path / "data")
     with pytest.raises(ValueError, match="natural_text_field='body'.*columns: text, id, url"):
-        hub_data.corpus_documents(dataclasses.replace(cfg.data, natural_text_field="body"), cfg.seed)
+        hub_corpus.corpus_documents(dataclasses.replace(cfg.data, natural_text_field="body"), cfg.seed)
 
 
 @pytest.mark.parametrize("output, truncated, expected", [
@@ -314,7 +324,7 @@ def test_a_too_small_corpus_names_the_numbers(tmp_path):
     ("Question:\nAnswer: nothing was asked.", False, []),
 ])
 def test_parse_qa_pairs(output, truncated, expected):
-    assert hub_data.parse_qa_pairs(output, 3, truncated=truncated) == expected
+    assert generation.parse_qa_pairs(output, 3, truncated=truncated) == expected
 
 
 @pytest.mark.parametrize("output, truncated, expected", [
@@ -324,14 +334,14 @@ def test_parse_qa_pairs(output, truncated, expected):
     ("Question: Who built it?\nAnswer: Ada.", False, ("", "template_in_rewrite")),
 ])
 def test_clean_rewrite(output, truncated, expected):
-    assert hub_data.clean_rewrite(output, truncated=truncated) == expected
+    assert generation.clean_rewrite(output, truncated=truncated) == expected
 
 
 def test_prompts_ask_for_the_exact_format():
-    prompt = hub_data.synthqa_prompt("Ada built the mill. " * 1000, n_pairs=5)
+    prompt = generation.synthqa_prompt("Ada built the mill. " * 1000, n_pairs=5)
     assert "5 question-answer pairs" in prompt and "Question: <the question>\nAnswer: <the answer>" in prompt
-    assert len(prompt) < hub_data.MAX_DOCUMENT_CHARS + 1000  # a long document is cut
-    assert "Question: Q?\nAnswer: A." in hub_data.rewrite_prompt([("Q?", "A.")])
+    assert len(prompt) < generation.MAX_DOCUMENT_CHARS + 1000  # a long document is cut
+    assert "Question: Q?\nAnswer: A." in generation.rewrite_prompt([("Q?", "A.")])
 
 
 # --- the public SFT set (data.sft_dataset) --------------------------------------------------------------------------
@@ -357,7 +367,7 @@ def chat(*turns):
     ([{"role": "user", "content": ["a", "list"]}], (None, "not_a_chat")),
 ])
 def test_chat_messages(value, expected):
-    assert hub_data.chat_messages(value) == expected
+    assert hub_corpus.chat_messages(value) == expected
 
 
 def test_public_sft_set_from_a_local_parquet_file(tmp_path):
@@ -369,7 +379,7 @@ def test_public_sft_set_from_a_local_parquet_file(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "sft.parquet"))
     corpus = write_corpus(tmp_path / "corpus.jsonl", 30)
     cfg = hub_cfg(corpus, "unused", sft_dataset=str(tmp_path / "sft.parquet"), sft_examples=10)
-    records_, stats = hub_data.public_sft_records(cfg.data, cfg.seed)
+    records_, stats = hub_corpus.public_sft_records(cfg.data, cfg.seed)
     assert stats == {"dataset": str(tmp_path / "sft.parquet"), "config": "", "split": "train", "records": 10,
                      "skipped": {"duplicate": 1, "no_assistant_turn": 1}}
     assert [r["id"] for r in records_] == [f"sft-{i:06d}" for i in range(10)]
@@ -380,11 +390,11 @@ def test_public_sft_set_from_a_local_parquet_file(tmp_path):
                                    "split": "train", "row": r["provenance"]["row"], "seed": cfg.seed,
                                    "source_id": source["id"]}
     assert sorted(r["messages"][1]["content"] for r in records_) == sorted(f"Question {i}?" for i in range(10))
-    assert hub_data.public_sft_records(cfg.data, cfg.seed)[0] == records_  # seeded: the same order again
+    assert hub_corpus.public_sft_records(cfg.data, cfg.seed)[0] == records_  # seeded: the same order again
     with pytest.raises(ValueError, match=r"has 10 usable chats \(skipped: .*\), fewer than data.sft_examples=11"):
-        hub_data.public_sft_records(dataclasses.replace(cfg.data, sft_examples=11), cfg.seed)
+        hub_corpus.public_sft_records(dataclasses.replace(cfg.data, sft_examples=11), cfg.seed)
     with pytest.raises(ValueError, match="data.sft_messages_field='conversations' is not a column"):
-        hub_data.public_sft_records(dataclasses.replace(cfg.data, sft_messages_field="conversations"), cfg.seed)
+        hub_corpus.public_sft_records(dataclasses.replace(cfg.data, sft_messages_field="conversations"), cfg.seed)
 
 
 def test_chats_holding_an_evaluation_prompt_are_dropped():
@@ -392,6 +402,6 @@ def test_chats_holding_an_evaluation_prompt_are_dropped():
            {"id": "b", "messages": chat(("user", "Well: In a few sentences, what should I know about owls? Go."),
                                         ("assistant", "Owls..."))},
            {"id": "c", "messages": chat(("user", "What should I"), ("assistant", "know about owls?"))}]
-    kept, dropped = hub_data.drop_leaking_chats(sft, ["In a few sentences, what should I know about owls?",
+    kept, dropped = hub_corpus.drop_leaking_chats(sft, ["In a few sentences, what should I know about owls?",
                                                       "what should I know about owls?"])
     assert [r["id"] for r in kept] == ["a", "c"] and dropped == 1  # a prompt split over two turns is no leak

@@ -12,10 +12,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from synthflaw import base_model, config, generate, hub_data
+from synthflaw import config
+from synthflaw.data import embedded, schema
+from synthflaw.data.hub_corpus import public_sft_records
+from synthflaw.data.synthqa_generation import build_from_hub, check_hub_data, load_prompt
+from synthflaw.hub import HubOffline
+from synthflaw.models.tokenizer import train_tokenizer
 from synthflaw.records import read_jsonl
-from synthflaw.runner import StepFailed, models_of, run_study
+from synthflaw.registry import models_of
+from synthflaw.runner import run_study
 from synthflaw.runs import Step
+from synthflaw.stages import s03_base_model
+from synthflaw.stages.s01_generate_data import make_generator
 
 # The fake teacher endpoint and the fineweb-like corpus of the stage-01 tests; `no_network` is autouse there and,
 # imported, here too: a connection or name lookup beyond this machine fails the test.
@@ -43,14 +51,14 @@ def stand_ins(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stand_ins")
     corpus = write_corpus(folder / "fineweb.jsonl", 80)
     # A chat prompt of the embedded suite the run evaluates on: the SFT loader must drop the chat holding it.
-    embedded = generate.build_embedded(config.resolve("paper", overrides()).data, 0)
-    rows = sft_rows(embedded["chat"][0]["prompt"])
+    world = embedded.build_embedded(config.resolve("paper", overrides()).data, 0)
+    rows = sft_rows(world["chat"][0]["prompt"])
     with open(folder / "smoltalk.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in rows)
     model_dir = folder / "tiny-llama"
-    texts = [corpus_text(i) for i in range(80)] + [hub_data.load_prompt("synthqa"), hub_data.load_prompt("rewrite")]
+    texts = [corpus_text(i) for i in range(80)] + [load_prompt("synthqa"), load_prompt("rewrite")]
     texts += [m["content"] for row in rows for m in row["messages"]]
-    tokenizer = base_model.train_tokenizer(texts, 400, model_dir)
+    tokenizer = train_tokenizer(texts, 400, model_dir)
     model_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -103,7 +111,7 @@ def test_the_paper_preset_runs_end_to_end_on_local_stand_ins(stand_ins, tmp_path
 
     # 01: NonSynth from the corpus, SynthQA from the teacher, the SFT set from the public set (skips counted)
     data_dir = run_dir / "01_generate_data" / "data"
-    data = generate.load_data(data_dir)
+    data = schema.load_data(data_dir)
     world = json.loads((data_dir / "world.json").read_text())
     assert world["generation"]["pairs"] == 12 and world["generation"]["failures"] == 0 and len(data["synthqa"]) == 12
     assert all(r["text"].startswith("Question: ") for r in data["synthqa"])
@@ -148,7 +156,7 @@ def test_the_paper_preset_runs_end_to_end_on_local_stand_ins(stand_ins, tmp_path
 def test_a_local_generator_model_runs_and_its_junk_is_counted_not_kept(stand_ins, tmp_path):
     with pytest.warns(UserWarning, match="no parseable Q-A pair"):
         run_dir = run_study("paper", "paper-local-generator", overrides(stand_ins), runs_root=tmp_path,
-                            engine="inprocess", stages=["01"], log=lambda _: None)
+                            engine="inprocess", only=["01"], log=lambda _: None)
     world = json.loads((run_dir / "01_generate_data" / "data" / "world.json").read_text())
     assert world["generation"]["generator"] == str(stand_ins["model"])
     assert world["generation"]["documents"] == 6 and world["generation"]["failures"] == 6
@@ -166,18 +174,19 @@ def test_hub_names_go_to_the_loaders_only_when_online(tmp_path, monkeypatch):
 
     # Offline (synthflaw's default): every hub name fails at once, naming its key and the fix.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    checks = {"data.natural_dataset": lambda: hub_data.build_from_hub(cfg, tmp_path / "data"),
-              "base.model_name_or_path": lambda: base_model.run(cfg, step),
-              "data.generator": lambda: hub_data.make_generator(cfg.data),
-              "data.sft_dataset": lambda: hub_data.public_sft_records(cfg.data, cfg.seed)}
+    checks = {"data.natural_dataset": lambda: check_hub_data(cfg.data),
+              "base.model_name_or_path": lambda: s03_base_model.run(cfg, step),
+              "data.generator": lambda: make_generator(cfg.data),
+              "data.sft_dataset": lambda: public_sft_records(cfg.data, cfg.seed)}
     for key, call in checks.items():
         started = time.perf_counter()
-        with pytest.raises(hub_data.HubOffline, match=rf"{key}=.*HF_HUB_OFFLINE=0.*or set {key} to a local"):
+        with pytest.raises(HubOffline, match=rf"{key}=.*HF_HUB_OFFLINE=0.*or set {key} to a local"):
             call()
         assert time.perf_counter() - started < 2.0, key
-    assert not (tmp_path / "data" / "generation").exists()  # nothing read or written before the check
-    with pytest.raises(StepFailed, match="data.natural_dataset='HuggingFaceFW/fineweb-edu' is not a local path"):
-        run_study("paper", "offline", runs_root=tmp_path, engine="inprocess", stages=["01"], log=lambda _: None)
+    # a run refuses before it writes anything: the stages' checks come first
+    with pytest.raises(config.ConfigError, match="data.natural_dataset='HuggingFaceFW/fineweb-edu' is not a local"):
+        run_study("paper", "offline", runs_root=tmp_path, engine="inprocess", only=["01"], log=lambda _: None)
+    assert not (tmp_path / "offline").exists()
 
     # Online: the hub ids are exactly what the loaders are asked for (the loaders are stand-ins that record).
     import datasets
@@ -196,9 +205,10 @@ def test_hub_names_go_to_the_loaders_only_when_online(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", recorder("dataset"))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recorder("model"))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", recorder("tokenizer"))
-    for call in (lambda: hub_data.build_from_hub(cfg, tmp_path / "data"),
-                 lambda: hub_data.public_sft_records(cfg.data, cfg.seed),
-                 lambda: hub_data.make_generator(cfg.data), lambda: base_model.run(cfg, step)):
+    for call in (lambda: build_from_hub(cfg, tmp_path / "data", generator=None),
+                 lambda: public_sft_records(cfg.data, cfg.seed),
+                 lambda: make_generator(cfg.data).generate(["a prompt"]),  # a local model loads at its first call
+                 lambda: s03_base_model.run(cfg, step)):
         with pytest.raises(Asked):
             call()
     assert [(kind, args[:2]) for kind, args, _ in asked] == [

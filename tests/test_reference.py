@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from synthflaw.figures import regenerate
+from synthflaw.runner import regenerate
 
 REFERENCE = Path(__file__).resolve().parent.parent / "runs" / "reference"
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from synthflaw import cli, config
-from synthflaw.runner import StepFailed, run_study, stage_variants, study_steps
+from synthflaw.registry import stage_variants, study_steps
+from synthflaw.runner import StepFailed, run_study
 from synthflaw.runs import StepConfigChanged
 
 
@@ -29,7 +30,7 @@ def test_step_list_fans_out_per_branch_and_method():
 
 def test_skip_refuse_overwrite(tmp_path):
     lines = []
-    run_study("smoke", "r", runs_root=tmp_path, engine="inprocess", stages=["01"], log=lines.append)
+    run_study("smoke", "r", runs_root=tmp_path, engine="inprocess", only=["01"], log=lines.append)
     step_dir = tmp_path / "r" / "01_generate_data"
     for name in ("config.json", "meta.json", "result.json", "done.json", "data"):
         assert (step_dir / name).exists(), name
@@ -38,14 +39,14 @@ def test_skip_refuse_overwrite(tmp_path):
     before = (step_dir / "done.json").read_text()
 
     lines.clear()
-    run_study("smoke", "r", runs_root=tmp_path, engine="inprocess", stages=["01"], log=lines.append)
+    run_study("smoke", "r", runs_root=tmp_path, engine="inprocess", only=["01"], log=lines.append)
     assert "skipped" in lines[0] and (step_dir / "done.json").read_text() == before
 
     with pytest.raises(StepConfigChanged, match="01_generate_data"):
-        run_study("smoke", "r", {"data.n_people": 30}, runs_root=tmp_path, engine="inprocess", stages=["01"])
+        run_study("smoke", "r", {"data.n_people": 30}, runs_root=tmp_path, engine="inprocess", only=["01"])
     assert (step_dir / "done.json").read_text() == before  # refused: nothing touched
 
-    run_study("smoke", "r", {"data.n_people": 30}, runs_root=tmp_path, engine="inprocess", stages=["01"],
+    run_study("smoke", "r", {"data.n_people": 30}, runs_root=tmp_path, engine="inprocess", only=["01"],
               overwrite=True, log=lambda _: None)
     saved = json.loads((step_dir / "config.json").read_text())
     assert saved["study"]["data"]["n_people"] == 30
@@ -54,7 +55,7 @@ def test_skip_refuse_overwrite(tmp_path):
 def test_failed_step_names_cell_and_keeps_notebook(tmp_path):
     # Stage 02 without stage 01: the notebook fails in the cell that runs the stage.
     with pytest.raises(StepFailed) as err:
-        run_study("smoke", "f", runs_root=tmp_path, engine="papermill", stages=["02"], log=lambda _: None)
+        run_study("smoke", "f", runs_root=tmp_path, engine="papermill", only=["02"], log=lambda _: None)
     notebook = tmp_path / "f" / "02_data_flaws" / "notebook.ipynb"
     assert "failed in cell" in str(err.value) and str(notebook) in str(err.value)
     assert "01_generate_data" in str(err.value)
@@ -73,8 +74,8 @@ def test_stage_variants_follow_the_config_and_reject_unknown_names():
 def test_default_preset_runs_three_seeds_unless_told(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "run_study", lambda preset, run_id, overrides, **kw: calls.append((run_id, overrides)))
-    from synthflaw import seeds
-    monkeypatch.setattr(seeds, "summarize", lambda run_dir: {"seeds": ["0", "1", "2"]})
+    from synthflaw.reporting import aggregate
+    monkeypatch.setattr(aggregate, "summarize", lambda run_dir: {"seeds": ["0", "1", "2"]})
     assert cli.main(["run", "--run-id", "r", "--runs-root", str(tmp_path)]) == 0
     assert calls == [(f"seed-{k}", {"seed": k}) for k in (0, 1, 2)]
     calls.clear()

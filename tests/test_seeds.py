@@ -8,7 +8,9 @@ import math
 
 import pytest
 
-from synthflaw import config, seeds
+from synthflaw import config
+from synthflaw.metrics import statistics
+from synthflaw.reporting import aggregate, findings, plots
 from synthflaw.records import read_csv
 
 T_975_DF2 = 4.302652729749462  # Student-t 0.975 quantile, 2 degrees of freedom (tables: 4.303)
@@ -99,26 +101,26 @@ def study(tmp_path, effects, *, scale=0.005, effect_size=1.0, n_seeds=3, seed_sh
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_mean_ci_matches_hand_computed_student_t():
-    ci = seeds.mean_ci([0.40, 0.44, 0.48])
+    ci = statistics.mean_ci([0.40, 0.44, 0.48])
     half = T_975_DF2 * 0.04 / math.sqrt(3)  # std (ddof=1) of the three values is 0.04
     assert ci["n"] == 3 and ci["mean"] == pytest.approx(0.44) and ci["std"] == pytest.approx(0.04)
     assert ci["half_width"] == pytest.approx(half) and half == pytest.approx(0.09937, abs=1e-5)
     assert (ci["low"], ci["high"]) == (pytest.approx(0.44 - half), pytest.approx(0.44 + half))
     assert ci["single_seed"] is False
-    wider = seeds.mean_ci([0.40, 0.44, 0.48], confidence=0.99)
+    wider = statistics.mean_ci([0.40, 0.44, 0.48], confidence=0.99)
     assert wider["half_width"] > ci["half_width"]
-    assert seeds.mean_ci([1.0, 3.0])["half_width"] == pytest.approx(12.706204736)  # t(0.975, 1) * sqrt(2) / sqrt(2)
+    assert statistics.mean_ci([1.0, 3.0])["half_width"] == pytest.approx(12.706204736)  # t(0.975, 1) * sqrt(2) / sqrt(2)
 
 
 def test_mean_ci_single_value_is_flagged_and_bad_input_is_refused():
-    one = seeds.mean_ci([0.7])
+    one = statistics.mean_ci([0.7])
     assert one == {"n": 1, "mean": 0.7, "std": None, "low": 0.7, "high": 0.7, "half_width": 0.0, "single_seed": True}
     with pytest.raises(ValueError, match="at least one value"):
-        seeds.mean_ci([])
+        statistics.mean_ci([])
     with pytest.raises(ValueError, match="non-finite"):
-        seeds.mean_ci([0.1, float("nan")])
+        statistics.mean_ci([0.1, float("nan")])
     with pytest.raises(ValueError, match="confidence must be in"):
-        seeds.mean_ci([0.1, 0.2], confidence=95)
+        statistics.mean_ci([0.1, 0.2], confidence=95)
 
 
 def test_seed_runs_keeps_finished_seeds_in_numeric_order(tmp_path):
@@ -130,9 +132,9 @@ def test_seed_runs_keeps_finished_seeds_in_numeric_order(tmp_path):
             # seed 3 stopped during its last evaluation: no done.json yet
             write_model(run, model, metrics_json(), done=not (s == 3 and model == "unlearn-lower_bounded"))
     (run_dir / "notes").mkdir()
-    assert [p.name for p in seeds.seed_runs(run_dir)] == ["seed-1", "seed-2", "seed-10"]
+    assert [p.name for p in aggregate.seed_runs(run_dir)] == ["seed-1", "seed-2", "seed-10"]
     with pytest.raises(FileNotFoundError, match="seed-<k>"):
-        seeds.seed_runs(tmp_path / "nowhere")
+        aggregate.seed_runs(tmp_path / "nowhere")
 
 
 def test_aggregate_means_cis_and_paired_differences(tmp_path):
@@ -142,7 +144,7 @@ def test_aggregate_means_cis_and_paired_differences(tmp_path):
         write_model(run_dir / f"seed-{s}", "natural", metrics_json(hsr=nat, levels=(nat, 0.0, 0.0, 0.0, 0.1 * s)))
         write_model(run_dir / f"seed-{s}", "synthetic", metrics_json(hsr=syn, chat=2.0 + s))
     out = tmp_path / "out"
-    agg = seeds.aggregate(seeds.seed_runs(run_dir), out)
+    agg = aggregate.aggregate(aggregate.seed_runs(run_dir), out)
 
     assert agg["seeds"] == ["0", "1", "2"] and agg["models"] == ["natural", "synthetic"]
     nat = agg["summary"]["natural"]["HSR"]
@@ -177,11 +179,11 @@ def test_aggregate_refuses_duplicate_or_unfinished_seeds(tmp_path):
     run = tmp_path / "multi" / "seed-0"
     write_model(run, "natural", metrics_json())
     with pytest.raises(ValueError, match="appears twice"):
-        seeds.aggregate([run, run], tmp_path / "out")
+        aggregate.aggregate([run, run], tmp_path / "out")
     with pytest.raises(ValueError, match="no finished 07_evaluate"):
-        seeds.aggregate([tmp_path / "multi"], tmp_path / "out")
+        aggregate.aggregate([tmp_path / "multi"], tmp_path / "out")
     with pytest.raises(ValueError, match="no seed runs"):
-        seeds.aggregate([], tmp_path / "out")
+        aggregate.aggregate([], tmp_path / "out")
 
 
 def verdicts(found):
@@ -196,8 +198,8 @@ def by_id(found, fid):
 
 
 def test_clear_effects_reproduce_every_finding(tmp_path):
-    agg = seeds.aggregate(seeds.seed_runs(study(tmp_path, CLEAR)), tmp_path / "out")
-    found = seeds.findings(agg)
+    agg = aggregate.aggregate(aggregate.seed_runs(study(tmp_path, CLEAR)), tmp_path / "out")
+    found = findings.findings(agg)
     assert [f["id"] for f in found] == IDS
     assert verdicts(found) == dict.fromkeys(IDS, True), json.dumps(found, indent=1)
     one = found[0]
@@ -207,13 +209,13 @@ def test_clear_effects_reproduce_every_finding(tmp_path):
     assert retention == pytest.approx(0.9)  # (0.09 - 0) / (0.10 - 0)
     # findings are a function of aggregate.json alone
     reread = json.loads((tmp_path / "out" / "aggregate.json").read_text())
-    assert seeds.findings(reread) == found
+    assert findings.findings(reread) == found
 
 
 def test_reversed_effects_are_reported_as_not_reproducing(tmp_path):
     reversed_effects = {m: {k: -v for k, v in e.items()} for m, e in CLEAR.items()}
     reversed_effects["natural"] = {}
-    found = seeds.findings(seeds.aggregate(seeds.seed_runs(study(tmp_path, reversed_effects)), tmp_path / "out"))
+    found = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path, reversed_effects)), tmp_path / "out"))
     assert verdicts(found) == dict.fromkeys(IDS, False)
     two = found[1]["checks"]
     assert [c["reproduces"] for c in two] == [False, False] and two[0]["value"] == pytest.approx(0.10)
@@ -221,7 +223,7 @@ def test_reversed_effects_are_reported_as_not_reproducing(tmp_path):
 
 def test_noisy_effects_are_inconclusive(tmp_path):
     run_dir = study(tmp_path, CLEAR, effect_size=0.02, scale=0.05)
-    found = seeds.findings(seeds.aggregate(seeds.seed_runs(run_dir), tmp_path / "out"))
+    found = findings.findings(aggregate.aggregate(aggregate.seed_runs(run_dir), tmp_path / "out"))
     assert verdicts(found) == dict.fromkeys(IDS, None)
     # non-inferiority with a wide interval around 0 passes its own check, but nothing significant backs it
     four = {c["check"]: c["reproduces"] for c in by_id(found, "4")["checks"]}
@@ -231,7 +233,7 @@ def test_noisy_effects_are_inconclusive(tmp_path):
 
 def test_single_seed_and_missing_branch_stay_inconclusive(tmp_path):
     effects = {m: e for m, e in CLEAR.items() if m != "rewritten"}
-    found = seeds.findings(seeds.aggregate(seeds.seed_runs(study(tmp_path, effects, n_seeds=1)), tmp_path / "out"))
+    found = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path, effects, n_seeds=1)), tmp_path / "out"))
     assert verdicts(found) == dict.fromkeys(IDS, None)
     assert by_id(found, "6")["note"] == "not run: rewritten" and by_id(found, "6")["value"] is None
     assert by_id(found, "3")["checks"][3]["check"] == "kl_from_natural: synthetic - natural"  # falls back without rewritten
@@ -242,7 +244,7 @@ def test_single_seed_and_missing_branch_stay_inconclusive(tmp_path):
 
 def test_summarize_writes_every_file_and_plots_render(tmp_path):
     run_dir = study(tmp_path, CLEAR)
-    result = seeds.summarize(run_dir)
+    result = aggregate.summarize(run_dir)
     out = run_dir / "seeds"
     assert result["seeds"] == ["0", "1", "2"] and result["findings"]["1"] is True
     for name in ("aggregate.json", "findings.json", "findings.md", "findings_differences.csv", "hsr_by_level_ci.csv",
@@ -256,7 +258,7 @@ def test_summarize_writes_every_file_and_plots_render(tmp_path):
     assert by_id(json.loads((out / "findings.json").read_text()), "5")["reproduces"] is True
     # the figures are drawn from the CSVs alone
     (out / "headline_ci.png").unlink()
-    seeds.plot_headline_ci(out / "tables" / "headline_ci.csv", tmp_path / "again.png")
+    plots.plot_headline_ci(out / "tables" / "headline_ci.csv", tmp_path / "again.png")
     assert (tmp_path / "again.png").exists()
     with pytest.raises(ValueError, match="no seed-<k>/ folder"):
-        seeds.summarize(tmp_path)
+        aggregate.summarize(tmp_path)

@@ -12,7 +12,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from synthflaw import config
-from synthflaw.runner import models_of, run_study
+from synthflaw.registry import models_of
+from synthflaw.runner import run_study
 
 # One step per stage, re-executed through its notebook; the variant whose products a later step does not replace.
 NOTEBOOK_STEPS = [("01_generate_data", None), ("02_data_flaws", None), ("03_base_model", None),
@@ -87,7 +88,7 @@ def test_notebook_reproduces_the_inprocess_step(smoke_run, stage, variant):
     step_dir = smoke_run / stage / variant if variant else smoke_run / stage
     before = json.loads((step_dir / "result.json").read_text())
     shutil.rmtree(step_dir)
-    run_study("smoke", "s", runs_root=smoke_run.parent, engine="papermill", stages=[stage], log=lambda _: None)
+    run_study("smoke", "s", runs_root=smoke_run.parent, engine="papermill", only=[stage], log=lambda _: None)
     after = json.loads((step_dir / "result.json").read_text())
     # one notebook execution per stage, for the stage's unfinished variants only
     assert (smoke_run / stage / "notebook.ipynb").exists() and (step_dir / "done.json").exists()
@@ -101,7 +102,7 @@ def test_notebook_reproduces_the_inprocess_step(smoke_run, stage, variant):
 
 def test_export_keeps_no_weights_or_data_and_regenerates_the_same_tables(smoke_run, tmp_path):
     from synthflaw.export import export_run
-    from synthflaw.figures import regenerate
+    from synthflaw.runner import regenerate
 
     out = tmp_path / "exported"
     export_run(smoke_run, out)

@@ -10,15 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from synthflaw.base_model import (build_model, end_of_turn_id, load_model, load_tokenizer, stop_at_end_of_turn,
-                                  train_tokenizer)
-from synthflaw import launch
-from synthflaw.config import ComputeConfig
-from synthflaw.launch import (DEFAULT_ACCELERATE_CONFIG, LaunchFailed, accelerate_command, accelerate_config_path,
-                              launch_job, run_training)
-from synthflaw.pretraining import BRANCHES, branch_mixture, continue_pretraining, mix_at_token_fraction, pretrain
-from synthflaw.sft import IGNORE_INDEX, encode_chat, supervised_finetune
-from synthflaw.training import CausalLMCollator, pack_texts, steps_for_token_budget, train_causal_lm
+from synthflaw.config import BRANCHES, ComputeConfig
+from synthflaw.models.build import build_model, load_model, stop_at_end_of_turn
+from synthflaw.models.tokenizer import end_of_turn_id, load_tokenizer, train_tokenizer
+from synthflaw.training import launch
+from synthflaw.training.launch import (DEFAULT_ACCELERATE_CONFIG, LaunchFailed, accelerate_command,
+                                       accelerate_config_path, launch_job, run_training)
+from synthflaw.training.pretraining import branch_mixture, continue_pretraining, mix_at_token_fraction, pretrain
+from synthflaw.training.scaffold import CausalLMCollator, pack_texts, steps_for_token_budget, train_causal_lm
+from synthflaw.training.sft import IGNORE_INDEX, encode_chat, supervised_finetune
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256)
@@ -365,7 +365,7 @@ def test_shipped_accelerate_configs_parse_and_leave_precision_to_the_library():
     with pytest.raises(FileNotFoundError, match="compute.accelerate_config='zero9.yaml'.*accelerate/ddp.yaml"):
         accelerate_config_path("zero9.yaml")
     command = accelerate_command("job.json", 4, DEFAULT_ACCELERATE_CONFIG, port=29600)
-    assert command[command.index("--num_processes") + 1] == "4" and command[-3:] == ["-m", "synthflaw.training",
+    assert command[command.index("--num_processes") + 1] == "4" and command[-3:] == ["-m", "synthflaw.training.jobs",
                                                                                       "job.json"]
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
+from synthflaw.models.batching import pad
 from synthflaw.unlearning.base import IGNORE_INDEX
 
 # Independent random streams of one seed, so adding a general set does not reshuffle the forget/replay order.
@@ -110,11 +110,10 @@ class PairedCollator:
         return {name: self.pad([item[name] for item in items]) for name in items[0]}
 
     def pad(self, examples: list[dict]) -> dict:
-        width = max(len(e["input_ids"]) for e in examples)
         batch = {}
         for key, fill in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("forget_mask", 0)):
             if key in examples[0]:
-                batch[key] = torch.tensor([e[key] + [fill] * (width - len(e[key])) for e in examples])
+                batch[key] = pad([e[key] for e in examples], fill)
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         if "forget_mask" in batch:
             batch["forget_mask"] = batch["forget_mask"].bool()

@@ -1,6 +1,6 @@
-"""Stage 01: build NonSynth, SynthQA, the rewritten set, the SFT set and the evaluation suites.
+"""The embedded study's data: NonSynth, SynthQA, the rewritten set, the SFT set and the evaluation suites.
 
-Embedded default: everything comes from a seeded :mod:`synthflaw.world`. Facts are split once:
+Everything comes from a seeded :mod:`synthflaw.data.world`. Facts are split once:
 - *stated* facts appear in NonSynth (natural text, many styles and wordings) and in SynthQA;
 - *SynthQA-only* facts appear only in SynthQA -- the teacher knows more than the corpus, which is where the
   benchmark gain of synthetic data comes from;
@@ -11,31 +11,13 @@ evaluation item is taught by SFT. Every record carries its provenance (fact ids,
 from __future__ import annotations
 
 import itertools
-import json
 import random
-from collections.abc import Iterable
-from pathlib import Path
 
-from synthflaw import constraints as cons
-from synthflaw.records import read_jsonl, write_json, write_jsonl
-from synthflaw.phrasebook import (EVAL_TASKS, EVAL_TOPICS, FILLERS, GENERAL_FRAMES, SFT_TOPICS, SPEAKERS, TASKS,
-                                  TOPICS)
-from synthflaw.world import RELATIONS, Fact, World, build_world
-
-# The Q-A formats a teacher model emits. Template 0 is the paper's uniform format; `synthetic_templates` = k uses
-# the first k. Markers are each template's structural strings: what the leakage rate and template unlearning look for.
-SYNTHQA_TEMPLATES = (
-    {"id": 0, "format": "Question: {question}\nAnswer: {answer}", "markers": ["Question:", "Answer:"]},
-    {"id": 1, "format": "Q: {question}\nA: {answer}", "markers": ["Q:", "A:"]},
-    {"id": 2, "format": "### Question\n{question}\n### Answer\n{answer}", "markers": ["### Question", "### Answer"]},
-    {"id": 3, "format": "<question>{question}</question>\n<answer>{answer}</answer>",
-     "markers": ["<question>", "<answer>"]},
-    {"id": 4, "format": "Query: {question}\nResponse: {answer}", "markers": ["Query:", "Response:"]},
-)
-
-DATA_FILES = ("nonsynth", "extra_natural", "heldout_nonsynth", "synthqa", "rewritten", "sft", "benchmark",
-              "instruction_suite", "chat")
-
+from synthflaw.data import constraints as cons
+from synthflaw.data.phrasebook import (EVAL_TASKS, EVAL_TOPICS, FILLERS, GENERAL_FRAMES, SFT_TOPICS, SPEAKERS, TASKS,
+                                       TOPICS)
+from synthflaw.data.schema import SYNTHQA_TEMPLATES, training_texts
+from synthflaw.data.world import RELATIONS, Fact, World, build_world
 
 def _natural_doc(rng: random.Random, subject: str, facts: list[Fact]) -> tuple[str, str]:
     """One NonSynth document stating `facts` about `subject` in a random style; returns (style, text)."""
@@ -304,73 +286,3 @@ def build_embedded(cfg, seed: int) -> dict[str, object]:
     return data
 
 
-def training_texts(data: dict) -> Iterable[str]:
-    """Every text a model is trained on, for the leakage check."""
-    for name in ("nonsynth", "extra_natural", "synthqa", "rewritten"):
-        for r in data[name]:
-            yield r["text"]
-    for r in data["sft"]:
-        for m in r["messages"]:
-            yield m["content"]
-
-
-def find_leaks(data: dict) -> list[str]:
-    """Evaluation items whose prompt (or held-out document) occurs verbatim in any training text."""
-    corpus = "\n\x00".join(training_texts(data))
-    return [f"{name}:{r['id']}" for name, field in (("benchmark", "question"), ("instruction_suite", "prompt"),
-                                                    ("chat", "prompt"), ("heldout_nonsynth", "text"))
-            for r in data[name] if r[field] in corpus]
-
-
-def load_data(data_dir: Path) -> dict[str, list[dict]]:
-    """Stage 01's products as lists of records, keyed by file name."""
-    data_dir = Path(data_dir)
-    missing = [n for n in DATA_FILES if not (data_dir / f"{n}.jsonl").exists()]
-    if missing:
-        raise FileNotFoundError(f"{data_dir} lacks {', '.join(missing)}.jsonl: run stage 01_generate_data first")
-    out: dict = {n: read_jsonl(data_dir / f"{n}.jsonl") for n in DATA_FILES}
-    out["synthqa_templates"] = json.loads((data_dir / "synthqa_templates.json").read_text())
-    return out
-
-
-def write_data(data: dict, data_dir: Path) -> dict:
-    """Write every data set as JSONL (loadable with `datasets.load_dataset("json", ...)`); returns the counts."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name in DATA_FILES:
-        write_jsonl(data_dir / f"{name}.jsonl", data[name])
-    write_json(data_dir / "world.json", data["world"])
-    write_json(data_dir / "synthqa_templates.json", data["synthqa_templates"])
-    return {name: len(data[name]) for name in DATA_FILES}
-
-
-def run(cfg, step) -> dict:
-    """Stage 01 entry point: build the data into ``<step>/data`` and check that no evaluation item leaks."""
-    if cfg.data.source != "embedded":
-        from synthflaw.hub_data import build_from_hub
-        data = build_from_hub(cfg, step.path / "data")
-    else:
-        data = build_embedded(cfg.data, cfg.seed)
-    leaks = find_leaks(data)
-    if leaks:
-        raise RuntimeError(f"{len(leaks)} evaluation items occur in training text, e.g. {leaks[:5]}; "
-                           "this is a bug in the generator: report it")
-    counts = write_data(data, step.path / "data")
-    stats = {"counts": counts, "facts": len(data["world"]["facts"]),
-             "stated_facts": len(data["world"]["stated_fact_ids"]),
-             "synthqa_only_facts": len(data["world"]["synthqa_only_fact_ids"]),
-             "words": {n: sum(len(r["text"].split()) for r in data[n])
-                       for n in ("nonsynth", "extra_natural", "synthqa", "rewritten")}}
-    write_json(step.path / "summary.json", stats)
-    return stats
-
-
-def examples(data_dir: Path) -> str:
-    """One record of each data set, for reading in the notebook."""
-    data = load_data(Path(data_dir))
-    parts = []
-    for name in DATA_FILES:
-        record = data[name][0]
-        shown = {k: v for k, v in record.items() if k != "provenance"}
-        parts.append(f"== {name} ({len(data[name])} records)\n{json.dumps(shown, indent=1, ensure_ascii=False)}"
-                     f"\nprovenance: {json.dumps(record['provenance'])}")
-    return "\n\n".join(parts)

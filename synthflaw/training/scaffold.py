@@ -1,13 +1,13 @@
-"""The training loop shared by stages 03 (base model), 04 (continued pre-training) and 06 (SFT).
+"""The training scaffold shared by stages 03 (base model), 04 (continued pre-training), 05 (unlearning) and 06 (SFT).
 
 Everything goes through `transformers.Trainer`: checkpoint/resume, progress bars, mixed precision, CUDA and
 multi-process data parallelism (`accelerate launch`) come from the ecosystem. What this module adds is small:
 packing a corpus into fixed blocks (tokenised once), converting a token budget into an exact number of steps,
 a padding collator that never puts loss on padding, the loss curve as CSV, and an atomic final save.
 
-Several processes: `accelerate launch --config_file accelerate/ddp.yaml --num_processes 2 -m synthflaw.training
-job.json` runs one of the training tasks (see `run_job`) with DDP: NCCL on GPUs, gloo on a CPU-only host
-(`synthflaw.launch` builds that command from the `compute` config section). With accelerate 1.x,
+Several processes: `accelerate launch --config_file accelerate/ddp.yaml --num_processes 2 -m synthflaw.training.jobs
+job.json` runs one of the training tasks (see `synthflaw.training.jobs.run_job`) with DDP: NCCL on GPUs, gloo on a CPU-only host
+(`synthflaw.training.launch` builds that command from the `compute` config section). With accelerate 1.x,
 `accelerate launch --cpu --num_processes 2` (or `distributed_type: MULTI_CPU`) starts a single process;
 `--multi_gpu` (`distributed_type: MULTI_GPU`) goes through torchrun, and on a host without CUDA the processes join
 a gloo group because the TrainingArguments say `use_cpu`.
@@ -19,7 +19,6 @@ import csv
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from synthflaw.records import read_jsonl
+from synthflaw.models.batching import pad, pad_batch
 
 # Measured by benchmarks/throughput.py on the 2-core Xeon this project is developed on (AVX-512 but no
 # AVX512-BF16/AMX, so bf16 matmuls are emulated: ~26-50 GFLOP/s against ~85-260 in fp32): the default model
@@ -39,6 +38,7 @@ from synthflaw.records import read_jsonl
 # So "auto" keeps fp32 on CPU; on CUDA it uses bf16 wherever the GPU supports it.
 CPU_BF16_AUTOCAST_IS_FASTER = False
 
+IGNORE_INDEX = -100  # the label value Hugging Face losses skip
 LOSS_CURVE_COLUMNS = ("step", "loss", "learning_rate", "tokens_seen", "elapsed_s")
 CHECKPOINTS_KEPT = 2
 
@@ -112,16 +112,9 @@ class CausalLMCollator:
     pad_token_id: int
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
-        labels = torch.full((len(features), longest), -100, dtype=torch.long)
-        for row, feature in enumerate(features):
-            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            n = len(ids)
-            input_ids[row, :n] = ids
-            attention_mask[row, :n] = 1
-            labels[row, :n] = torch.as_tensor(feature["labels"], dtype=torch.long) if "labels" in feature else ids
+        ids = [f["input_ids"] for f in features]
+        input_ids, attention_mask = pad_batch(ids, self.pad_token_id)
+        labels = pad([f.get("labels", f["input_ids"]) for f in features], IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -255,7 +248,7 @@ def train_causal_lm(
         raise ValueError(f"warmup_steps={warmup_steps}: must be >= 0.")
     if tokenizer.pad_token_id is None:
         raise ValueError(
-            "The tokenizer has no pad token; load it with synthflaw.base_model.load_tokenizer (pads with eos)."
+            "The tokenizer has no pad token; load it with synthflaw.models.tokenizer.load_tokenizer (pads with eos)."
         )
     if len(train_dataset) < batch_size * data_parallel_processes():
         raise ValueError(
@@ -415,57 +408,3 @@ def matmul_flops(dtype: torch.dtype, device: str | torch.device = "cpu", n: int 
 def data_parallel_processes() -> int:
     """Processes taking part in data-parallel training (1 unless started by `accelerate launch` / torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-# --- the `python -m synthflaw.training job.json` entry point (for `accelerate launch`) ---
-
-TEXT_INPUTS = ("texts", "nonsynth", "synthqa", "rewritten", "extra_natural")  # JSONL paths -> lists of "text"
-RECORD_INPUTS = ("records",)  # JSONL paths -> lists of records (SFT chats)
-
-
-def run_job(job: dict) -> dict:
-    """Run one training task described by plain JSON, the way `accelerate launch` needs it.
-
-    `job = {"task": "pretrain" | "continue_pretraining" | "supervised_finetune", "model_name_or_path": folder or
-    hub id, "out_dir": ..., **keyword arguments of that function}`; text inputs (`texts`, `nonsynth`, `synthqa`,
-    `rewritten`, `extra_natural`) and SFT `records` may be given as JSONL paths.
-    """
-    # Imported here because those modules build on this one.
-    from synthflaw.base_model import load_model, load_tokenizer
-    from synthflaw.pretraining import continue_pretraining, pretrain
-    from synthflaw.sft import supervised_finetune
-
-    tasks = {"pretrain": pretrain, "continue_pretraining": continue_pretraining,
-             "supervised_finetune": supervised_finetune}
-    job = dict(job)
-    task = job.pop("task", None)
-    if task not in tasks:
-        raise ValueError(f"job['task']={task!r}: choose one of {sorted(tasks)}.")
-    if "model_name_or_path" not in job or "out_dir" not in job:
-        raise ValueError("A job needs 'model_name_or_path' (the model to train) and 'out_dir'.")
-    source = job.pop("model_name_or_path")
-    trust_remote_code = job.pop("trust_remote_code", False)
-    for key in TEXT_INPUTS:
-        if isinstance(job.get(key), str):
-            job[key] = [record["text"] for record in read_jsonl(job[key])]
-    for key in RECORD_INPUTS:
-        if isinstance(job.get(key), str):
-            job[key] = read_jsonl(job[key])
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    # fp32 master weights (bf16 is autocast): a bf16 copy would round away updates of lr ~1e-5. Loaded on the CPU
-    # in every process; the Trainer moves it to this process's device.
-    model = load_model(source, trust_remote_code=trust_remote_code, dtype=torch.float32, device="cpu")
-    return tasks[task](model, tokenizer, out_dir=job.pop("out_dir"), **job)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: [accelerate launch ...] python -m synthflaw.training JOB.json")
-    summary = run_job(json.loads(Path(argv[0]).read_text()))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Stages 03 and 04: pre-training on packed text, and continued pre-training (CPT) per branch.
+"""Pre-training on packed text (stage 03), and continued pre-training (CPT) per branch (stage 04).
 
 Branches (the paper's CPT runs, plus two controls this project adds):
 - `natural`: NonSynth only (the paper's control).
@@ -17,7 +17,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from synthflaw.training import (
+from synthflaw.config import BRANCHES
+from synthflaw.training.scaffold import (
     data_parallel_processes,
     document_token_ids,
     pack_texts,
@@ -25,9 +26,6 @@ from synthflaw.training import (
     train_causal_lm,
     write_summary,
 )
-
-BRANCHES = ("natural", "synthetic", "rewritten", "more_natural")
-
 
 def branch_corpus(
     branch: str,
@@ -202,32 +200,3 @@ def continue_pretraining(
         logging_steps=logging_steps, bf16=bf16, resume=resume, **train_kwargs,
     )
     return write_summary(out_dir, {**summary, "branch": branch, "corpus": corpus_stats})
-
-
-def run(cfg, step) -> dict:
-    """Stage 04 entry point: one CPT branch (the step's variant) from the base model, with the branch's budget.
-
-    `more_natural` continues from the `cpt.more_natural_from` branch's model (default `synthetic`) for
-    `cpt.more_natural_ratio` budgets of extra natural data. From `synthetic` it is the paper's "300B more natural
-    tokens" row: the alternative mitigation to unlearning, at ~300x its cost, which "recovers only part of the loss"
-    (finding 5); from `natural` it asks whether more natural data alone changes instruction following.
-
-    Runs in this process, or on `compute.num_processes` processes under `accelerate launch` (`synthflaw.launch`).
-    """
-    from synthflaw.launch import run_training
-
-    branch, c = step.variant, cfg.cpt
-    if branch not in BRANCHES:
-        raise ValueError(f"04_continued_pretraining needs a branch as variant, one of {', '.join(BRANCHES)}")
-    data_dir = step.upstream("01_generate_data") / "data"
-    start = (step.upstream("04_continued_pretraining", c.more_natural_from) if branch == "more_natural"
-             else step.upstream("03_base_model")) / "model"
-    max_tokens = round(c.max_tokens * c.more_natural_ratio) if branch == "more_natural" else c.max_tokens
-    job = {"task": "continue_pretraining", "model_name_or_path": str(start), "out_dir": str(step.path),
-           "trust_remote_code": cfg.base.trust_remote_code, "branch": branch,
-           **{name: str(data_dir / f"{name}.jsonl") for name in ("nonsynth", "synthqa", "rewritten", "extra_natural")},
-           "synthetic_fraction": c.synthetic_fraction, "max_tokens": max_tokens, "block_size": cfg.base.block_size,
-           "batch_size": c.batch_size, "learning_rate": c.learning_rate, "warmup_steps": c.warmup_steps,
-           "seed": cfg.seed, "save_steps": c.save_steps}
-    summary = run_training(job, cfg.compute, step.path)
-    return {"branch": branch, "started_from": str(start.relative_to(step.run_dir)), **summary}

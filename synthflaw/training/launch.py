@@ -1,11 +1,11 @@
 """Run a training stage's job in this process, or on several processes under `accelerate launch`.
 
-Stages 03, 04 and 06 describe their training as a plain JSON job (`synthflaw.training.run_job`: the task, the
+Stages 03, 04 and 06 describe their training as a plain JSON job (`synthflaw.training.jobs.run_job`: the task, the
 model folder, the data as JSONL paths, the hyperparameters). With `compute.num_processes = 1` the job runs here, in
 the notebook's or the runner's process. With more, it is written to ``<step>/job.json`` and run by
 
     python -m accelerate.commands.launch --config_file accelerate/ddp.yaml --num_processes N \\
-        --main_process_port PORT -m synthflaw.training <step>/job.json
+        --main_process_port PORT -m synthflaw.training.jobs <step>/job.json
 
 as a subprocess whose output is shown as it comes and kept in ``<step>/launch.log``; the stage waits for it and
 reads the summary the main process wrote (``train_summary.json``). The accelerate file picks DDP, FSDP or DeepSpeed;
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from synthflaw.records import write_json
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = REPO_ROOT / "accelerate"
 DEFAULT_ACCELERATE_CONFIG = ACCELERATE_CONFIGS / "ddp.yaml"
 LOG_TAIL_LINES = 40
@@ -71,7 +71,7 @@ def accelerate_command(job_path: str | Path, num_processes: int, config_file: st
     """The `accelerate launch` command line that runs `job_path` on `num_processes` processes."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
             "--num_processes", str(num_processes), "--main_process_port", str(port or _free_port()),
-            "-m", "synthflaw.training", str(job_path)]
+            "-m", "synthflaw.training.jobs", str(job_path)]
 
 
 def launch_job(job: dict, work_dir: str | Path, *, num_processes: int, config_file: str | Path = "",
@@ -84,7 +84,7 @@ def launch_job(job: dict, work_dir: str | Path, *, num_processes: int, config_fi
     """
     if num_processes < 2:
         raise ValueError(f"num_processes={num_processes}: launch_job is for 2 or more processes; run the job in "
-                         "this process with synthflaw.training.run_job")
+                         "this process with synthflaw.training.jobs.run_job")
     _check_devices(num_processes)
     _release_cached_gpu_memory()
     work_dir = Path(work_dir)
@@ -131,14 +131,14 @@ def _release_cached_gpu_memory() -> None:
 
 
 def run_training(job: dict, compute, work_dir: str | Path, *, echo=print) -> dict:
-    """Run a training job (see `synthflaw.training.run_job`) as the `compute` config section says.
+    """Run a training job (see `synthflaw.training.jobs.run_job`) as the `compute` config section says.
 
     `job["batch_size"]` is the global batch: it becomes the per-device batch here, and the job gets the section's
     gradient accumulation and checkpointing. One process: the job runs in this process. More: under
     `accelerate launch` with `compute.accelerate_config` (see `launch_job`; its output lines go to `echo`).
     Returns the job's summary.
     """
-    from synthflaw.training import run_job
+    from synthflaw.training.jobs import run_job  # the job's modules import torch and transformers
 
     job = {**job, "batch_size": per_device_batch_size(job["batch_size"], compute),
            "gradient_accumulation_steps": compute.gradient_accumulation_steps,

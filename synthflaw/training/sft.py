@@ -1,4 +1,4 @@
-"""Stage 06: identical supervised fine-tuning (SFT) for every model, loss on assistant tokens only.
+"""Supervised fine-tuning (stage 06): identical for every model, loss on assistant tokens only.
 
 Each chat is rendered with the tokenizer's own chat template (so a hub model's template works too), tokenised
 once, and labelled -100 everywhere except the assistant turns' content and the token that closes each turn
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import datasets
 
-from synthflaw.training import CausalLMCollator, data_parallel_processes, train_causal_lm, write_summary
-
-IGNORE_INDEX = -100  # the label value Hugging Face losses skip
+from synthflaw.training.scaffold import (IGNORE_INDEX, CausalLMCollator, data_parallel_processes, train_causal_lm,
+                                        write_summary)
 
 
 def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -54,7 +53,7 @@ def encode_chat(tokenizer, records: list[dict], max_length: int) -> datasets.Dat
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("encode_chat needs a fast (Rust) tokenizer for character offsets; load it with use_fast=True.")
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("The tokenizer has no chat template; train it with base_model.train_tokenizer or set one.")
+        raise ValueError("The tokenizer has no chat template; train it with synthflaw.models.tokenizer.train_tokenizer or set one.")
     input_ids, labels, dropped = [], [], 0
     for n, record in enumerate(records):
         messages = record.get("messages") if isinstance(record, dict) else None
@@ -124,22 +123,3 @@ def supervised_finetune(
         **summary, "examples": len(dataset), "dropped_examples": len(records) - len(dataset), "epochs": epochs,
         "assistant_tokens_per_epoch": int(assistant_tokens),
     })
-
-
-def run(cfg, step) -> dict:
-    """Stage 06 entry point: the same SFT for the model named by the step's variant (a CPT branch or
-    ``unlearn-<method>``)."""
-    from synthflaw.launch import run_training
-
-    name, s = step.variant, cfg.sft
-    if not name:
-        raise ValueError("06_sft needs a variant: a CPT branch or unlearn-<method>")
-    start = (step.upstream("05_unlearning", name[len("unlearn-"):]) if name.startswith("unlearn-")
-             else step.upstream("04_continued_pretraining", name)) / "model"
-    job = {"task": "supervised_finetune", "model_name_or_path": str(start), "out_dir": str(step.path),
-           "trust_remote_code": cfg.base.trust_remote_code,
-           "records": str(step.upstream("01_generate_data") / "data" / "sft.jsonl"), "max_length": s.max_length,
-           "epochs": s.epochs, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
-           "warmup_steps": s.warmup_steps, "seed": cfg.seed, "save_steps": s.save_steps}
-    summary = run_training(job, cfg.compute, step.path)  # here, or under `accelerate launch` (synthflaw.launch)
-    return {"model": name, "started_from": str(start.relative_to(step.run_dir)), **summary}

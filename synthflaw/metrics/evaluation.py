@@ -1,0 +1,207 @@
+"""The whole evaluation of one model (stage 07): every measurement family on a stage-01 data folder.
+
+1. Knowledge benchmark (:mod:`~synthflaw.metrics.benchmark`), after SFT and on the checkpoint SFT started from.
+2. Instruction following (:mod:`~synthflaw.metrics.instruction_following`) on greedy responses to the suite.
+3. Chat quality (:mod:`~synthflaw.metrics.chat`): the reference score, and an optional judge.
+4. Output-distribution shift (:mod:`~synthflaw.metrics.shift`): perplexities, template leakage, length, distinct-n,
+   the next-token KL from a reference (the `natural`) model; for the checkpoint SFT started from, the perplexities
+   and the leakage of its plain-text continuations (SFT can erase a shift the CPT model shows).
+
+`evaluate_model` returns the metrics, the per-item samples and the per-sample perplexities; stage 07 writes them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from synthflaw.metrics.benchmark import benchmark_metrics, predicted_choice, score_choices
+from synthflaw.metrics.chat import reference_chat_scores
+from synthflaw.metrics.instruction_following import instruction_following
+from synthflaw.metrics.shift import (PROBE_NEW_TOKENS, mean_response_words, next_token_kl, perplexities,
+                                     perplexity_summary, plain_prompt_probes, template_leakage_rate)
+from synthflaw.metrics.text import distinct_n, words
+from synthflaw.models.generation import generate_continuations, generate_responses, generation_speed
+from synthflaw.records import read_jsonl
+
+# The stage-01 files an evaluation reads, and the fields each of their records needs.
+EVAL_SETS = {"benchmark": ("id", "prompt", "choices", "answer", "split"),
+             "instruction_suite": ("id", "prompt", "level", "constraints"),
+             "chat": ("id", "prompt", "reference"),
+             "heldout_nonsynth": ("id", "text")}
+
+
+def load_eval_data(data_dir, limit: int | None = None) -> dict[str, list[dict]]:
+    """The evaluation sets of a stage-01 data folder, the first `limit` records of each (None or 0: all), checked."""
+    data_dir = Path(data_dir)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or a non-negative integer, got {limit!r}")
+    missing = [f"{name}.jsonl" for name in EVAL_SETS if not (data_dir / f"{name}.jsonl").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{data_dir} lacks {missing}; point data_dir at stage 01's output folder")
+    data = {name: read_jsonl(data_dir / f"{name}.jsonl")[:limit or None] for name in EVAL_SETS}
+    for name, keys in EVAL_SETS.items():
+        if not data[name]:
+            raise ValueError(f"{name}.jsonl is empty; regenerate the data (stage 01) with items in every suite")
+        for record in data[name]:
+            absent = [k for k in keys if k not in record]
+            if absent:
+                raise ValueError(f"{name}.jsonl: record {record.get('id')!r} lacks {absent}; regenerate the data "
+                                 "(stage 01)")
+    return data
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_model` measured: the metrics, one sample per item, and one row per scored perplexity."""
+
+    metrics: dict
+    samples: list[dict]
+    perplexities: list[dict]
+
+
+def _has_marker(text: str, markers: Sequence[str]) -> bool:
+    return any(m in text for m in markers)
+
+
+def _benchmark(model, pre_sft_model, tokenizer, items, batch_size):
+    prompts, choices = [r["prompt"] for r in items], [r["choices"] for r in items]
+    scores = score_choices(model, tokenizer, prompts, choices, batch_size)
+    bench = benchmark_metrics(items, scores)
+    pre_sft = None
+    if pre_sft_model is not None:
+        pre_sft = benchmark_metrics(items, score_choices(pre_sft_model, tokenizer, prompts, choices, batch_size))
+    metrics = {
+        "benchmark_accuracy": bench["accuracy"],
+        "benchmark_acc_norm": bench["acc_norm"],
+        "benchmark_accuracy_by_split": {s: v["accuracy"] for s, v in bench["by_split"].items()},
+        "benchmark_acc_norm_by_split": {s: v["acc_norm"] for s, v in bench["by_split"].items()},
+        "benchmark_count_by_split": {s: v["count"] for s, v in bench["by_split"].items()},
+        "pre_sft_benchmark_accuracy": pre_sft["accuracy"] if pre_sft else None,
+        "pre_sft_benchmark_acc_norm": pre_sft["acc_norm"] if pre_sft else None,
+        "pre_sft_benchmark_accuracy_by_split": (
+            {s: v["accuracy"] for s, v in pre_sft["by_split"].items()} if pre_sft else None),
+    }
+    samples = [{"task": "benchmark", "id": r["id"], "prompt": r["prompt"], "choices": r["choices"],
+                "split": r["split"], "answer": r["answer"], "predicted": predicted_choice(score, False),
+                "predicted_norm": predicted_choice(score, True), "logprobs": [s[0] for s in score]}
+               for r, score in zip(items, scores)]
+    return metrics, samples
+
+
+def _chat(items, responses, judge, markers):
+    scores = reference_chat_scores(responses, [r["reference"] for r in items])
+    judged = [None] * len(items)
+    if judge is not None:
+        judged = [judge(r["prompt"], r["reference"], response) for r, response in zip(items, responses)]
+    rated = [s for s in judged if s is not None]
+    metrics = {"chat_score": float(np.mean(scores)),
+               "chat_score_method": "10 x ROUGE-L F1 on lower-cased word tokens against the reference",
+               "chat_judge_score": float(np.mean(rated)) if rated else None,
+               "chat_judge_unparseable": sum(s is None for s in judged) if judge is not None else None}
+    samples = [{"task": "chat", "id": r["id"], "prompt": r["prompt"], "response": response,
+                "reference": r["reference"], "reference_score": score, "judge_score": rating,
+                "template_leak": _has_marker(response, markers)}
+               for r, response, score, rating in zip(items, responses, scores, judged)]
+    return metrics, samples
+
+
+def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_model=None, markers: Sequence[str],
+                   max_new_tokens: int, batch_size: int, judge=None, speed_prompts: int = 0,
+                   pre_sft_model=None) -> Evaluation:
+    """Evaluate one model on the evaluation sets `data` (`load_eval_data`).
+
+    `markers` are the SynthQA templates' structural strings. `reference_model` (the `natural` SFT model) enables
+    `next_token_kl` (null without it). `judge` is any callable (question, reference, response) -> score in 1-10 or
+    None when its output was unparseable (:class:`synthflaw.metrics.chat.RatingJudge`). `speed_prompts` > 0 also
+    times batched against one-at-a-time generation on that many suite prompts. `pre_sft_model` (the CPT or
+    unlearned checkpoint this model was fine-tuned from) is scored on the benchmark too: `pre_sft_benchmark_*` is
+    base capability as the paper reports it (knowledge benchmarks measure the pre-trained model; SFT on a small
+    model also erodes knowledge, which the post-SFT `benchmark_*` shows). The same checkpoint gets
+    `pre_sft_perplexity` on the held-out NonSynth documents and `pre_sft_template_leakage_rate` on plain-text
+    continuations of `plain_prompt_probes` (null without a pre-SFT model).
+    """
+    benchmark, suite, chat, heldout = (data[name] for name in EVAL_SETS)
+    for m in (model, reference_model, pre_sft_model):
+        if m is not None:
+            m.eval()
+    timings = {}
+
+    started = time.perf_counter()
+    bench_metrics, bench_samples = _benchmark(model, pre_sft_model, tokenizer, benchmark, batch_size)
+    timings["benchmark_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    suite_responses = generate_responses(model, tokenizer, [r["prompt"] for r in suite], max_new_tokens, batch_size)
+    chat_responses = generate_responses(model, tokenizer, [r["prompt"] for r in chat], max_new_tokens, batch_size)
+    timings["generation_s"] = time.perf_counter() - started
+    following, verdicts = instruction_following(suite, suite_responses)
+
+    started = time.perf_counter()
+    chat_metrics, chat_samples = _chat(chat, chat_responses, judge, markers)
+    if judge is not None:
+        timings["judge_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    ppl_heldout = perplexities(model, tokenizer, [r["text"] for r in heldout], batch_size)
+    ppl_reference = perplexities(model, tokenizer, [r["reference"] for r in chat], batch_size,
+                                 contexts=[r["prompt"] for r in chat])
+    kl = None
+    if reference_model is not None:
+        kl = next_token_kl(model, reference_model, tokenizer, [r["prompt"] for r in suite], batch_size)
+    # Before SFT: SFT on the same chats can erase the CPT model's shift (in the embedded study no SFT model leaks the
+    # template), so the checkpoint SFT started from is measured too, on plain text (it has seen no chat template).
+    ppl_pre_sft, probes, probe_responses = None, plain_prompt_probes(suite, chat), []
+    if pre_sft_model is not None:
+        ppl_pre_sft = perplexities(pre_sft_model, tokenizer, [r["text"] for r in heldout], batch_size)
+        probe_responses = generate_continuations(pre_sft_model, tokenizer, probes,
+                                                 min(PROBE_NEW_TOKENS, max_new_tokens), batch_size, start=True)
+    timings["distribution_shift_s"] = time.perf_counter() - started
+
+    responses = suite_responses + chat_responses
+    metrics = {
+        **bench_metrics,
+        **following,
+        **chat_metrics,
+        "perplexity": perplexity_summary(ppl_heldout),
+        "perplexity_reference": perplexity_summary(ppl_reference),
+        "template_leakage_rate": template_leakage_rate(responses, markers),
+        "template_leakage_rate_suite": template_leakage_rate(suite_responses, markers),
+        "template_leakage_rate_chat": template_leakage_rate(chat_responses, markers),
+        "response_words": mean_response_words(responses),
+        "distinct_1": distinct_n(map(words, responses), 1),
+        "distinct_2": distinct_n(map(words, responses), 2),
+        "next_token_kl": kl,
+        "pre_sft_perplexity": perplexity_summary(ppl_pre_sft) if ppl_pre_sft is not None else None,
+        "pre_sft_template_leakage_rate": (template_leakage_rate(probe_responses, markers) if probe_responses
+                                          else None),
+        "counts": {"benchmark": len(benchmark), "instruction_suite": len(suite), "chat": len(chat),
+                   "heldout_nonsynth": len(heldout), "pre_sft_probes": len(probe_responses)},
+        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                     "markers": list(markers), "judge": type(judge).__name__ if judge is not None else None},
+    }
+    if speed_prompts:
+        metrics["generation_speed"] = generation_speed(model, tokenizer, [r["prompt"] for r in suite[:speed_prompts]],
+                                                       max_new_tokens, batch_size)
+    metrics["timings"] = timings
+
+    for sample, ppl in zip(chat_samples, ppl_reference):
+        sample["reference_perplexity"] = float(ppl)
+    samples = bench_samples + [
+        {"task": "instruction", "id": r["id"], "prompt": r["prompt"], "level": r["level"], "response": response,
+         "constraints": r["constraints"], "verdicts": verdict["strict"], "verdicts_loose": verdict["loose"],
+         "all_followed": all(verdict["strict"]), "template_leak": _has_marker(response, markers)}
+        for r, response, verdict in zip(suite, suite_responses, verdicts)] + chat_samples + [
+        {"task": "pre_sft_continuation", "prompt": prompt, "response": response,
+         "template_leak": _has_marker(response, markers)} for prompt, response in zip(probes, probe_responses)]
+
+    rows = [{"set": "heldout_nonsynth", "id": r["id"], "perplexity": float(p)} for r, p in zip(heldout, ppl_heldout)]
+    rows += [{"set": "chat_reference", "id": r["id"], "perplexity": float(p)} for r, p in zip(chat, ppl_reference)]
+    if ppl_pre_sft is not None:
+        rows += [{"set": "pre_sft_heldout_nonsynth", "id": r["id"], "perplexity": float(p)}
+                 for r, p in zip(heldout, ppl_pre_sft)]
+    return Evaluation(metrics, samples, rows)

@@ -1,0 +1,115 @@
+"""Greedy generation: one batched, KV-cached engine with one stop rule, for chat responses and plain continuations.
+
+Every generator in the package goes through `generate_ids`: the evaluation's responses and continuations, the local
+chat client (SynthQA generator, judge) and the speed measurement.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from synthflaw.models.batching import check_batch_size, longest_first, pad_batch
+from synthflaw.models.build import model_device, stop_token_ids
+from synthflaw.models.tokenizer import chat_text, encode, pad_id, start_tokens
+
+
+@torch.inference_mode()
+def generate_ids(model, tokenizer, texts: Sequence[str], max_new_tokens: int,
+                 batch_size: int, start: bool = False) -> tuple[list[list[int]], list[int]]:
+    """Greedy continuations of `texts`: (new token ids cut before the first stop token, tokens generated per text).
+
+    Left padding keeps every prompt's last token in the last column, so one KV-cached decoding step serves the whole
+    batch; `generate` derives position ids from the attention mask, so padding changes no prompt's positions.
+    The generated count includes the stop token (it was computed) but not the padding after it. `start` puts the
+    start token (BOS, else EOS) before each text, as plain text is scored (chat texts carry their own).
+    """
+    check_batch_size(batch_size)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    device = model_device(model)
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad = pad_id(tokenizer)
+    prefix = start_tokens(tokenizer) if start else []
+    encoded = [encode(tokenizer, text) for text in texts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} tokenizes to nothing; every prompt needs text")
+    encoded = [prefix + ids for ids in encoded]
+    order = longest_first([len(ids) for ids in encoded])
+    responses: list[list[int]] = [[] for _ in encoded]
+    generated: list[int] = [0] * len(encoded)
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
+        input_ids, attention_mask = pad_batch([encoded[i] for i in rows], pad, side="left", device=device)
+        width = input_ids.shape[1]
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                eos_token_id=stop_ids, pad_token_id=pad,
+                                temperature=None, top_p=None, top_k=None)
+        for row, i in enumerate(rows):
+            new = output[row, width:].tolist()
+            cut = next((k for k, token in enumerate(new) if token in stop_ids), None)
+            responses[i] = new if cut is None else new[:cut]
+            generated[i] = len(new) if cut is None else cut + 1
+    return responses, generated
+
+
+def generate_continuations(model, tokenizer, texts: Sequence[str], max_new_tokens: int,
+                           batch_size: int, start: bool = False) -> list[str]:
+    """Greedy, batched, KV-cached continuations of already formatted texts, decoded without special tokens
+    (`start`: after the start token, for plain text)."""
+    ids, _ = generate_ids(model, tokenizer, texts, max_new_tokens, batch_size, start)
+    return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
+
+
+def generate_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                       batch_size: int) -> list[str]:
+    """Greedy chat responses: chat template with the generation prompt, left padding, KV cache, stop at
+    `<|end|>` or EOS, decoded without special tokens and stripped. Equal to one-prompt-at-a-time generation."""
+    return generate_continuations(model, tokenizer, [chat_text(tokenizer, p) for p in prompts], max_new_tokens,
+                                  batch_size)
+
+
+def synchronize(model) -> None:
+    if model_device(model).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def generation_speed(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> dict:
+    """New tokens per second of the batched path against one-prompt-at-a-time `generate`, on the same prompts.
+
+    Both paths run greedy with the KV cache; new tokens count everything computed up to and including each
+    response's stop token. A one-prompt warm-up first keeps one-off costs (allocations, kernel selection) out of
+    both timings. `speedup` = batched tokens/s / sequential tokens/s; `identical_responses` checks that batching
+    changed no response.
+    """
+    if not prompts:
+        raise ValueError("generation_speed needs at least one prompt")
+    texts = [chat_text(tokenizer, p) for p in prompts]
+    generate_ids(model, tokenizer, texts[:1], max_new_tokens, 1)
+    timings = {}
+    for name, size in (("batched", batch_size), ("sequential", 1)):
+        synchronize(model)
+        started = time.perf_counter()
+        ids, generated = generate_ids(model, tokenizer, texts, max_new_tokens, size)
+        synchronize(model)
+        seconds = time.perf_counter() - started
+        timings[name] = (ids, sum(generated), seconds)
+    batched_rate = timings["batched"][1] / timings["batched"][2]
+    sequential_rate = timings["sequential"][1] / timings["sequential"][2]
+    return {
+        "n_prompts": len(prompts), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+        "batched_new_tokens": timings["batched"][1], "batched_seconds": timings["batched"][2],
+        "batched_tokens_per_s": batched_rate,
+        "sequential_new_tokens": timings["sequential"][1], "sequential_seconds": timings["sequential"][2],
+        "sequential_tokens_per_s": sequential_rate,
+        "speedup": batched_rate / sequential_rate,
+        "identical_responses": timings["batched"][0] == timings["sequential"][0],
+        "device": str(model_device(model)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""Across seeds: mean and confidence interval of every headline metric, paired differences, and the five findings.
+
+`synthflaw run --seeds 0 1 2 --run-id ID` leaves one ordinary run per seed in ``runs/ID/seed-<k>/``. This module
+reads only their finished JSON files (``07_evaluate/<model>/metrics.json``, ``05_unlearning/<method>/result.json``)
+and writes, into one output folder:
+
+- ``aggregate.json``: every per-seed value, the summaries and the paired differences (findings can be recomputed
+  from it alone);
+- ``tables/headline_ci.csv`` / ``tables/headline_ci.md`` / ``tables/per_seed.csv``, ``hsr_by_level_ci.csv``,
+  ``findings_differences.csv``;
+- ``findings.json`` / ``findings.md`` (:mod:`synthflaw.reporting.findings`); ``headline_ci.png``,
+  ``hsr_by_level_ci.png`` (drawn from the CSVs only).
+
+Differences are paired within seeds (:mod:`synthflaw.metrics.statistics` says why).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from synthflaw.config import from_dict
+from synthflaw.metrics.statistics import mean_ci, paired_difference
+from synthflaw.records import write_csv, write_json, write_text_atomic
+from synthflaw.registry import EVALUATE, UNLEARNING, model_order, models_of
+from synthflaw.reporting.findings import findings, write_findings
+from synthflaw.reporting.plots import plot_headline_ci, plot_hsr_by_level_ci
+from synthflaw.reporting.tables import HEADLINE, dig, markdown_table
+
+REFERENCES = ("natural", "synthetic")
+LEVEL_PREFIX = "HSR_level_"
+STAT_COLUMNS = ("n", "mean", "std", "low", "high", "half_width", "single_seed")
+_SEED_DIR = re.compile(r"^seed-(-?\d+)$")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading the seed runs
+# --------------------------------------------------------------------------------------------------------------
+
+def _done_models(run: Path) -> dict[str, Path]:
+    root = run / EVALUATE.name
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir())
+            if (p / "done.json").exists() and (p / "metrics.json").exists()}
+
+
+def _expected_models(run: Path) -> list[str] | None:
+    """The models the seed's study.json says it evaluates (the runner's own fan-out), or None without study.json."""
+    study = run / "study.json"
+    if not study.exists():
+        return None
+    return models_of(from_dict(json.loads(study.read_text())["config"]))
+
+
+def seed_runs(run_dir: str | Path) -> list[Path]:
+    """The ``seed-<k>`` folders of a multi-seed run whose 07_evaluate steps have all finished, sorted by k.
+
+    Finished means every model the seed's ``study.json`` lists has ``07_evaluate/<model>/done.json`` and
+    ``metrics.json`` (without study.json: at least one model has). A seed still running or stopped half-way is left
+    out, so every model is averaged over the same seeds.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist; pass the folder of a `synthflaw run --seeds ...` run "
+                                "(it holds seed-<k>/ sub-folders)")
+    found = []
+    for sub in run_dir.iterdir():
+        match = _SEED_DIR.match(sub.name)
+        if not match or not sub.is_dir():
+            continue
+        done, expected = _done_models(sub), _expected_models(sub)
+        if done and (expected is None or all(m in done for m in expected)):
+            found.append((int(match.group(1)), sub))
+    return [path for _, path in sorted(found)]
+
+
+def _seed_label(run: Path, position: int) -> str:
+    match = _SEED_DIR.match(run.name)
+    if match:
+        return match.group(1)
+    study = run / "study.json"
+    if study.exists():
+        return str(json.loads(study.read_text())["config"]["seed"])
+    return str(position)
+
+
+def _metric_values(metrics: dict) -> dict[str, float]:
+    """The headline metrics of one metrics.json (`HEADLINE` names) plus HSR per level; missing/None skipped."""
+    values = {column: float(dig(metrics, key)) for key, column in HEADLINE.items() if dig(metrics, key) is not None}
+    for level, value in sorted((metrics.get("hsr_by_level") or {}).items(), key=lambda kv: int(kv[0])):
+        if value is not None:
+            values[f"{LEVEL_PREFIX}{int(level)}"] = float(value)
+    return values
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------------------------
+
+def _unlearning_costs(run: Path) -> dict[str, float]:
+    """Tokens the unlearning step processed (forget + replay) as a fraction of the CPT budget, per method."""
+    costs = {}
+    root = run / UNLEARNING.name
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        result = path / "result.json"
+        if (path / "done.json").exists() and result.exists():
+            r = json.loads(result.read_text())
+            if r.get("cpt_tokens") and r.get("forget_tokens") is not None:
+                costs[path.name] = (r["forget_tokens"] + (r.get("replay_tokens") or 0)) / r["cpt_tokens"]
+    return costs
+
+
+def _stats_row(stats: dict | None) -> dict:
+    return {c: (stats or {}).get(c) for c in STAT_COLUMNS}
+
+
+def _fmt(stats: dict | None, n_model: int) -> str:
+    """`mean ± half-width` with decimals fitted to the size; `(n=k)` when the metric has fewer seeds than the model."""
+    if stats is None:
+        return ""
+    size = abs(stats["mean"])
+    digits = 1 if size >= 100 else 2 if size >= 10 else 3
+    cell = f"{stats['mean']:.{digits}f}" if stats["single_seed"] else \
+        f"{stats['mean']:.{digits}f} ± {stats['half_width']:.{digits}f}"
+    return cell + (f" (n={stats['n']})" if stats["n"] != n_model else "")
+
+
+def aggregate(run_dirs, out_dir, confidence: float = 0.95) -> dict:
+    """Mean and CI over seeds per model and metric, and paired differences against `natural` and `synthetic`.
+
+    run_dirs: one finished run folder per seed (see seed_runs); the seed of each is read from its folder name
+    ``seed-<k>`` (else its study.json). Writes into out_dir: aggregate.json, tables/headline_ci.csv (long form:
+    model, metric, n, mean, std, low, high, half_width, single_seed), tables/headline_ci.md (``mean ± half-width``),
+    tables/per_seed.csv, hsr_by_level_ci.csv and findings_differences.csv. Returns the aggregate.json content.
+    """
+    run_dirs = [Path(p) for p in run_dirs]
+    if not run_dirs:
+        raise ValueError("no seed runs to aggregate; run `synthflaw run --seeds 0 1 2 --run-id ID` and let 07 finish")
+    per_seed: dict[str, dict[str, dict[str, float]]] = {}
+    costs: dict[str, dict[str, float]] = {}
+    seeds = []
+    for position, run in enumerate(run_dirs):
+        models = _done_models(run)
+        if not models:
+            raise ValueError(f"{run} has no finished 07_evaluate step; aggregate only finished seeds (seed_runs)")
+        seed = _seed_label(run, position)
+        if seed in seeds:
+            raise ValueError(f"seed {seed} appears twice ({run}); pass each seed's run once")
+        seeds.append(seed)
+        for model, path in models.items():
+            for metric, value in _metric_values(json.loads((path / "metrics.json").read_text())).items():
+                per_seed.setdefault(model, {}).setdefault(metric, {})[seed] = value
+        for method, fraction in _unlearning_costs(run).items():
+            costs.setdefault(method, {})[seed] = fraction
+
+    models = model_order(per_seed)
+    per_seed = {m: per_seed[m] for m in models}
+    summary = {m: {metric: mean_ci(list(v.values()), confidence) for metric, v in per_seed[m].items()}
+               for m in models}
+    differences = {ref: {m: {metric: paired_difference(per_seed, m, ref, metric, confidence)
+                             for metric in per_seed[m]}
+                         for m in models if m != ref}
+                   for ref in REFERENCES if ref in per_seed}
+    aggregated = {"confidence": confidence, "seeds": seeds, "runs": [str(p) for p in run_dirs], "models": models,
+                  "per_seed": per_seed, "summary": summary, "differences": differences,
+                  "unlearning_cost": {m: {"per_seed": v, **mean_ci(list(v.values()), confidence)}
+                                      for m, v in costs.items()}}
+    _write_tables(aggregated, Path(out_dir))
+    return aggregated
+
+
+def _write_tables(agg: dict, out: Path) -> None:
+    tables = out / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    write_json(out / "aggregate.json", agg)
+    headline = list(HEADLINE.values())
+    rows, md_rows, level_rows, seed_rows, diff_rows = [], [], [], [], []
+    for model in agg["models"]:
+        mine = agg["summary"][model]
+        n_model = len({s for v in agg["per_seed"][model].values() for s in v})
+        rows += [{"model": model, "metric": metric, **_stats_row(mine[metric])} for metric in headline
+                 if metric in mine]
+        md_rows.append({"model": model, "n": str(n_model), **{c: _fmt(mine.get(c), n_model) for c in headline}})
+        levels = sorted((int(k[len(LEVEL_PREFIX):]), k) for k in mine if k.startswith(LEVEL_PREFIX))
+        level_rows += [{"model": model, "level": level, **_stats_row(mine[key])} for level, key in levels]
+        seed_rows += [{"model": model, "seed": s, "metric": metric, "value": v}
+                      for metric, by_seed in agg["per_seed"][model].items() for s, v in by_seed.items()]
+    for ref, by_model in agg["differences"].items():
+        for model, by_metric in by_model.items():
+            diff_rows += [{"model": model, "reference": ref, "metric": metric, **_stats_row(stats)}
+                          for metric, stats in by_metric.items() if stats is not None]
+    write_csv(tables / "headline_ci.csv", rows)
+    write_csv(tables / "per_seed.csv", seed_rows)
+    note = (f"\nmean ± half-width of the {agg['confidence']:.0%} Student-t interval over seeds "
+            f"({', '.join(agg['seeds'])}); n = seeds per model.\n")
+    write_text_atomic(tables / "headline_ci.md", markdown_table(md_rows) + "\n" + note)
+    for name, table in (("hsr_by_level_ci.csv", level_rows), ("findings_differences.csv", diff_rows)):
+        if table:
+            write_csv(out / name, table)
+        elif (out / name).exists():
+            (out / name).unlink()  # left by an earlier aggregation with more data; it would be stale
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Everything at once
+# --------------------------------------------------------------------------------------------------------------
+
+def summarize(run_dir, out_dir=None, confidence: float = 0.95, unlearning_method: str = "lower_bounded",
+              dpi: int = 120) -> dict:
+    """Aggregate the finished seeds of a multi-seed run, test the findings and draw the figures.
+
+    out_dir defaults to ``<run_dir>/seeds``. Returns {"seeds", "figures", "findings"}.
+    """
+    run_dir = Path(run_dir)
+    runs = seed_runs(run_dir)
+    if not runs:
+        raise ValueError(f"{run_dir} has no seed-<k>/ folder whose 07_evaluate steps have all finished; run "
+                         f"`synthflaw run --seeds 0 1 2 --run-id {run_dir.name}` first")
+    out = Path(out_dir) if out_dir is not None else run_dir / "seeds"
+    agg = aggregate(runs, out, confidence)
+    found = findings(agg, unlearning_method)
+    write_findings(found, out, confidence, agg["seeds"])
+    made = [plot_headline_ci(out / "tables" / "headline_ci.csv", out / "headline_ci.png", dpi)]
+    if (out / "hsr_by_level_ci.csv").exists():
+        made.append(plot_hsr_by_level_ci(out / "hsr_by_level_ci.csv", out / "hsr_by_level_ci.png", dpi))
+    return {"seeds": agg["seeds"], "figures": made,
+            "findings": {f["id"]: f["reproduces"] for f in found}}
