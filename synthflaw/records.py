@@ -1,7 +1,9 @@
-"""Record files on disk (JSON, JSONL, CSV), written atomically.
+"""Record files on disk (JSON, JSONL, CSV): the one place the package writes files.
 
-Every writer goes through a temporary file beside the target and a rename, so a killed run leaves the old file or
-the new one, never half of one; readers name the file and line of anything malformed.
+Every whole-file writer goes through a temporary file beside the target and a rename, so a killed run leaves the
+old file or the new one, never half of one. Logs that grow as a run goes (a loss curve, a generation log) are
+appended a line at a time and flushed; their readers drop a last line that a kill cut in half. Readers name the
+file and line of anything malformed.
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def write_csv(path: str | Path, rows: list[dict]) -> None:
-    """Rows as CSV; the columns are every key of any row, in first-seen order."""
-    if not rows:
+def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Rows as CSV; the columns are `columns`, else every key of any row in first-seen order (then rows may not be
+    empty)."""
+    if not rows and columns is None:
         raise ValueError(f"no rows to write to {path}")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns or list(dict.fromkeys(k for r in rows for k in r)),
+                            lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buf.getvalue())
@@ -67,3 +71,32 @@ def read_csv(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
         if missing:
             raise ValueError(f"{path} lacks the columns {missing}; it must have {list(required)}")
         return list(reader)
+
+
+def append_jsonl(path: str | Path, records: list[dict], *, sync: bool = False) -> None:
+    """Append records to a JSONL log, flushed (and with `sync`, fsynced: for logs a re-run resumes from)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        handle.flush()
+        if sync:
+            os.fsync(handle.fileno())
+
+
+def append_csv_row(path: str | Path, columns: list[str], row: dict) -> None:
+    """Append one row to a CSV log with a header already written (keys outside `columns` are left out)."""
+    with open(path, "a", newline="", encoding="utf-8") as handle:
+        csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n").writerow(row)
+
+
+def read_log_lines(path: str | Path) -> list[dict]:
+    """The complete records of a JSONL log; a last line half-written by a kill is cut off the file, so appends
+    stay valid. A missing file has none."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+    return [json.loads(line) for line in raw[:end].decode("utf-8").splitlines() if line.strip()]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from synthflaw.unlearning import (
     METHODS,
@@ -46,23 +46,26 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 
-def tiny_model(vocab_size, seed=0):
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
-    with torch.random.fork_rng():  # from_config draws from the global RNG; keep it seeded and contained
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config)
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama):
+    """tiny_model(tokenizer, seed=0): a tiny random Llama over the word-level vocabulary, with LlamaConfig's default
+    special-token ids (no padding row)."""
+    return lambda tokenizer, seed=0: tiny_llama(tokenizer, seed, special_tokens=False)
 
 
 def batch(tokenizer, texts, markers=None):
     return PairedCollator(tokenizer.pad_token_id).pad(tokenize(tokenizer, texts, 32, markers))
 
 
-def run(tokenizer, method, out_dir, *, model=None, max_steps=4, save_steps=2, learning_rate=1e-3, **kwargs):
-    model = model if model is not None else tiny_model(len(tokenizer))
-    kwargs.setdefault("replay_loss_bound", 20.0)
-    return unlearn(model, tokenizer, method, FORGET, REPLAY, out_dir, max_steps=max_steps, batch_size=4,
-                   learning_rate=learning_rate, seed=0, max_length=32, save_steps=save_steps, **kwargs)
+@pytest.fixture(scope="module")
+def run(tiny_model):
+    """run(tokenizer, method, out_dir, ...): unlearn FORGET with REPLAY, on a fresh tiny model unless one is given."""
+    def run(tokenizer, method, out_dir, *, model=None, max_steps=4, save_steps=2, learning_rate=1e-3, **kwargs):
+        model = model if model is not None else tiny_model(tokenizer)
+        kwargs.setdefault("replay_loss_bound", 20.0)
+        return unlearn(model, tokenizer, method, FORGET, REPLAY, out_dir, max_steps=max_steps, batch_size=4,
+                       learning_rate=learning_rate, seed=0, max_length=32, save_steps=save_steps, **kwargs)
+    return run
 
 
 def tree_hash(path):
@@ -168,8 +171,8 @@ def test_kl_to_reference_direction_and_zero_at_reference():
 # ---- the method contract ----
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_one_step_changes_parameters(name, tokenizer):
-    model = tiny_model(len(tokenizer))
+def test_every_method_one_step_changes_parameters(name, tokenizer, tiny_model):
+    model = tiny_model(tokenizer)
     method = make_method(name)
     reference = copy.deepcopy(model).requires_grad_(False) if method.needs_reference else None
     if method.needs_reference:
@@ -186,8 +189,8 @@ def test_every_method_one_step_changes_parameters(name, tokenizer):
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
-def test_lower_bounded_template_scope_and_no_push_past_tau(tokenizer):
-    model = tiny_model(len(tokenizer))
+def test_lower_bounded_template_scope_and_no_push_past_tau(tokenizer, tiny_model):
+    model = tiny_model(tokenizer)
     forget = batch(tokenizer, FORGET[:4], markers=MARKERS)
     replay = batch(tokenizer, REPLAY[:4])
     scoped = LowerBounded(forget_scope="template", tau=50.0, w_b=0.0)
@@ -263,18 +266,20 @@ def test_select_checkpoint_rule():
 
 # ---- the loop ----
 
-def test_unlearn_logs_every_term_evaluates_and_lands_the_selected_checkpoint(tokenizer, tmp_path):
-    model = tiny_model(len(tokenizer))
+def test_unlearn_logs_every_term_evaluates_and_lands_the_selected_checkpoint(tokenizer, tmp_path, tiny_model, run):
+    model = tiny_model(tokenizer)
     evaluations = iter([{"recovery": 0.5, "retention": 0.95}, {"recovery": 0.9, "retention": 0.5}])
     method = make_method("lower_bounded", forget_scope="template", tau=50.0)
     summary = run(tokenizer, method, tmp_path, model=model, reference=copy.deepcopy(model), general_texts=GENERAL,
                   markers=MARKERS, forget_scope="template", eval_fn=lambda m: next(evaluations), eval_every=2,
                   select_fn=select_checkpoint)
     rows = read_csv(tmp_path / "loss.csv")
-    assert list(rows[0]) == ["step", *method.terms, "lr", "grad_norm", "elapsed_s"]
+    # the scaffold's loss curve, with every term of the method
+    assert list(rows[0])[:5] == ["step", "loss", "learning_rate", "tokens_seen", "elapsed_s"]
+    assert set(method.terms) < set(rows[0]) and "grad_norm" in rows[0]
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(float(r[t])) for r in rows for t in method.terms)
-    assert float(rows[0]["forget"]) > 0 and float(rows[-1]["lr"]) == pytest.approx(1e-3)
+    assert float(rows[0]["forget"]) > 0 and float(rows[-1]["learning_rate"]) == pytest.approx(1e-3)
     assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [2, 4]
     assert summary["selected_step"] == 2 and summary["steps"] == 4
     assert summary["forget_tokens"] > 0 and summary["replay_tokens"] > 0 and summary["general_tokens"] > 0
@@ -287,7 +292,7 @@ def test_unlearn_logs_every_term_evaluates_and_lands_the_selected_checkpoint(tok
     assert reloaded.config.vocab_size == len(tokenizer)
 
 
-def test_killed_run_resumes_to_the_same_model(tokenizer, tmp_path):
+def test_killed_run_resumes_to_the_same_model(tokenizer, tmp_path, run):
     straight = run(tokenizer, make_method("gradient_difference"), tmp_path / "a", max_steps=4)
     run(tokenizer, make_method("gradient_difference"), tmp_path / "b", max_steps=2)
     resumed = run(tokenizer, make_method("gradient_difference"), tmp_path / "b", max_steps=4)
@@ -316,7 +321,7 @@ class NaNAfter(GradientDifference):
         return terms
 
 
-def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tokenizer, tmp_path):
+def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tokenizer, tmp_path, run):
     run(tokenizer, make_method("gradient_difference"), tmp_path, max_steps=2)
     good = tmp_path / "checkpoints" / "checkpoint-2"
     hashes, model_hashes = tree_hash(good), tree_hash(tmp_path / "model")
@@ -333,7 +338,7 @@ def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tokenizer, t
     assert [r["step"] for r in read_csv(tmp_path / "loss.csv")] == ["1", "2", "3", "4", "5", "6"]
 
 
-def test_absurd_learning_rate_trips_the_guard_and_rejects_the_bad_checkpoint(tokenizer, tmp_path):
+def test_absurd_learning_rate_trips_the_guard_and_rejects_the_bad_checkpoint(tokenizer, tmp_path, run):
     with pytest.raises(UnlearningDiverged, match="no good checkpoint exists yet") as error:
         run(tokenizer, make_method("gradient_difference"), tmp_path, max_steps=3, save_steps=1, learning_rate=1e30)
     # The first update wrecked the model (saved as checkpoint-1); the next step's loss check caught it.
@@ -342,17 +347,17 @@ def test_absurd_learning_rate_trips_the_guard_and_rejects_the_bad_checkpoint(tok
     assert not list((tmp_path / "checkpoints").glob("checkpoint-*")) and not (tmp_path / "model").exists()
 
 
-def test_replay_bound_stops_gradient_ascent(tokenizer, tmp_path):
+def test_replay_bound_stops_gradient_ascent(tokenizer, tmp_path, run):
     with pytest.raises(UnlearningDiverged, match=r"replay_nll = .* exceeds replay_loss_bound=1.0") as error:
         run(tokenizer, make_method("gradient_ascent"), tmp_path, replay_loss_bound=1.0)
     assert (error.value.step, error.value.term, error.value.bad_from_step) == (1, "replay_nll", 0)
 
 
-def test_unlearn_rejects_inconsistent_arguments(tokenizer, tmp_path):
+def test_unlearn_rejects_inconsistent_arguments(tokenizer, tmp_path, tiny_model, run):
     with pytest.raises(ValueError, match="needs markers"):
         run(tokenizer, LowerBounded(forget_scope="template", w_b=0), tmp_path, forget_scope="template")
     with pytest.raises(ValueError, match="both must agree"):
-        run(tokenizer, make_method("npo"), tmp_path, reference=tiny_model(len(tokenizer)), forget_scope="template",
+        run(tokenizer, make_method("npo"), tmp_path, reference=tiny_model(tokenizer), forget_scope="template",
             markers=MARKERS)
     with pytest.raises(ValueError, match="reference"):
         run(tokenizer, make_method("npo"), tmp_path)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from synthflaw.records import read_jsonl, write_json, write_jsonl
+from synthflaw.registry import GENERATE_DATA
 
 # The Q-A formats a teacher model emits. Template 0 is the paper's uniform format; `synthetic_templates` = k uses
 # the first k. Markers are each template's structural strings: what the leakage rate and template unlearning look for.
@@ -61,7 +62,7 @@ def load_data(data_dir: Path) -> dict[str, list[dict]]:
     data_dir = Path(data_dir)
     missing = [n for n in DATA_FILES if not (data_dir / f"{n}.jsonl").exists()]
     if missing:
-        raise FileNotFoundError(f"{data_dir} lacks {', '.join(missing)}.jsonl: run stage 01_generate_data first")
+        raise FileNotFoundError(f"{data_dir} lacks {', '.join(missing)}.jsonl: run stage {GENERATE_DATA.name} first")
     out: dict = {n: read_jsonl(data_dir / f"{n}.jsonl") for n in DATA_FILES}
     out["synthqa_templates"] = json.loads((data_dir / "synthqa_templates.json").read_text())
     return out

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import warnings
 from collections import Counter
@@ -169,18 +168,6 @@ class Generation:
 # Resumable generation
 # --------------------------------------------------------------------------------------------------------------
 
-def _read_log(path: Path) -> list[dict]:
-    """The complete lines of a generation log; a line half-written by a kill is cut off so appends stay valid."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    end = raw.rfind(b"\n") + 1
-    if end < len(raw):
-        with open(path, "r+b") as fh:
-            fh.truncate(end)
-    return [json.loads(line) for line in raw[:end].decode("utf-8").splitlines() if line.strip()]
-
-
 def _job_key(generator, prompt: str) -> str:
     """What an output depends on: a line with another key (other generator, prompt or document) is not reused."""
     blob = json.dumps([generator.name, generator.max_new_tokens, prompt], ensure_ascii=False)
@@ -199,29 +186,28 @@ def generate_resumable(generator, jobs: list[tuple[str, str]], log_path: Path, b
         raise ValueError(f"data.generator_batch_size must be >= 1, got {batch_size}")
     keys = {doc_id: _job_key(generator, prompt) for doc_id, prompt in jobs}
     done = {}
-    for line in _read_log(log_path):
+    for line in records.read_log_lines(log_path):
         if keys.get(line["document_id"]) == line["key"] and line.get("failure") not in RETRIED_ON_RESUME:
             done[line["document_id"]] = line
     todo = [(doc_id, prompt) for doc_id, prompt in jobs if doc_id not in done]
     consecutive_errors = 0
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as fh:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            outputs = generator.generate([prompt for _, prompt in batch])
-            for (doc_id, _), output in zip(batch, outputs):
-                line = {"document_id": doc_id, "key": keys[doc_id], "generator": generator.name,
-                        "output": output.text, "truncated": output.truncated, "detail": output.detail,
-                        **interpret(output)}
-                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-                done[doc_id] = line
-                consecutive_errors = consecutive_errors + 1 if line["failure"] in RETRIED_ON_RESUME else 0
-            fh.flush()
-            os.fsync(fh.fileno())
-            if consecutive_errors >= MAX_CONSECUTIVE_ENDPOINT_ERRORS:
-                raise RuntimeError(f"the generator endpoint failed {consecutive_errors} documents in a row (last: "
-                                   f"{done[batch[-1][0]]['detail']}); finished documents are kept in {log_path}: "
-                                   "fix the endpoint and re-run to resume")
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        outputs = generator.generate([prompt for _, prompt in batch])
+        lines = []
+        for (doc_id, _), output in zip(batch, outputs):
+            line = {"document_id": doc_id, "key": keys[doc_id], "generator": generator.name,
+                    "output": output.text, "truncated": output.truncated, "detail": output.detail,
+                    **interpret(output)}
+            lines.append(line)
+            done[doc_id] = line
+            consecutive_errors = consecutive_errors + 1 if line["failure"] in RETRIED_ON_RESUME else 0
+        records.append_jsonl(log_path, lines, sync=True)  # a kill loses at most the batch in flight
+        if consecutive_errors >= MAX_CONSECUTIVE_ENDPOINT_ERRORS:
+            raise RuntimeError(f"the generator endpoint failed {consecutive_errors} documents in a row (last: "
+                               f"{done[batch[-1][0]]['detail']}); finished documents are kept in {log_path}: "
+                               "fix the endpoint and re-run to resume")
     return {doc_id: done[doc_id] for doc_id, _ in jobs}
 
 

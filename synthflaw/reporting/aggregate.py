@@ -144,7 +144,7 @@ def aggregate(run_dirs, out_dir, confidence: float = 0.95) -> dict:
     for position, run in enumerate(run_dirs):
         models = _done_models(run)
         if not models:
-            raise ValueError(f"{run} has no finished 07_evaluate step; aggregate only finished seeds (seed_runs)")
+            raise ValueError(f"{run} has no finished {EVALUATE.name} step; aggregate only finished seeds (seed_runs)")
         seed = _seed_label(run, position)
         if seed in seeds:
             raise ValueError(f"seed {seed} appears twice ({run}); pass each seed's run once")
@@ -216,7 +216,7 @@ def summarize(run_dir, out_dir=None, confidence: float = 0.95, unlearning_method
     run_dir = Path(run_dir)
     runs = seed_runs(run_dir)
     if not runs:
-        raise ValueError(f"{run_dir} has no seed-<k>/ folder whose 07_evaluate steps have all finished; run "
+        raise ValueError(f"{run_dir} has no seed-<k>/ folder whose {EVALUATE.name} steps have all finished; run "
                          f"`synthflaw run --seeds 0 1 2 --run-id {run_dir.name}` first")
     out = Path(out_dir) if out_dir is not None else run_dir / "seeds"
     agg = aggregate(runs, out, confidence)

@@ -127,7 +127,8 @@ def plot_unlearning_losses(csv_path: Path, png_path: Path, dpi: int = 120) -> st
     steps: unbounded gradient ascent keeps pushing it up, the lower-bounded method stops near its tau (dashed)."""
     rows = read_csv(csv_path)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    skip = {"method", "step", "lr", "learning_rate", "elapsed_s", "forget_nll", "replay_nll", "grad_norm", "tau"}
+    skip = {"method", "step", "lr", "learning_rate", "elapsed_s", "forget_nll", "replay_nll", "grad_norm", "tau",
+            "tokens_seen", "epoch"}
     fig, axes = new_figure((3.2 * (len(methods) + 1), 3.2), cols=len(methods) + 1)
     for ax, method in zip(axes[0], methods):
         mine = [r for r in rows if r["method"] == method]

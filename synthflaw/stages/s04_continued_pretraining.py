@@ -16,7 +16,8 @@ def run(cfg, step) -> dict:
     tokens" row: the alternative mitigation to unlearning, at ~300x its cost, which "recovers only part of the loss"
     (finding 5); from `natural` it asks whether more natural data alone changes instruction following.
 
-    Runs in this process, or on `compute.num_processes` processes under `accelerate launch` (`synthflaw.training.launch`).
+    Runs in this process, or on `compute.num_processes` processes under `accelerate launch`
+    (`synthflaw.training.launch`).
     """
     branch, c = step.variant, cfg.cpt
     if branch not in BRANCHES:

@@ -18,5 +18,5 @@ def run(cfg, step) -> dict:
            "records": str(step.upstream(GENERATE_DATA) / "data" / "sft.jsonl"), "max_length": s.max_length,
            "epochs": s.epochs, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
            "warmup_steps": s.warmup_steps, "seed": cfg.seed, "save_steps": s.save_steps}
-    summary = run_training(job, cfg.compute, step.path)  # here, or under `accelerate launch` (synthflaw.training.launch)
+    summary = run_training(job, cfg.compute, step.path)  # here, or under `accelerate launch`
     return {"model": name, "started_from": str(start.relative_to(step.run_dir)), **summary}

@@ -17,15 +17,69 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import datasets
+import numpy as np
+
 from synthflaw.config import BRANCHES
-from synthflaw.training.scaffold import (
-    data_parallel_processes,
-    document_token_ids,
-    pack_texts,
-    steps_for_token_budget,
-    train_causal_lm,
-    write_summary,
-)
+from synthflaw.training.scaffold import data_parallel_processes, train_causal_lm, write_summary
+
+
+def pack_texts(tokenizer, texts: list[str], block_size: int) -> datasets.Dataset:
+    """Tokenise `texts` once, join them with eos after every document and cut the stream into full blocks.
+
+    Every block holds exactly `block_size` real tokens, so a step of `batch_size` blocks trains on exactly
+    `batch_size * block_size` tokens and never on padding. The tail that does not fill a block is dropped.
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size={block_size}: a causal LM block needs at least 2 tokens (use e.g. 256).")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos token to separate packed documents; set tokenizer.eos_token.")
+    ids = document_token_ids(tokenizer, texts)
+    stream = np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=np.int64)
+    n_blocks = len(stream) // block_size
+    if n_blocks == 0:
+        raise ValueError(
+            f"The corpus has {len(stream)} tokens, fewer than one block of {block_size}: pass more text or a "
+            "smaller block_size."
+        )
+    blocks = stream[: n_blocks * block_size].reshape(n_blocks, block_size)
+    return datasets.Dataset.from_dict({"input_ids": blocks.tolist()})
+
+
+def document_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each document, without special tokens (packing adds the eos separators itself)."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("No texts to tokenise: pass a non-empty list of documents.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"Document {i} is a {type(text).__name__}, not a string; pass the documents' text.")
+    ids: list[list[int]] = []
+    # Batches of 1000 keep the fast tokenizer parallel without a second full copy of the corpus in flight.
+    for start in range(0, len(texts), 1000):
+        ids.extend(tokenizer(texts[start : start + 1000], add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def steps_for_token_budget(
+    max_tokens: int, *, block_size: int, batch_size: int, num_processes: int = 1, gradient_accumulation_steps: int = 1
+) -> int:
+    """Optimizer steps that train on at most `max_tokens` tokens of packed data.
+
+    One step consumes `block_size * batch_size * num_processes * gradient_accumulation_steps` tokens, all real
+    (packed blocks have no padding), so two runs given the same budget and batch shape train on exactly
+    `steps * tokens_per_step` tokens each, whatever their corpus.
+    """
+    tokens_per_step = block_size * batch_size * num_processes * gradient_accumulation_steps
+    steps = max_tokens // tokens_per_step
+    if steps < 1:
+        raise ValueError(
+            f"max_tokens={max_tokens} is less than one optimizer step of {tokens_per_step} tokens "
+            f"(block {block_size} x batch {batch_size} x {num_processes} processes x {gradient_accumulation_steps} "
+            "accumulation): raise max_tokens or shrink the batch."
+        )
+    return steps
+
 
 def branch_corpus(
     branch: str,

@@ -2,13 +2,14 @@
 
 Everything goes through `transformers.Trainer`: checkpoint/resume, progress bars, mixed precision, CUDA and
 multi-process data parallelism (`accelerate launch`) come from the ecosystem. What this module adds is small:
-packing a corpus into fixed blocks (tokenised once), converting a token budget into an exact number of steps,
-a padding collator that never puts loss on padding, the loss curve as CSV, and an atomic final save.
+one way to build the Trainer (`make_trainer`, which unlearning reuses with its own Trainer subclass), a padding
+collator that never puts loss on padding, the loss curve as CSV, and an atomic final save.
 
-Several processes: `accelerate launch --config_file accelerate/ddp.yaml --num_processes 2 -m synthflaw.training.jobs
-job.json` runs one of the training tasks (see `synthflaw.training.jobs.run_job`) with DDP: NCCL on GPUs, gloo on a CPU-only host
-(`synthflaw.training.launch` builds that command from the `compute` config section). With accelerate 1.x,
-`accelerate launch --cpu --num_processes 2` (or `distributed_type: MULTI_CPU`) starts a single process;
+Several processes: `accelerate launch --config_file accelerate/ddp.yaml --num_processes 2 -m
+synthflaw.training.jobs job.json` runs one of the training tasks (see `synthflaw.training.jobs.run_job`) with DDP:
+NCCL on GPUs, gloo on a CPU-only host (`synthflaw.training.launch` builds that command from the `compute` section).
+With accelerate 1.x, `accelerate launch --cpu --num_processes 2` (or `distributed_type: MULTI_CPU`) starts a single
+process;
 `--multi_gpu` (`distributed_type: MULTI_GPU`) goes through torchrun, and on a host without CUDA the processes join
 a gloo group because the TrainingArguments say `use_cpu`.
 """
@@ -16,21 +17,19 @@ a gloo group because the TrainingArguments say `use_cpu`.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from synthflaw.models.batching import pad, pad_batch
+from synthflaw.records import append_csv_row, write_csv, write_json
 
 # Measured by benchmarks/throughput.py on the 2-core Xeon this project is developed on (AVX-512 but no
 # AVX512-BF16/AMX, so bf16 matmuls are emulated: ~26-50 GFLOP/s against ~85-260 in fp32): the default model
@@ -41,63 +40,6 @@ CPU_BF16_AUTOCAST_IS_FASTER = False
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
 LOSS_CURVE_COLUMNS = ("step", "loss", "learning_rate", "tokens_seen", "elapsed_s")
 CHECKPOINTS_KEPT = 2
-
-
-def pack_texts(tokenizer, texts: list[str], block_size: int) -> datasets.Dataset:
-    """Tokenise `texts` once, join them with eos after every document and cut the stream into full blocks.
-
-    Every block holds exactly `block_size` real tokens, so a step of `batch_size` blocks trains on exactly
-    `batch_size * block_size` tokens and never on padding. The tail that does not fill a block is dropped.
-    """
-    if block_size < 2:
-        raise ValueError(f"block_size={block_size}: a causal LM block needs at least 2 tokens (use e.g. 256).")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no eos token to separate packed documents; set tokenizer.eos_token.")
-    ids = document_token_ids(tokenizer, texts)
-    stream = np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=np.int64)
-    n_blocks = len(stream) // block_size
-    if n_blocks == 0:
-        raise ValueError(
-            f"The corpus has {len(stream)} tokens, fewer than one block of {block_size}: pass more text or a "
-            "smaller block_size."
-        )
-    blocks = stream[: n_blocks * block_size].reshape(n_blocks, block_size)
-    return datasets.Dataset.from_dict({"input_ids": blocks.tolist()})
-
-
-def document_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each document, without special tokens (packing adds the eos separators itself)."""
-    texts = list(texts)
-    if not texts:
-        raise ValueError("No texts to tokenise: pass a non-empty list of documents.")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"Document {i} is a {type(text).__name__}, not a string; pass the documents' text.")
-    ids: list[list[int]] = []
-    # Batches of 1000 keep the fast tokenizer parallel without a second full copy of the corpus in flight.
-    for start in range(0, len(texts), 1000):
-        ids.extend(tokenizer(texts[start : start + 1000], add_special_tokens=False)["input_ids"])
-    return ids
-
-
-def steps_for_token_budget(
-    max_tokens: int, *, block_size: int, batch_size: int, num_processes: int = 1, gradient_accumulation_steps: int = 1
-) -> int:
-    """Optimizer steps that train on at most `max_tokens` tokens of packed data.
-
-    One step consumes `block_size * batch_size * num_processes * gradient_accumulation_steps` tokens, all real
-    (packed blocks have no padding), so two runs given the same budget and batch shape train on exactly
-    `steps * tokens_per_step` tokens each, whatever their corpus.
-    """
-    tokens_per_step = block_size * batch_size * num_processes * gradient_accumulation_steps
-    steps = max_tokens // tokens_per_step
-    if steps < 1:
-        raise ValueError(
-            f"max_tokens={max_tokens} is less than one optimizer step of {tokens_per_step} tokens "
-            f"(block {block_size} x batch {batch_size} x {num_processes} processes x {gradient_accumulation_steps} "
-            "accumulation): raise max_tokens or shrink the batch."
-        )
-    return steps
 
 
 @dataclass
@@ -134,6 +76,7 @@ class LossCurveCallback(TrainerCallback):
         self.elapsed_offset = 0.0
         self.start = time.perf_counter()
         self.initial_tokens = 0
+        self.tokens_seen = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
@@ -154,27 +97,32 @@ class LossCurveCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
+        self.tokens_seen = state.num_input_tokens_seen
+        self.append(state.global_step, logs)
+
+    def elapsed(self) -> float:
+        """Training seconds so far, across resumes."""
+        return self.elapsed_offset + time.perf_counter() - self.start
+
+    def append(self, step: int, logs: dict) -> None:
+        """Write one row: the step, its loss, learning rate, tokens seen and time, and every other scalar in `logs`."""
         row = {
-            "step": state.global_step,
-            "loss": logs["loss"],
+            "step": step,
+            "loss": logs.get("loss"),
             "learning_rate": logs.get("learning_rate"),
-            "tokens_seen": state.num_input_tokens_seen,
-            "elapsed_s": round(self.elapsed_offset + time.perf_counter() - self.start, 3),
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": round(self.elapsed(), 3),
         }
         extras = {k: v for k, v in logs.items() if k not in row and k not in self.NOT_CURVES}
         row.update({k: v for k, v in extras.items() if isinstance(v, (int, float))})
         if self.columns is None:
             self.columns = list(LOSS_CURVE_COLUMNS) + [k for k in row if k not in LOSS_CURVE_COLUMNS]
             self._rewrite([])
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(row)
+        append_csv_row(self.path, self.columns, row)
 
     def _rewrite(self, rows: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(self.path, rows, columns=self.columns)
 
 
 class LossInProgressBar(ProgressCallback):
@@ -200,7 +148,7 @@ def resolve_bf16(bf16: bool | str) -> bool:
     raise ValueError(f"bf16={bf16!r}: use True, False or 'auto'.")
 
 
-def train_causal_lm(
+def make_trainer(
     model,
     tokenizer,
     train_dataset,
@@ -223,22 +171,25 @@ def train_causal_lm(
     gradient_checkpointing: bool = False,
     callbacks: tuple[TrainerCallback, ...] = (),
     trainer_cls: type[Trainer] = Trainer,
-) -> dict:
-    """Train `model` for `max_steps` optimizer steps and save it with its tokenizer into `out_dir/model/`.
+    trainer_kwargs: dict | None = None,
+    checkpoints_kept: int | None = CHECKPOINTS_KEPT,
+    sequential: bool = False,
+    count_padding_free_tokens: bool = True,
+    **extra_args,
+) -> tuple[Trainer, str | None, "LossCurveCallback"]:
+    """The one way this package builds a `transformers.Trainer`: (trainer, checkpoint to resume from, loss curve).
 
-    Checkpoints go to `out_dir/checkpoints/` every `save_steps` (the last two are kept); with `resume=True` a run
-    whose checkpoints exist continues from the last one, with optimizer, scheduler, RNG and data position
-    restored, so a killed and resumed run ends with the weights of an uninterrupted one. The loss curve is
-    written to `out_dir/loss.csv` as training goes. `trainer_cls` lets a `Trainer` subclass (e.g. an unlearning
-    method overriding `compute_loss`) reuse all of this. The model is trained in place.
+    Checkpoints go to `out_dir/checkpoints/` every `save_steps` (the last `checkpoints_kept`, None = all); with
+    `resume=True` a run whose checkpoints exist continues from the last one, with optimizer, scheduler, RNG and data
+    position restored. The loss curve is written to `out_dir/loss.csv` as training goes (`LossCurveCallback`).
+    `trainer_cls` (with `trainer_kwargs`) lets a `Trainer` subclass, e.g. an unlearning method's, reuse all of this.
+    `sequential`: batches in dataset order (a dataset already in its seeded order), else a seeded random order.
+    `count_padding_free_tokens`: the Trainer counts the non-padding tokens of each batch (`tokens_seen`); a trainer
+    whose batches are not plain {input_ids, ...} dicts counts its own. `extra_args` go to `TrainingArguments`.
 
     `batch_size` is per process and per micro-step: an optimizer step sees `batch_size * processes *
     gradient_accumulation_steps` examples. `gradient_checkpointing` recomputes each block's activations in the
     backward pass instead of keeping them (less memory, ~30% more compute); the weights it trains are the same.
-
-    Returns a summary: steps, tokens (non-padding tokens trained on, all processes, whole run), tokens and
-    wall seconds of this call, tokens/s, final loss, the step resumed from, bf16, the number of processes and the
-    batch layout; on CUDA also the peak memory and the model FLOP utilisation (`model_flops_utilisation`).
     """
     for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("save_steps", save_steps),
                         ("logging_steps", logging_steps), ("gradient_accumulation_steps", gradient_accumulation_steps)):
@@ -246,7 +197,7 @@ def train_causal_lm(
             raise ValueError(f"{name}={value!r}: must be a positive integer.")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps={warmup_steps}: must be >= 0.")
-    if tokenizer.pad_token_id is None:
+    if collator is None and tokenizer.pad_token_id is None:
         raise ValueError(
             "The tokenizer has no pad token; load it with synthflaw.models.tokenizer.load_tokenizer (pads with eos)."
         )
@@ -276,6 +227,7 @@ def train_causal_lm(
         max_grad_norm=max_grad_norm,
         seed=seed,
         data_seed=seed,
+        train_sampling_strategy="sequential" if sequential else "random",
         bf16=resolve_bf16(bf16),
         # Explicit on CPU-only hosts: it is what makes processes started by torchrun / `accelerate launch
         # --multi_gpu` join one gloo DDP group, and what allows bf16 autocast on CPU. CUDA is used when present.
@@ -284,10 +236,10 @@ def train_causal_lm(
         activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         save_strategy="steps",
         save_steps=save_steps,
-        save_total_limit=CHECKPOINTS_KEPT,
+        save_total_limit=checkpoints_kept,
         logging_strategy="steps",
         logging_steps=logging_steps,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding" if count_padding_free_tokens else "no",
         report_to="none",
         dataloader_num_workers=0,
         # Every step gets a full batch, also at an epoch's end: what makes a token budget an exact step count.
@@ -295,6 +247,7 @@ def train_causal_lm(
         ddp_find_unused_parameters=False,  # every parameter gets a gradient; the search costs a graph traversal
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies only
         disable_tqdm=False,
+        **extra_args,
     )
     loss_curve = LossCurveCallback(out_dir / "loss.csv")
     trainer = trainer_cls(
@@ -304,10 +257,30 @@ def train_causal_lm(
         data_collator=collator if collator is not None else CausalLMCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[loss_curve, *callbacks],
+        **(trainer_kwargs or {}),
     )
-    for default_bar in [c for c in trainer.callback_handler.callbacks if type(c).__name__.endswith("ProgressCallback")]:
-        trainer.remove_callback(default_bar)
+    # The default progress callbacks print every log as a line (or a notebook table row): one bar instead.
+    for default in [c for c in trainer.callback_handler.callbacks
+                    if type(c).__name__.endswith(("ProgressCallback", "PrinterCallback"))]:
+        trainer.remove_callback(default)
     trainer.add_callback(LossInProgressBar())
+    return trainer, last_checkpoint, loss_curve
+
+
+def train_causal_lm(model, tokenizer, train_dataset, out_dir: str | Path, **kwargs) -> dict:
+    """Train `model` (in place) as `make_trainer` sets it up, for its `max_steps` optimizer steps, and save it with
+    its tokenizer into `out_dir/model/`, atomically. A killed and resumed run ends with the weights of an
+    uninterrupted one.
+
+    Returns a summary: steps, tokens (non-padding tokens trained on, all processes, whole run), tokens and
+    wall seconds of this call, tokens/s, final loss, the step resumed from, bf16, the number of processes and the
+    batch layout; on CUDA also the peak memory and the model FLOP utilisation (`model_flops_utilisation`).
+    """
+    out_dir = Path(out_dir)
+    trainer, last_checkpoint, loss_curve = make_trainer(model, tokenizer, train_dataset, out_dir, **kwargs)
+    args = trainer.args
+    batch_size, gradient_accumulation_steps = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    gradient_checkpointing = bool(args.activation_checkpointing)
     on_cuda = args.device.type == "cuda"
     # Measured before training, on the same GPU, so MFU is against what this device does, not a datasheet.
     peak_flops = matmul_flops(torch.bfloat16, args.device) if on_cuda else None
@@ -317,7 +290,7 @@ def train_causal_lm(
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
     wall_s = time.perf_counter() - start
     peak_memory = torch.cuda.max_memory_allocated(args.device) if on_cuda else None
-    _save_final(trainer, out_dir / "model")
+    save_model_atomically(trainer, out_dir / "model")
 
     state = trainer.state
     tokens_this_call = state.num_input_tokens_seen - loss_curve.initial_tokens
@@ -356,14 +329,11 @@ def write_summary(out_dir: str | Path, summary: dict) -> dict:
     file holds the outermost call's.
     """
     if int(os.environ.get("RANK", "0")) == 0:
-        path = Path(out_dir) / "train_summary.json"
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(partial, path)
+        write_json(Path(out_dir) / "train_summary.json", summary)
     return summary
 
 
-def _save_final(trainer: Trainer, model_dir: Path) -> None:
+def save_model_atomically(trainer: Trainer, model_dir: Path) -> None:
     """Save model + tokenizer into a temporary folder, then swap it in, so `model/` is never half-written."""
     partial = model_dir.with_name(model_dir.name + ".partial")
     if trainer.is_world_process_zero() and partial.exists():

@@ -1,13 +1,15 @@
-"""The unlearning loop: a `transformers.Trainer` whose `compute_loss` is the method's loss, plus a safety guard.
+"""The unlearning loop: the package's training scaffold (:func:`synthflaw.training.scaffold.make_trainer`) with a
+`Trainer` subclass whose `compute_loss` is the method's loss, plus a safety guard.
 
 Why Trainer rather than a plain loop: checkpoint/resume (weights, AdamW state, data position), CUDA, bf16 and
 multi-GPU come from the ecosystem, as in TRL and open-unlearning. What it adds stays small: paired batches read in
-sequence from seeded orders, one callback that guards each step and writes the per-term CSV, optional evaluation
-with checkpoint selection. Schedule: constant learning rate (no warmup, no decay), so a resumed or extended run
-continues exactly where it stopped and the loss curves show the methods, not the schedule.
+sequence from seeded orders, the method's terms in every logged step, one callback that guards each step, optional
+evaluation with checkpoint selection. Schedule: constant learning rate (no warmup, no decay), so a resumed or
+extended run continues exactly where it stopped and the loss curves show the methods, not the schedule.
 
 Files under `out_dir`:
-    loss.csv        one row per step: step, every term of the method, lr, grad_norm, elapsed_s (written as it goes)
+    loss.csv        one row per step (the scaffold's loss curve): step, loss, learning_rate, tokens_seen (forget,
+                    replay and general tokens), elapsed_s, grad_norm, then every term of the method
     eval.jsonl      one row per evaluation: {"step", **eval_fn(model)}
     checkpoints/    checkpoint-<step>/ every save_steps (and at each evaluation): weights + optimizer + data position
     rejected/       checkpoints moved aside after a divergence (the model that produced the bad value, or later)
@@ -16,8 +18,6 @@ Files under `out_dir`:
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import re
@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from synthflaw.models.tokenizer import pad_id
+from synthflaw.records import append_jsonl, read_csv, read_jsonl, write_jsonl
+from synthflaw.training.scaffold import make_trainer, save_model_atomically
 from synthflaw.unlearning.base import UnlearningMethod
 from synthflaw.unlearning.batches import PairedBatches, PairedCollator, tokenize
 
@@ -112,10 +114,6 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
             batch_size % gradient_accumulation_steps):
         raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps!r} must be a positive integer "
                          f"that divides batch_size={batch_size}")
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_token_id is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with; set tokenizer.pad_token")
-
     data = PairedBatches(
         forget=tokenize(tokenizer, forget_texts, max_length, markers if forget_scope == "template" else None),
         replay=tokenize(tokenizer, replay_texts, max_length),
@@ -127,121 +125,126 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
         # A fresh run would save over these step by step; refuse rather than mix two runs.
         raise ValueError(f"{checkpoints_dir} already holds checkpoints; pass resume=True to continue that run, "
                          "or use a fresh out_dir")
-    last_checkpoint = get_last_checkpoint(str(checkpoints_dir)) if resume and checkpoints_dir.is_dir() else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evaluations = _Evaluations(out_dir / EVAL_JSONL)
+    started = time.monotonic()
+    trainer, last_checkpoint, loss_curve = make_trainer(
+        model, tokenizer, data, out_dir, max_steps=max_steps, batch_size=batch_size // gradient_accumulation_steps,
+        gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=gradient_checkpointing,
+        learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=MAX_GRAD_NORM,
+        seed=seed, save_steps=save_steps, collator=PairedCollator(pad_id(tokenizer)), resume=resume,
+        callbacks=(_StepGuard(evaluations, eval_fn, eval_every, max_steps), _LearningRateAsGiven()),
+        trainer_cls=_UnlearningTrainer,
+        trainer_kwargs={"method": method, "reference": reference, "replay_loss_bound": replay_loss_bound},
+        # every checkpoint is kept: selection may pick any evaluated one, and a divergence rolls back to the last
+        checkpoints_kept=None, sequential=True, count_padding_free_tokens=False,
+        remove_unused_columns=False,  # batches are {"forget", "replay"[, "general"]} dicts
+        optim="adamw_torch",  # the unfused AdamW the unlearning results were made with
+        logging_nan_inf_filter=False,  # a NaN loss must reach the guard and the curve, not be smoothed away
+    )
     resumed_from = _checkpoint_step(last_checkpoint) if last_checkpoint else 0
     if resumed_from > max_steps:
         raise ValueError(f"out_dir holds a checkpoint at step {resumed_from} > max_steps={max_steps}; "
                          "raise max_steps or use a fresh out_dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = _RunLog(out_dir, method.terms, resumed_from)
-
-    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    args = TrainingArguments(
-        output_dir=str(checkpoints_dir), max_steps=max_steps,
-        per_device_train_batch_size=batch_size // gradient_accumulation_steps,
-        gradient_accumulation_steps=gradient_accumulation_steps, activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-        learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch", seed=seed, data_seed=seed,
-        train_sampling_strategy="sequential", remove_unused_columns=False, dataloader_num_workers=0,
-        logging_steps=1, logging_nan_inf_filter=False, save_strategy="steps", save_steps=save_steps,
-        report_to="none", bf16=use_bf16, dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    guard = _StepGuard(log, eval_fn, eval_every, max_steps)
-    trainer = _UnlearningTrainer(
-        model=model, args=args, train_dataset=data, data_collator=PairedCollator(pad_token_id),
-        processing_class=tokenizer, callbacks=[guard],
-        method=method, reference=reference, replay_loss_bound=replay_loss_bound, log=log,
-    )
-    # loss.csv holds the numbers; a printed dict per step would flood notebooks.
-    trainer.remove_callback(PrinterCallback)
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_QuietProgress)
+    evaluations.keep_until(resumed_from)
     try:
         trainer.train(resume_from_checkpoint=last_checkpoint)
     except UnlearningDiverged as diverged:
-        log.write_row(diverged.step, log.step_terms, grad_norm=None)
+        loss_curve.append(diverged.step, trainer.step_terms)  # the bad step's terms, for the record
         raise _reject_bad_checkpoints(diverged, checkpoints_dir, out_dir / REJECTED, learning_rate) from None
 
     steps = trainer.state.global_step
     selected = steps
-    if log.history:
-        selected = select_fn(log.history) if select_fn is not None else log.history[-1]["step"]
-        if selected not in [row["step"] for row in log.history]:
+    if evaluations.history:
+        selected = select_fn(evaluations.history) if select_fn is not None else evaluations.history[-1]["step"]
+        if selected not in [row["step"] for row in evaluations.history]:
             raise ValueError(f"select_fn returned step {selected!r}, which was not evaluated; "
-                             f"evaluated steps: {[row['step'] for row in log.history]}")
+                             f"evaluated steps: {[row['step'] for row in evaluations.history]}")
     model_dir = _write_model(trainer, out_dir, checkpoints_dir, selected, steps)
 
-    rows = log.read_rows()
+    rows = [{k: float(v) for k, v in row.items() if k in method.terms and v != ""}
+            for row in read_csv(out_dir / LOSS_CSV)]
     return {
         "method": method.name,
         "hyperparameters": method.hyperparameters,
         "steps": steps,
         "resumed_from_step": resumed_from,
         **{f"{group}_tokens": n for group, n in data.tokens_seen(steps * batch_size).items()},
-        "wall_seconds": round(time.monotonic() - log.start, 3),
+        "wall_seconds": round(loss_curve.elapsed() if rows else time.monotonic() - started, 3),
         "final_losses": {term: rows[-1][term] for term in method.terms} if rows else {},
         "mean_losses": {term: sum(r[term] for r in rows) / len(rows) for term in method.terms} if rows else {},
         "selected_step": selected,
-        "evaluations": log.history,
+        "evaluations": evaluations.history,
         "model_dir": str(model_dir),
         "loss_csv": str(out_dir / LOSS_CSV),
     }
 
 
 class _UnlearningTrainer(Trainer):
-    """Trainer whose loss is the unlearning method's; batches are {"forget", "replay"[, "general"]} dicts."""
+    """Trainer whose loss is the unlearning method's; batches are {"forget", "replay"[, "general"]} dicts.
 
-    def __init__(self, *args, method, reference, replay_loss_bound, log, **kwargs):
+    Every logged step carries the method's terms (the mean over the step's micro-batches), so the scaffold's loss
+    curve records them; the tokens the step processed (forget, replay and general, without padding) count as
+    `tokens_seen`.
+    """
+
+    def __init__(self, *args, method, reference, replay_loss_bound, **kwargs):
         super().__init__(*args, **kwargs)
-        self.method, self.replay_loss_bound, self.run_log = method, replay_loss_bound, log
+        self.method, self.replay_loss_bound = method, replay_loss_bound
         # The method's loss is a mean over its micro-batch: the Trainer must divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
-        self._micro_step, self._micro_sums, self._micro_count = None, {}, 0
+        self.step_terms: dict[str, float] = {}
+        self.micro_step, self.micro_sums, self.micro_count = None, {}, 0
         self.reference = None
         if reference is not None:
             self.reference = reference.to(self.args.device).eval().requires_grad_(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms = self.method.loss(model, inputs["forget"], inputs["replay"], self.reference, inputs.get("general"))
+        if model.training:
+            self.state.num_input_tokens_seen += int(sum(batch["attention_mask"].sum() for batch in inputs.values()))
         step = self.state.global_step + 1
         values = {name: float(value.detach()) for name, value in terms.items()}
         # With accumulation a step has several micro-batches (equal in size): its terms are their mean.
-        if self._micro_step != step:
-            self._micro_step, self._micro_sums, self._micro_count = step, dict.fromkeys(values, 0.0), 0
-        self._micro_count += 1
+        if self.micro_step != step:
+            self.micro_step, self.micro_sums, self.micro_count = step, dict.fromkeys(values, 0.0), 0
+        self.micro_count += 1
         for name, value in values.items():
-            self._micro_sums[name] += value
-        self.run_log.step_terms = {name: total / self._micro_count for name, total in self._micro_sums.items()}
-        self.run_log.step_terms["lr"] = self._get_learning_rate()
+            self.micro_sums[name] += value
+        self.step_terms = {name: total / self.micro_count for name, total in self.micro_sums.items()}
         for name, value in values.items():
             if not math.isfinite(value):
                 raise _diverged(step, name, value, "is not finite", bad_from_step=step - 1)
-        if (self._micro_count == self.args.gradient_accumulation_steps
-                and self.run_log.step_terms["replay_nll"] > self.replay_loss_bound):
-            raise _diverged(step, "replay_nll", self.run_log.step_terms["replay_nll"],
+        if (self.micro_count == self.args.gradient_accumulation_steps
+                and self.step_terms["replay_nll"] > self.replay_loss_bound):
+            raise _diverged(step, "replay_nll", self.step_terms["replay_nll"],
                             f"exceeds replay_loss_bound={self.replay_loss_bound}", bad_from_step=step - 1)
         return terms["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a step's log (the end-of-training summary has none): the method's exact terms
+            logs = {**logs, **self.step_terms}
+        super().log(logs, start_time)
 
     def floating_point_ops(self, inputs):
         return sum(super(_UnlearningTrainer, self).floating_point_ops(batch) for batch in inputs.values())
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        # The scheduler state saved in the checkpoint carries the old learning rate; a resumed run (e.g. after a
-        # divergence, with a lower rate) must use the one it is given. The schedule is constant, so this is all.
-        lr = self.args.learning_rate
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = lr
-        self.lr_scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
-        self.lr_scheduler._last_lr = [lr] * len(self.optimizer.param_groups)
+
+class _LearningRateAsGiven(TrainerCallback):
+    """A resumed run trains at the learning rate it is given, not the one its checkpoint's optimizer and scheduler
+    state carry (e.g. after a divergence, again with a lower rate). The schedule is constant, so this is all."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = args.learning_rate
+        lr_scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
 
 
 class _StepGuard(TrainerCallback):
-    """Checks gradients before each update and weights before each save; evaluates; writes the per-step CSV row."""
+    """Checks gradients before each update and weights before each save; evaluates."""
 
-    def __init__(self, log, eval_fn, eval_every, max_steps):
-        self.run_log, self.eval_fn, self.eval_every, self.max_steps = log, eval_fn, eval_every, max_steps
+    def __init__(self, evaluations, eval_fn, eval_every, max_steps):
+        self.evaluations, self.eval_fn, self.eval_every, self.max_steps = evaluations, eval_fn, eval_every, max_steps
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         bad = _count_non_finite(p.grad for p in model.parameters() if p.grad is not None)
@@ -265,61 +268,25 @@ class _StepGuard(TrainerCallback):
             with torch.no_grad():
                 metrics = self.eval_fn(model)
             model.train(was_training)
-            self.run_log.add_evaluation(step, metrics)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:  # per-step logs; the end-of-training summary has no "loss"
-            self.run_log.write_row(state.global_step, self.run_log.step_terms, grad_norm=logs.get("grad_norm"))
+            self.evaluations.add(step, metrics)
 
 
-class _QuietProgress(ProgressCallback):
-    """The progress bar, without printing every step's log dict."""
+class _Evaluations:
+    """eval.jsonl: one row per evaluation, appended as the run goes; truncated to the step a run resumes from."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
+    def __init__(self, path: Path):
+        self.path = path
+        self.history: list[dict] = []
 
+    def keep_until(self, step: int) -> None:
+        kept = [row for row in read_jsonl(self.path) if row["step"] <= step] if step and self.path.exists() else []
+        self.history = kept
+        write_jsonl(self.path, kept)
 
-class _RunLog:
-    """loss.csv and eval.jsonl, truncated to the resumed step, appended to as the run goes."""
-
-    def __init__(self, out_dir: Path, terms: tuple[str, ...], resumed_from: int):
-        self.csv_path, self.eval_path = out_dir / LOSS_CSV, out_dir / EVAL_JSONL
-        self.columns = ["step", *terms, "lr", "grad_norm", "elapsed_s"]
-        self.step_terms: dict[str, float] = {}
-        kept = [row for row in self.read_rows() if row["step"] <= resumed_from] if resumed_from else []
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in kept)
-        # Wall time accumulates across resumed sessions.
-        self.start = time.monotonic() - (kept[-1]["elapsed_s"] if kept else 0.0)
-        self.history = []
-        if resumed_from and self.eval_path.exists():
-            self.history = [row for row in map(json.loads, self.eval_path.read_text().splitlines())
-                            if row["step"] <= resumed_from]
-        self.eval_path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
-
-    def write_row(self, step: int, terms: dict, grad_norm) -> None:
-        row = {"step": step, **terms, "grad_norm": grad_norm, "elapsed_s": round(time.monotonic() - self.start, 3)}
-        with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns).writerow({k: ("" if v is None else v) for k, v in row.items()})
-
-    def add_evaluation(self, step: int, metrics: dict) -> None:
+    def add(self, step: int, metrics: dict) -> None:
         row = {"step": step, **metrics}
         self.history.append(row)
-        with open(self.eval_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def read_rows(self) -> list[dict]:
-        if not self.csv_path.exists():
-            return []
-        with open(self.csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows and list(rows[0]) != self.columns:
-            raise ValueError(f"{self.csv_path} has columns {list(rows[0])}, expected {self.columns}: it belongs to "
-                             "another method; use a fresh out_dir")
-        return [{k: (int(v) if k == "step" else float(v) if v != "" else None) for k, v in row.items()}
-                for row in rows]
+        append_jsonl(self.path, [row])
 
 
 def _validate(method, forget_texts, replay_texts, reference, general_texts, max_steps, batch_size, learning_rate,
@@ -399,17 +366,17 @@ def _reject_bad_checkpoints(diverged: UnlearningDiverged, checkpoints_dir: Path,
 
 def _write_model(trainer: Trainer, out_dir: Path, checkpoints_dir: Path, selected: int, final_step: int) -> Path:
     """Write the selected model to out_dir/model/ via a temporary folder and a rename (never half-written)."""
-    model_dir, tmp_dir = out_dir / MODEL, out_dir / f".{MODEL}.tmp"
+    model_dir = out_dir / MODEL
+    if selected == final_step:
+        save_model_atomically(trainer, model_dir)
+        return model_dir
+    tmp_dir = out_dir / f".{MODEL}.tmp"
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
-    if selected == final_step:
-        trainer.save_model(str(tmp_dir))
-    else:
-        source = checkpoints_dir / f"checkpoint-{selected}"
-        tmp_dir.mkdir()
-        for path in source.iterdir():
-            if path.is_file() and path.name not in TRAINING_STATE_FILES and not path.name.startswith("rng_state"):
-                shutil.copy2(path, tmp_dir / path.name)
+    tmp_dir.mkdir()
+    for path in (checkpoints_dir / f"checkpoint-{selected}").iterdir():
+        if path.is_file() and path.name not in TRAINING_STATE_FILES and not path.name.startswith("rng_state"):
+            shutil.copy2(path, tmp_dir / path.name)
     if model_dir.exists():
         shutil.rmtree(model_dir)
     os.replace(tmp_dir, model_dir)
