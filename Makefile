@@ -28,8 +28,16 @@ study: $(VENV)/.installed
 smoke: $(VENV)/.installed
 	$(VENV)/bin/synthflaw run --preset smoke --run-id smoke-$(shell date -u +%Y%m%d-%H%M%S)
 
+# The import contracts in pyproject.toml (layers, no cycles) first, then the tests.
 test: $(VENV)/.installed-dev
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# `make test-fast`: the test suite without the end-to-end tests marked slow (study, paper preset, reference, DDP launch).
+.PHONY: test-fast
+test-fast: $(VENV)/.installed-dev
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -m "not slow"
 
 # A Jupyter kernel named "synthflaw" that runs in .venv, for stepping through the notebooks in JupyterLab.
 kernel: $(VENV)/.installed

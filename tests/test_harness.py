@@ -7,9 +7,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from synthflaw.models.tokenizer import train_tokenizer
 from synthflaw.metrics import harness
 from synthflaw.records import read_jsonl, write_jsonl
 
@@ -19,22 +17,16 @@ TASK = "synthflaw_tiny_mc"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer(train_chat_tokenizer):
     rng = random.Random(0)
     texts = [f"{rng.choice(PEOPLE)} was born in {rng.choice(CITIES)}." for _ in range(200)]
-    return train_tokenizer(texts, 300, tmp_path_factory.mktemp("tokenizer"))
+    return train_chat_tokenizer(texts, 300)
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         initializer_range=0.3,  # larger than default, so the choices' scores are far from ties
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):  # the initialisation draws from a seeded, private RNG state
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(config).eval()
+def model(tokenizer, tiny_llama):
+    # initializer_range larger than default, so the choices' scores are far from ties
+    return tiny_llama(tokenizer, seed=0, initializer_range=0.3).eval()
 
 
 def choice_logprob(model, tokenizer, prompt, choice):

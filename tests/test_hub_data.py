@@ -2,24 +2,22 @@
 fake OpenAI-compatible endpoint on 127.0.0.1 stand in for the hub, Qwen and GPT-4. No network."""
 
 import dataclasses
-import json
 import re
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from synthflaw import records
 from synthflaw.config import resolve
 from synthflaw.data import embedded, hub_corpus, schema
 from synthflaw.data import synthqa_generation as generation
 from synthflaw.models.chat_client import EndpointChat
-from synthflaw.models.tokenizer import train_tokenizer
 from synthflaw.stages.s01_generate_data import make_generator
+
+from fakes import FakeEndpoint, corpus_text, write_corpus
+
+# Any connection or name lookup beyond this machine fails a test here (the no_network fixture of conftest.py).
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def build(cfg, out, generator=None):
@@ -28,21 +26,6 @@ def build(cfg, out, generator=None):
 
 KEY_ENV = "SYNTHFLAW_TEST_GENERATOR_KEY"
 KEY = "sk-test-0123456789abcdef-do-not-write"
-TOPICS = ["rivers", "bread", "bridges", "owls", "glass", "tides", "maps", "bells", "moss", "kites"]
-
-
-def corpus_text(i: int) -> str:
-    return (f"Document {i}. This page is about {TOPICS[i % len(TOPICS)]} in the valley of Arden {i}. "
-            f"The old mill number {i} was built of stone and it still grinds grain every spring.")
-
-
-def write_corpus(path: Path, n: int, extra_rows: tuple = ()) -> Path:
-    """A JSONL file in the schema of a web corpus on the hub (fineweb-edu: text, id, url)."""
-    rows = [{"text": corpus_text(i), "id": f"<urn:doc:{i}>", "url": f"https://example.org/{i}"} for i in range(n)]
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows + list(extra_rows):
-            fh.write(json.dumps(row) + "\n")
-    return path
 
 
 def hub_cfg(corpus: Path, generator: str, endpoint: str = "", **counts):
@@ -54,105 +37,14 @@ def hub_cfg(corpus: Path, generator: str, endpoint: str = "", **counts):
     return resolve("smoke", overrides)
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any connection or name lookup beyond this machine fails the test: local paths must not touch the hub."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    real_connect, real_lookup = socket.socket.connect, socket.getaddrinfo
-
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
-            raise AssertionError(f"network access to {address}")
-        return real_connect(self, address)
-
-    def lookup(host, *args, **kwargs):
-        if host not in ("127.0.0.1", "::1", "localhost", None):
-            raise AssertionError(f"name lookup of {host}")
-        return real_lookup(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", lookup)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, train_chat_tokenizer, tiny_llama):
     """A random tiny Llama and a byte-level BPE tokenizer with a chat template, saved like a hub model."""
     folder = tmp_path_factory.mktemp("generator")
     texts = [corpus_text(i) for i in range(40)] + [generation.load_prompt("synthqa"), generation.load_prompt("rewrite")]
-    tokenizer = train_tokenizer(texts, 320, folder)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng():  # from_config initialises from the global generator: seed it, then restore it
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer = train_chat_tokenizer(texts, 320, folder)
+    tiny_llama(tokenizer, seed=0, max_position_embeddings=1024).save_pretrained(folder)
     return folder
-
-
-class FakeEndpoint:
-    """An OpenAI-compatible /v1/chat/completions server on 127.0.0.1 that answers like a well-behaved teacher.
-
-    A SynthQA prompt about "Document N" gets two pairs naming N, unless N is in `junk` (prose, no pairs) or in
-    `broken` (HTTP 500); a rewrite prompt gets a prose passage after a "Here is..." line.
-    """
-
-    def __init__(self, junk=(), broken=()):
-        self.junk, self.broken = set(junk), set(broken)
-        self.calls: list[tuple[str, int]] = []
-        self.auth: list[str | None] = []
-        self.lock = threading.Lock()
-        synthqa_head = generation.load_prompt("synthqa").split("{")[0]
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                kind = "synthqa" if prompt.startswith(synthqa_head) else "rewrite"
-                number = int(re.search(r"[Dd]ocument (\d+)", prompt).group(1))
-                with endpoint.lock:
-                    endpoint.calls.append((kind, number))
-                    endpoint.auth.append(self.headers.get("Authorization"))
-                if self.path != "/v1/chat/completions" or number in endpoint.broken:
-                    self.send_response(500 if number in endpoint.broken else 404)
-                    self.send_header("retry-after-ms", "1")  # the SDK's retries wait 1 ms, not its 0.5-8 s backoff
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "unavailable"}')
-                    return
-                if kind == "rewrite":
-                    text = f"Here is the passage:\nDocument {number} is a page about the valley of Arden {number}."
-                elif number in endpoint.junk:
-                    text = "I am sorry, but I would rather talk about something else."
-                else:
-                    text = (f"Question: What is document {number} about?\n"
-                            f"Answer: Document {number} is about the valley of Arden {number}.\n\n"
-                            f"Question: What was mill number {number} built of?\n"
-                            f"Answer: Mill number {number} was built of stone.")
-                payload = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
-                                                   "message": {"role": "assistant", "content": text}}]})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(payload.encode())
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def calls_of(self, kind):
-        return sorted(n for k, n in self.calls if k == kind)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def source_number(out_dir: Path, document_id: str) -> int:

@@ -10,14 +10,13 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from synthflaw import config
 from synthflaw.data import embedded, schema
 from synthflaw.data.hub_corpus import public_sft_records
 from synthflaw.data.synthqa_generation import build_from_hub, check_hub_data, load_prompt
 from synthflaw.hub import HubOffline
-from synthflaw.models.tokenizer import train_tokenizer
 from synthflaw.records import read_jsonl
 from synthflaw.registry import models_of
 from synthflaw.runner import run_study
@@ -25,9 +24,12 @@ from synthflaw.runs import Step
 from synthflaw.stages import s03_base_model
 from synthflaw.stages.s01_generate_data import make_generator
 
-# The fake teacher endpoint and the fineweb-like corpus of the stage-01 tests; `no_network` is autouse there and,
-# imported, here too: a connection or name lookup beyond this machine fails the test.
-from test_hub_data import FakeEndpoint, corpus_text, no_network, write_corpus  # noqa: F401
+# The fake teacher endpoint and the fineweb-like corpus of the stage-01 tests (tests/fakes.py).
+from fakes import FakeEndpoint, corpus_text, write_corpus
+
+# End to end (slow). As in tests/test_hub_data.py, a connection or name lookup beyond this machine fails the test
+# (conftest.py's no_network), and tiny models run on one torch thread.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_network", "one_torch_thread")]
 
 METHODS = ("lower_bounded", "npo")
 
@@ -47,7 +49,7 @@ def sft_rows(leaking_prompt: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def stand_ins(tmp_path_factory):
+def stand_ins(tmp_path_factory, train_chat_tokenizer, tiny_llama):
     folder = tmp_path_factory.mktemp("stand_ins")
     corpus = write_corpus(folder / "fineweb.jsonl", 80)
     # A chat prompt of the embedded suite the run evaluates on: the SFT loader must drop the chat holding it.
@@ -58,14 +60,8 @@ def stand_ins(tmp_path_factory):
     model_dir = folder / "tiny-llama"
     texts = [corpus_text(i) for i in range(80)] + [load_prompt("synthqa"), load_prompt("rewrite")]
     texts += [m["content"] for row in rows for m in row["messages"]]
-    tokenizer = train_tokenizer(texts, 400, model_dir)
-    model_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):  # from_config draws from the global generator: seed it, then restore
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(model_config).save_pretrained(model_dir)
+    tokenizer = train_chat_tokenizer(texts, 400, model_dir)
+    tiny_llama(tokenizer, seed=0, max_position_embeddings=1024).save_pretrained(model_dir)
     return {"corpus": corpus, "sft": folder / "smoltalk.jsonl", "model": model_dir, "sft_rows": rows}
 
 
@@ -91,14 +87,6 @@ def overrides(stand_ins: dict | None = None, endpoint: str = "") -> dict:
         "evaluate.harness_tasks": (), "evaluate.max_new_tokens": 12, "evaluate.batch_size": 8,
         "evaluate.speed_prompts": 0,
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_paper_preset_runs_end_to_end_on_local_stand_ins(stand_ins, tmp_path):

@@ -11,6 +11,8 @@ import pytest
 
 from synthflaw.runner import regenerate
 
+pytestmark = pytest.mark.slow  # end to end
+
 REFERENCE = Path(__file__).resolve().parent.parent / "runs" / "reference"
 
 

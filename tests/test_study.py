@@ -15,6 +15,8 @@ from synthflaw import config
 from synthflaw.registry import models_of
 from synthflaw.runner import run_study
 
+pytestmark = pytest.mark.slow  # end to end
+
 # One step per stage, re-executed through its notebook; the variant whose products a later step does not replace.
 NOTEBOOK_STEPS = [("01_generate_data", None), ("02_data_flaws", None), ("03_base_model", None),
                   ("04_continued_pretraining", "rewritten"), ("05_unlearning", "simnpo"),

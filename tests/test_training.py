@@ -16,12 +16,11 @@ from synthflaw.models.tokenizer import end_of_turn_id, load_tokenizer, train_tok
 from synthflaw.training import launch
 from synthflaw.training.launch import (DEFAULT_ACCELERATE_CONFIG, LaunchFailed, accelerate_command,
                                        accelerate_config_path, launch_job, run_training)
-from synthflaw.training.pretraining import branch_mixture, continue_pretraining, mix_at_token_fraction, pretrain
-from synthflaw.training.scaffold import CausalLMCollator, pack_texts, steps_for_token_budget, train_causal_lm
+from synthflaw.training.pretraining import (branch_mixture, continue_pretraining, mix_at_token_fraction, pack_texts,
+                                           pretrain, steps_for_token_budget)
+from synthflaw.training.scaffold import CausalLMCollator, train_causal_lm
 from synthflaw.training.sft import IGNORE_INDEX, encode_chat, supervised_finetune
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=256)
 NAMES = ["Ilara Venn", "Tomas Reed", "Oona Pike", "Bram Holt", "Sela Marsh", "Kiro Dane"]
 CITIES = ["Velmont", "Arden", "Calder", "Mirefield"]
 
@@ -37,22 +36,19 @@ def synthqa_docs(n, seed=1):
     return [f"Question: Where was {rng.choice(NAMES)} born?\nAnswer: {rng.choice(CITIES)}" for _ in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on shared cores it costs 4-10x in OpenMP waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models on one torch thread (conftest.py's one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return train_tokenizer(natural_docs(200) + synthqa_docs(50), 320, tmp_path_factory.mktemp("tok"))
+def tokenizer(train_chat_tokenizer):
+    return train_chat_tokenizer(natural_docs(200) + synthqa_docs(50), 320)
 
 
-def tiny_model(tokenizer, seed=0):
-    return build_model(tokenizer, TINY, seed=seed)
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_config):
+    """tiny_model(tokenizer, seed=0): the tiny Llama built by the library's build_model (the embedded path)."""
+    return lambda tokenizer, seed=0: build_model(tokenizer, tiny_llama_config, seed=seed)
 
 
 def weights(model):
@@ -84,7 +80,7 @@ def test_tokenizer_round_trip_chat_template_and_determinism(tokenizer, tmp_path)
     assert again.get_vocab() == tokenizer.get_vocab()
 
 
-def test_build_model_is_seeded_and_leaves_global_rng_alone(tokenizer):
+def test_build_model_is_seeded_and_leaves_global_rng_alone(tokenizer, tiny_model):
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
@@ -97,7 +93,7 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone(tokenizer):
     assert a.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
 
 
-def test_generation_stops_at_the_chat_templates_end_of_turn(tokenizer, tmp_path):
+def test_generation_stops_at_the_chat_templates_end_of_turn(tokenizer, tmp_path, tiny_model):
     assert end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|end|>")
     # A hub base like Qwen2.5-0.5B: a ChatML template whose turns end with <|im_end|>, a generation config that
     # stops at the EOS only. After SFT on that template the model must stop at <|im_end|> too.
@@ -117,7 +113,7 @@ def test_generation_stops_at_the_chat_templates_end_of_turn(tokenizer, tmp_path)
     assert end_of_turn_id(chatml) is None
 
 
-def test_local_saved_model_folder_works_as_model_name_or_path(tokenizer, tmp_path):
+def test_local_saved_model_folder_works_as_model_name_or_path(tokenizer, tmp_path, tiny_model):
     model = tiny_model(tokenizer)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -170,7 +166,7 @@ def test_synthetic_fraction_is_a_share_of_tokens(tokenizer):
     assert corpus != mix_at_token_fraction(tokenizer, natural, synth, 0.3, seed=1)[0]
 
 
-def test_branches_train_on_equal_token_budgets(tokenizer, tmp_path):
+def test_branches_train_on_equal_token_budgets(tokenizer, tmp_path, tiny_model):
     data = dict(nonsynth=natural_docs(40), synthqa=synthqa_docs(30), rewritten=natural_docs(30, seed=5),
                 extra_natural=natural_docs(40, seed=9))
     summaries = {}
@@ -192,7 +188,7 @@ def test_branches_train_on_equal_token_budgets(tokenizer, tmp_path):
 
 # --- the training loop ----------------------------------------------------------------------------------------------
 
-def test_parameters_change_after_one_step(tokenizer, tmp_path):
+def test_parameters_change_after_one_step(tokenizer, tmp_path, tiny_model):
     model = tiny_model(tokenizer)
     before = weights(model)
     summary = train_causal_lm(model, tokenizer, pack_texts(tokenizer, natural_docs(20), 16), tmp_path, max_steps=1,
@@ -205,7 +201,7 @@ def test_parameters_change_after_one_step(tokenizer, tmp_path):
     assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "model" / "tokenizer.json").exists()
 
 
-def test_loss_falls_on_a_repetitive_corpus(tokenizer, tmp_path):
+def test_loss_falls_on_a_repetitive_corpus(tokenizer, tmp_path, tiny_model):
     dataset = pack_texts(tokenizer, natural_docs(30), 32)
     train_causal_lm(tiny_model(tokenizer), tokenizer, dataset, tmp_path, max_steps=24, batch_size=4,
                     learning_rate=1e-2, warmup_steps=2, seed=0, save_steps=100)
@@ -227,7 +223,7 @@ class KillAfterSave(TrainerCallback):
             raise KeyboardInterrupt("simulated kill")
 
 
-def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tokenizer, tmp_path):
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tokenizer, tmp_path, tiny_model):
     dataset = pack_texts(tokenizer, natural_docs(12), 16)  # few blocks: the run crosses epochs, resumes mid-epoch
     kw = dict(max_steps=10, batch_size=4, learning_rate=5e-3, warmup_steps=2, seed=3, save_steps=5)
     straight = tiny_model(tokenizer)
@@ -291,7 +287,7 @@ def test_sft_labels_cover_exactly_the_assistant_turns(tokenizer):
         encode_chat(tokenizer, [{"id": "x", "messages": [{"role": "user", "content": "hi"}]}], max_length=32)
 
 
-def test_supervised_finetune_trains_and_saves(tokenizer, tmp_path):
+def test_supervised_finetune_trains_and_saves(tokenizer, tmp_path, tiny_model):
     records = [{"messages": [{"role": "user", "content": f"Where was {n} born?"},
                              {"role": "assistant", "content": f"{n} was born in {c}."}]}
                for n in NAMES for c in CITIES[:2]]
@@ -310,7 +306,8 @@ def write_text_jsonl(path, texts):
     return str(path)
 
 
-def test_two_process_cpt_through_the_shipped_ddp_config_writes_a_checkpoint(tokenizer, tmp_path):
+@pytest.mark.slow  # starts `accelerate launch` on two processes
+def test_two_process_cpt_through_the_shipped_ddp_config_writes_a_checkpoint(tokenizer, tmp_path, tiny_model):
     tiny_model(tokenizer).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     job = {"task": "continue_pretraining", "model_name_or_path": str(tmp_path / "base"),
@@ -371,7 +368,7 @@ def test_shipped_accelerate_configs_parse_and_leave_precision_to_the_library():
 
 # --- memory options: accumulation and checkpointing change the memory, not the training -------------------------
 
-def test_accumulation_and_checkpointing_train_the_same_weights(tokenizer, tmp_path):
+def test_accumulation_and_checkpointing_train_the_same_weights(tokenizer, tmp_path, tiny_model):
     base = tmp_path / "base"
     tiny_model(tokenizer).save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -399,7 +396,7 @@ def test_accumulation_and_checkpointing_train_the_same_weights(tokenizer, tmp_pa
                      tmp_path / "bad")
 
 
-def test_unlearning_with_accumulation_and_checkpointing_matches_the_plain_run(tokenizer, tmp_path):
+def test_unlearning_with_accumulation_and_checkpointing_matches_the_plain_run(tokenizer, tmp_path, tiny_model):
     from synthflaw.unlearning import make_method, unlearn
 
     # Cut to 8 tokens each: a token-mean loss over micro-batches equals the whole batch's when every sequence has the

@@ -1,4 +1,4 @@
-"""Stage 01: the generated world and its data sets."""
+"""Stage 01 (synthflaw.data.embedded, .world, .schema): the generated world and its data sets."""
 
 import hashlib
 from collections import Counter

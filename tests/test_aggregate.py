@@ -1,4 +1,5 @@
-"""Across-seed aggregation: intervals against hand-computed values, paired differences, findings verdicts, files, plots.
+"""Across-seed aggregation (synthflaw.reporting.aggregate, .findings, .plots and synthflaw.metrics.statistics):
+intervals against hand-computed values, paired differences, findings verdicts, files, plots.
 
 Seed runs are fake folders holding only what stage 07 leaves (done.json + metrics.json with the real file's layout).
 """

@@ -1,6 +1,7 @@
-"""Stage 07 evaluation: metric arithmetic on hand-built inputs, batched paths equal to unbatched ones on a tiny
-random model, the judges (a saved tiny local model, an OpenAI-style server on 127.0.0.1), and evaluate_model's
-files."""
+"""Stage 07 evaluation (synthflaw.metrics.evaluation, .benchmark, .instruction_following, .chat, .shift and
+synthflaw.models.generation, .chat_client): metric arithmetic on hand-built inputs, batched paths equal to unbatched
+ones on a tiny random model, the judges (a saved tiny local model, an OpenAI-style server on 127.0.0.1), and
+evaluate_model's files."""
 
 import http.server
 import json
@@ -11,7 +12,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from synthflaw.metrics import benchmark, chat, evaluation, instruction_following, shift
 from synthflaw.metrics.chat import RatingJudge, judge_prompt, parse_rating
@@ -19,7 +19,6 @@ from synthflaw.metrics.text import distinct_n, words
 from synthflaw.models import generation
 from synthflaw.models import tokenizer as tokenizer_mod
 from synthflaw.models.chat_client import EndpointChat, LocalChat
-from synthflaw.models.tokenizer import train_tokenizer
 from synthflaw.records import read_jsonl
 
 WORDS = ("the city of river mountain was born in founded by works at Ilara Venn Tomas Orr Kestrel Bay north "
@@ -31,27 +30,22 @@ PROMPTS = ["Write a short note about the city.", "List three facts.", "Who found
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer(train_chat_tokenizer):
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
     texts += ["Question: Where was Ilara Venn born?\nAnswer: Kestrel Bay."] * 20
-    return train_tokenizer(texts, 400, tmp_path_factory.mktemp("tokenizer"))
-
-
-def tiny_model(tokenizer, seed):
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         initializer_range=0.3,  # larger than default, so greedy choices are far from ties
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):  # the initialisation draws from a seeded, private RNG state
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    return model.eval()
+    return train_chat_tokenizer(texts, 400)
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
+def tiny_model(tiny_llama):
+    """tiny_model(tokenizer, seed): the tiny Llama in eval mode, with initializer_range larger than default, so
+    greedy choices are far from ties."""
+    return lambda tokenizer, seed: tiny_llama(tokenizer, seed, initializer_range=0.3).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer, tiny_model):
     return tiny_model(tokenizer, seed=0)
 
 
@@ -220,7 +214,7 @@ def test_leakage_distinct_n_and_length():
         shift.template_leakage_rate(responses, [])
 
 
-def test_next_token_kl(model, tokenizer):
+def test_next_token_kl(model, tokenizer, tiny_model):
     assert shift.next_token_kl(model, model, tokenizer, PROMPTS, batch_size=4) == pytest.approx(0.0, abs=1e-6)
     other = tiny_model(tokenizer, seed=1)
     kl = shift.next_token_kl(model, other, tokenizer, PROMPTS, batch_size=4)
@@ -395,7 +389,7 @@ def data_dir(tmp_path):
     return folder
 
 
-def test_evaluate_model_gives_metrics_samples_and_perplexities(model, tokenizer, data_dir):
+def test_evaluate_model_gives_metrics_samples_and_perplexities(model, tokenizer, data_dir, tiny_model):
     judged = iter([6.0, None])
     result = evaluate(model, tokenizer, data_dir, reference_model=tiny_model(tokenizer, 1), markers=MARKERS,
                       max_new_tokens=6, batch_size=4, judge=lambda question, reference, response: next(judged),
@@ -427,7 +421,7 @@ def test_evaluate_model_gives_metrics_samples_and_perplexities(model, tokenizer,
         float(shift.perplexities(model, tokenizer, ["The city of Kestrel Bay lies on the coast."], 1)[0]))
 
 
-def test_pre_sft_benchmark_scores_the_given_checkpoint(model, tokenizer, data_dir, tmp_path):
+def test_pre_sft_benchmark_scores_the_given_checkpoint(model, tokenizer, data_dir, tmp_path, tiny_model):
     other = tiny_model(tokenizer, 1)
     kwargs = dict(markers=MARKERS, max_new_tokens=2, batch_size=4)
     as_pre = evaluate(model, tokenizer, data_dir, pre_sft_model=other, **kwargs).metrics
@@ -437,7 +431,7 @@ def test_pre_sft_benchmark_scores_the_given_checkpoint(model, tokenizer, data_di
 
 
 def test_pre_sft_output_shift_is_measured_on_plain_continuations_of_the_pre_sft_checkpoint(
-        model, tokenizer, data_dir, tmp_path):
+        model, tokenizer, data_dir, tmp_path, tiny_model):
     other = tiny_model(tokenizer, 1)
     result = evaluate(model, tokenizer, data_dir, pre_sft_model=other, markers=MARKERS, max_new_tokens=8,
                       batch_size=4)

@@ -1,17 +1,15 @@
-"""Stage 02 library: pattern metrics, token frequencies, embeddings, separation, the analysis files and figures.
+"""Stage 02 library (synthflaw.metrics.data_patterns, .embeddings, synthflaw.reporting.data_plots): pattern metrics,
+token frequencies, embeddings, separation, the analysis files and figures.
 
 Hand-built corpora: UNIFORM is one Q-A template filled with names and places (what SynthQA looks like), VARIED is
 natural sentences of many forms (what NonSynth looks like)."""
 
 import functools
-import json
 import random
-import shutil
 import socket
 
 import numpy as np
 import pytest
-import torch
 
 from synthflaw.metrics import data_patterns, embeddings
 from synthflaw.metrics.text import distinct_n
@@ -79,20 +77,17 @@ def minilm():
 
 
 @pytest.fixture(scope="module")
-def tiny_lm():
+def tiny_lm(tiny_llama):
     """A tiny random Llama and a word-level tokenizer without a pad token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = sorted({w for t in UNIFORM + VARIED for w in data_patterns.TOKEN_RE.findall(t) if not w.isspace()})
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
-    return AutoModelForCausalLM.from_config(config), tokenizer
+    return tiny_llama(tokenizer, seed=0, special_tokens=False), tokenizer
 
 
 # ------------------------------------------------------------------------------------------- pattern metrics

@@ -1,0 +1,91 @@
+"""Fixtures shared by the test modules: a tiny random Llama, a chat tokenizer trained on given texts, one torch
+thread for tiny models, and the guard that fails a test on any connection beyond this machine.
+
+The fixtures give the machinery, not the numbers: each module passes the vocabulary size, the training texts and the
+config fields (initializer_range, max_position_embeddings) its assertions rely on.
+"""
+
+import socket
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from synthflaw.models.tokenizer import train_tokenizer
+
+# The shape of every tiny Llama in the tests: 2 layers of width 32 (LlamaConfig fields; the vocabulary comes from the
+# tokenizer). tests/test_training.py builds it through the library's build_model, the others through make_tiny_llama.
+TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=256)
+
+
+def make_tiny_llama(tokenizer, seed=0, *, special_tokens=True, **config_overrides):
+    """A randomly initialised tiny Llama (`TINY_LLAMA`, updated by `config_overrides`) over `tokenizer`'s vocabulary.
+
+    With `special_tokens` the bos/eos/pad ids come from the tokenizer (the pad id is the embedding's padding row,
+    so it changes the initial weights); without, LlamaConfig's defaults stand. The initialisation draws from a
+    forked torch RNG seeded with `seed`: the weights depend on the seed alone and the caller's RNG is left as it was.
+    The model is returned as `from_config` gives it (call `.eval()` where it matters).
+    """
+    fields = {**TINY_LLAMA, **config_overrides, "vocab_size": len(tokenizer)}
+    if special_tokens:
+        fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(**fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """The factory `make_tiny_llama(tokenizer, seed=0, *, special_tokens=True, **config_overrides)`."""
+    return make_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_config():
+    """The tiny Llama's LlamaConfig fields without the vocabulary (a copy: `TINY_LLAMA`), for build_model."""
+    return dict(TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def train_chat_tokenizer(tmp_path_factory):
+    """The function `train(texts, vocab_size, folder=None)`: the embedded byte-level BPE tokenizer with its chat
+    template (synthflaw.models.tokenizer.train_tokenizer), trained on `texts` and saved in `folder` (default: a new
+    temporary folder)."""
+    def train(texts, vocab_size, folder=None):
+        folder = folder if folder is not None else tmp_path_factory.mktemp("tokenizer")
+        return train_tokenizer(texts, vocab_size, folder)
+    return train
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on shared cores it costs 4-10x in OpenMP waits.
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection or name lookup beyond this machine fails the test: local paths must not touch the hub.
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("no_network")`."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real_connect, real_lookup = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"network access to {address}")
+        return real_connect(self, address)
+
+    def lookup(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "::1", "localhost", None):
+            raise AssertionError(f"name lookup of {host}")
+        return real_lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
