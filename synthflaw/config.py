@@ -117,9 +117,11 @@ class CPTConfig:
 class UnlearnConfig:
     """Stage 05: unlearning the synthetic pattern from the `synthetic` CPT model."""
 
-    methods: tuple[str, ...] = _f(("lower_bounded", "gradient_ascent", "npo"),
-                                  "unlearning methods to run: lower_bounded | gradient_ascent | gradient_difference | npo | "
-                                  "simnpo (synthflaw.unlearning.METHODS)")
+    # gradient_ascent left the default: it collapsed in every seed of the 3-seed reference (pre-SFT perplexity ~1.5e4),
+    # which is that reference's result; each default method costs an SFT and an evaluation per seed. smoke runs all.
+    methods: tuple[str, ...] = _f(("lower_bounded", "npo"),
+                                  "unlearning methods to run: lower_bounded | gradient_ascent | gradient_difference | "
+                                  "npo | simnpo (synthflaw.unlearning.METHODS)")
     token_fraction: float = _f(0.02, "unlearning budget as a fraction of the CPT tokens (paper: ~1/300)")
     batch_size: int = _f(8, "forget (and replay) sequences per step")
     learning_rate: float = _f(3e-4, "learning rate")

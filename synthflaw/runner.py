@@ -2,14 +2,16 @@
 
 A step is a stage plus a variant (a CPT branch, an unlearning method, a model to fine-tune or evaluate); each step
 has its own folder. With ``engine="papermill"`` (the batch path) the runner executes each stage's notebook once,
-for all of the stage's unfinished variants, into ``<run>/<stage>/notebook.ipynb``: a notebook execution costs ~10 s
-of kernel start and imports (torch + transformers) on 2 cores, so one execution per stage instead of one per step
-takes a seed of the default study from 31 executions to 8. ``engine="inprocess"`` calls the same library functions
-without notebooks. Each step is marked done as it finishes. The order and the fan-out are :mod:`synthflaw.registry`'s.
+for all of the stage's unfinished variants, into ``<run>/<stage>/notebook.ipynb``. Starting a kernel and importing
+torch and transformers costs seconds per execution, so a run starts one kernel and executes every stage's notebook
+in it, resetting the notebook namespace in between (the imported modules stay loaded; what a notebook defines does
+not reach the next one). ``engine="inprocess"`` calls the same library functions without notebooks. Each step is
+marked done as it finishes. The order and the fan-out are :mod:`synthflaw.registry`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -28,8 +30,37 @@ class StepFailed(RuntimeError):
     """A step raised; the message says which cell and where the executed notebook is."""
 
 
-def _run_papermill(stage: Stage, variants: list[str], run_dir: Path, preset: str, overrides: dict) -> None:
-    """Execute the stage's notebook once for `variants` (empty for a stage without variants)."""
+@contextlib.contextmanager
+def notebook_kernel(cwd: Path):
+    """One Python kernel for a run's notebook executions, shut down at the end.
+
+    IPC transport: the kernel listens on local socket files, not TCP ports (nothing else on the host can connect, and
+    the kernel has nothing to warn about).
+    """
+    from jupyter_client import KernelManager
+
+    km = KernelManager(kernel_name="python3", transport="ipc")
+    km.start_kernel(cwd=str(cwd))
+    try:
+        yield km
+    finally:
+        km.shutdown_kernel(now=True)
+        km.cleanup_resources()
+
+
+def _reset_namespace(km) -> None:
+    """Forget what the previous notebook defined (and restart the execution count); imports stay loaded."""
+    client = km.blocking_client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=120)
+        client.execute_interactive("get_ipython().reset(new_session=True)", timeout=120, output_hook=lambda msg: None)
+    finally:
+        client.stop_channels()
+
+
+def _run_papermill(stage: Stage, variants: list[str], run_dir: Path, preset: str, overrides: dict, km) -> None:
+    """Execute the stage's notebook once for `variants` (empty for a stage without variants) in the kernel `km`."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -41,9 +72,10 @@ def _run_papermill(stage: Stage, variants: list[str], run_dir: Path, preset: str
     if variants:
         params["variants"] = list(variants)
     name = f"{stage.name}/{{{','.join(variants)}}}" if variants else stage.name
+    _reset_namespace(km)
     try:
         pm.execute_notebook(str(notebook), str(out), parameters=params, progress_bar=False,
-                            cwd=str(NOTEBOOKS_DIR.parent), kernel_name="python3")
+                            cwd=str(NOTEBOOKS_DIR.parent), kernel_name="python3", km=km)
     except PapermillExecutionError as err:
         raise StepFailed(f"step {name} failed in cell {err.exec_count} ({err.ename}: {err.evalue}); "
                          f"the executed notebook is {out}") from err
@@ -90,29 +122,32 @@ def run_study(preset: str, run_id: str, overrides: dict | None = None, *, overwr
     def prefix(spec: StepSpec, label: str) -> str:
         return f"[{position[spec.name]:2d}/{len(specs)}] {label:40s}"
 
-    for stage in dict.fromkeys(spec.stage for spec in specs):  # stages in order
-        todo = []
-        for spec in (s for s in specs if s.stage == stage):
-            step = Step(run_dir, spec.stage, spec.variant)
-            if step.status(cfg) == "done":
-                log(f"{prefix(spec, spec.name)} skipped (done, same config)")
+    with contextlib.ExitStack() as stack:
+        km = None
+        for stage in dict.fromkeys(spec.stage for spec in specs):  # stages in order
+            todo = [(spec, Step(run_dir, spec.stage, spec.variant)) for spec in specs if spec.stage == stage]
+            for spec, step in todo:
+                if step.status(cfg) == "done":
+                    log(f"{prefix(spec, spec.name)} skipped (done, same config)")
+            todo = [(spec, step.open(cfg, overwrite=overwrite)) for spec, step in todo if step.status(cfg) != "done"]
+            if not todo:
                 continue
-            todo.append((spec, step.open(cfg, overwrite=overwrite)))
-        if not todo:
-            continue
-        t0 = time.time()
-        if engine == "papermill":
-            _run_papermill(stage, [spec.variant for spec, _ in todo if spec.variant], run_dir, preset, overrides)
-            for _, step in todo:
-                step.complete()  # the notebook completed each step already; this only checks it can
-            names = ", ".join(spec.variant or spec.stage.name for spec, _ in todo)
-            log(f"{prefix(todo[-1][0], f'{stage.name} ({names})')} done in {time.time() - t0:6.1f} s")
-            continue
-        for spec, step in todo:
             t0 = time.time()
-            _run_inprocess(spec, step)
-            step.complete()
-            log(f"{prefix(spec, spec.name)} done in {time.time() - t0:6.1f} s")
+            if engine == "papermill":
+                if km is None:  # started when the first notebook runs: a run with every step done starts none
+                    km = stack.enter_context(notebook_kernel(NOTEBOOKS_DIR.parent))
+                _run_papermill(stage, [spec.variant for spec, _ in todo if spec.variant], run_dir, preset, overrides,
+                               km)
+                for _, step in todo:
+                    step.complete()  # the notebook completed each step already; this only checks it can
+                names = ", ".join(spec.variant or spec.stage.name for spec, _ in todo)
+                log(f"{prefix(todo[-1][0], f'{stage.name} ({names})')} done in {time.time() - t0:6.1f} s")
+                continue
+            for spec, step in todo:
+                t0 = time.time()
+                _run_inprocess(spec, step)
+                step.complete()
+                log(f"{prefix(spec, spec.name)} done in {time.time() - t0:6.1f} s")
     log(f"run {run_dir} finished in {time.time() - started:.1f} s")
     return run_dir
 
