@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +24,42 @@ class ConfigError(ValueError):
     """A preset name, override key or override value that is not valid; the message says what is."""
 
 
-def _f(default, help: str):
-    """A dataclass field with its one-line help (a dict default gets a fresh copy per instance)."""
+def _f(default, help: str, *, low=None, high=None, low_open: bool = False, high_open: bool = False,
+       finite: bool = True):
+    """A dataclass field with its one-line help and, for a number, its domain: [low, high], either end open or
+    absent, finite unless `finite=False` (a dict default gets a fresh copy per instance)."""
+    metadata = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+                "finite": finite}
     if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def domain_text(fld: dataclasses.Field) -> str:
+    """A field's domain in words, e.g. "a finite number > 0" or "an integer in [4, 5]"."""
+    meta = fld.metadata
+    kind = "an integer" if type(_default(fld)) is int else "a finite number" if meta["finite"] else "a number"
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        return f"{kind} in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
+    if low is not None:
+        return f"{kind} {'>' if meta['low_open'] else '>='} {low}"
+    if high is not None:
+        return f"{kind} {'<' if meta['high_open'] else '<='} {high}"
+    return kind
+
+
+def out_of_domain(fld: dataclasses.Field, value) -> bool:
+    """Whether a number lies outside its field's domain (NaN always does; infinity unless `finite=False`)."""
+    meta = fld.metadata
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    if math.isnan(value) or (meta.get("finite", True) and math.isinf(value)):
+        return True
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value <= low if meta["low_open"] else value < low):
+        return True
+    return high is not None and (value >= high if meta["high_open"] else value > high)
 
 
 def _default(fld: dataclasses.Field):
@@ -39,20 +71,20 @@ class DataConfig:
     """Stage 01: the generated world and every data set built from it."""
 
     source: str = _f("embedded", "embedded (the generated world) | hub (real corpora + a generator model; paper preset)")
-    n_people: int = _f(40, "people in the world (5 facts each)")
-    n_organisations: int = _f(8, "organisations in the world (3 facts each)")
-    n_cities: int = _f(12, "cities in the world (1 fact each: its country)")
-    nonsynth_fact_share: float = _f(0.5, "share of facts that NonSynth states; SynthQA states all of them")
-    nonsynth_docs: int = _f(3000, "NonSynth documents (natural text, many styles) for pre-training and CPT")
-    extra_natural_docs: int = _f(1500, "extra NonSynth documents for the more_natural branch")
-    heldout_docs: int = _f(200, "held-out NonSynth documents (perplexity, never trained on)")
-    general_text_share: float = _f(0.3, "share of NonSynth documents that are fact-free conversational/how-to text")
-    synthetic_templates: int = _f(1, "number of distinct Q-A templates SynthQA uses (1 = the paper's uniform format)")
-    synthqa_per_fact: int = _f(3, "SynthQA pairs per fact (question wordings vary, the template does not)")
-    sft_examples: int = _f(1000, "SFT chat examples, each with 1-3 verifiable constraints")
-    suite_bases: int = _f(60, "instruction-following base prompts; each yields levels 1-5 (5 test items)")
-    benchmark_items: int = _f(200, "knowledge benchmark questions (4-option multiple choice)")
-    chat_items: int = _f(40, "chat-quality open instructions with references")
+    n_people: int = _f(40, "people in the world (5 facts each)", low=4)
+    n_organisations: int = _f(8, "organisations in the world (3 facts each)", low=4)
+    n_cities: int = _f(12, "cities in the world (1 fact each: its country)", low=4)
+    nonsynth_fact_share: float = _f(0.5, "share of facts that NonSynth states; SynthQA states all of them", low=0, high=1, low_open=True, high_open=True)
+    nonsynth_docs: int = _f(3000, "NonSynth documents (natural text, many styles) for pre-training and CPT", low=1)
+    extra_natural_docs: int = _f(1500, "extra NonSynth documents for the more_natural branch", low=0)
+    heldout_docs: int = _f(200, "held-out NonSynth documents (perplexity, never trained on)", low=1)
+    general_text_share: float = _f(0.3, "share of NonSynth documents that are fact-free conversational/how-to text", low=0, high=1)
+    synthetic_templates: int = _f(1, "number of distinct Q-A templates SynthQA uses (1 = the paper's uniform format)", low=1, high=5)
+    synthqa_per_fact: int = _f(3, "SynthQA pairs per fact (question wordings vary, the template does not)", low=1)
+    sft_examples: int = _f(1000, "SFT chat examples, each with 1-3 verifiable constraints", low=1)
+    suite_bases: int = _f(60, "instruction-following base prompts; each yields levels 1-5 (5 test items)", low=1)
+    benchmark_items: int = _f(200, "knowledge benchmark questions (4-option multiple choice)", low=2)
+    chat_items: int = _f(40, "chat-quality open instructions with references", low=1)
     # paper preset (source = hub): real corpora and a generator model
     natural_dataset: str = _f("", "hub id or local path of the natural corpus (source=hub)")
     natural_text_field: str = _f("text", "text column of the natural corpus")
@@ -60,9 +92,9 @@ class DataConfig:
     generator: str = _f("", "SynthQA generator: a hub id / local model folder, or an OpenAI-compatible model name")
     generator_endpoint: str = _f("", "base URL of an OpenAI-compatible endpoint (empty = run `generator` locally)")
     generator_api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the endpoint's API key")
-    generator_max_new_tokens: int = _f(256, "new tokens per SynthQA generation")
-    generator_batch_size: int = _f(8, "documents per generation batch")
-    source_documents: int = _f(2000, "natural documents turned into SynthQA (source=hub)")
+    generator_max_new_tokens: int = _f(256, "new tokens per SynthQA generation", low=1)
+    generator_batch_size: int = _f(8, "documents per generation batch", low=1)
+    source_documents: int = _f(2000, "natural documents turned into SynthQA (source=hub)", low=1)
     sft_dataset: str = _f("", "public SFT set replacing the embedded one (source=hub; data.sft_examples of its chats"
                               " are used): hub id or local .jsonl/.json/.parquet file or folder with a chat column")
     sft_dataset_config: str = _f("", "configuration (subset) name of the hub SFT set, e.g. all for smoltalk")
@@ -74,7 +106,7 @@ class DataConfig:
 class FlawsConfig:
     """Stage 02: the data's flaws (distribution differences, pattern simplification)."""
 
-    max_texts: int = _f(300, "texts sampled per data set for the analyses")
+    max_texts: int = _f(300, "texts sampled per data set for the analyses", low=3)
     encoder: str = _f("minilm", "sentence encoder for the t-SNE: minilm (packaged all-MiniLM-L6-v2, offline)")
 
 
@@ -84,17 +116,17 @@ class BaseModelConfig:
 
     model_name_or_path: str = _f("", "hub id or local folder of a pretrained base; empty = train the embedded model")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the hub (off unless you trust it)")
-    vocab_size: int = _f(2048, "byte-level BPE vocabulary trained on the generated corpus")
-    hidden_size: int = _f(192, "model width")
-    intermediate_size: int = _f(512, "MLP width")
-    num_hidden_layers: int = _f(4, "transformer blocks")
-    num_attention_heads: int = _f(4, "attention heads")
-    block_size: int = _f(256, "tokens per packed training sequence")
-    max_tokens: int = _f(300_000, "pre-training token budget on NonSynth")
-    batch_size: int = _f(16, "sequences per step")
-    learning_rate: float = _f(3e-3, "peak learning rate (cosine schedule)")
-    warmup_steps: int = _f(20, "linear warm-up steps")
-    save_steps: int = _f(50, "checkpoint every N steps (resume after a kill)")
+    vocab_size: int = _f(2048, "byte-level BPE vocabulary trained on the generated corpus", low=262)
+    hidden_size: int = _f(192, "model width", low=1)
+    intermediate_size: int = _f(512, "MLP width", low=1)
+    num_hidden_layers: int = _f(4, "transformer blocks", low=1)
+    num_attention_heads: int = _f(4, "attention heads", low=1)
+    block_size: int = _f(256, "tokens per packed training sequence", low=2)
+    max_tokens: int = _f(300_000, "pre-training token budget on NonSynth", low=1)
+    batch_size: int = _f(16, "sequences per step", low=1)
+    learning_rate: float = _f(3e-3, "peak learning rate (cosine schedule)", low=0, low_open=True)
+    warmup_steps: int = _f(20, "linear warm-up steps", low=0)
+    save_steps: int = _f(50, "checkpoint every N steps (resume after a kill)", low=1)
 
 
 @dataclass(frozen=True)
@@ -102,15 +134,15 @@ class CPTConfig:
     """Stage 04: continued pre-training, one branch per step, equal token budgets."""
 
     branches: tuple[str, ...] = _f(BRANCHES, "branches to train: " + " | ".join(BRANCHES))
-    max_tokens: int = _f(200_000, "CPT token budget per branch")
-    synthetic_fraction: float = _f(0.3, "share of CPT tokens that are SynthQA (synthetic) or rewritten (rewritten)")
-    more_natural_ratio: float = _f(1.0, "more_natural trains this many CPT budgets of extra natural data")
+    max_tokens: int = _f(200_000, "CPT token budget per branch", low=1)
+    synthetic_fraction: float = _f(0.3, "share of CPT tokens that are SynthQA (synthetic) or rewritten (rewritten)", low=0, high=1, high_open=True)
+    more_natural_ratio: float = _f(1.0, "more_natural trains this many CPT budgets of extra natural data", low=0, low_open=True)
     more_natural_from: str = _f("synthetic", "branch more_natural continues from: synthetic (the paper's alternative "
                                 "mitigation: more natural data instead of unlearning) | natural")
-    batch_size: int = _f(16, "sequences per step")
-    learning_rate: float = _f(1e-3, "peak learning rate")
-    warmup_steps: int = _f(10, "linear warm-up steps")
-    save_steps: int = _f(50, "checkpoint every N steps")
+    batch_size: int = _f(16, "sequences per step", low=1)
+    learning_rate: float = _f(1e-3, "peak learning rate", low=0, low_open=True)
+    warmup_steps: int = _f(10, "linear warm-up steps", low=0)
+    save_steps: int = _f(50, "checkpoint every N steps", low=1)
 
 
 @dataclass(frozen=True)
@@ -122,49 +154,49 @@ class UnlearnConfig:
     methods: tuple[str, ...] = _f(("lower_bounded", "npo"),
                                   "unlearning methods to run: lower_bounded | gradient_ascent | gradient_difference | "
                                   "npo | simnpo (synthflaw.unlearning.METHODS)")
-    token_fraction: float = _f(0.02, "unlearning budget as a fraction of the CPT tokens (paper: ~1/300)")
-    batch_size: int = _f(8, "forget (and replay) sequences per step")
-    learning_rate: float = _f(3e-4, "learning rate")
+    token_fraction: float = _f(0.02, "unlearning budget as a fraction of the CPT tokens (paper: ~1/300)", low=0, high=1, low_open=True)
+    batch_size: int = _f(8, "forget (and replay) sequences per step", low=1)
+    learning_rate: float = _f(3e-4, "learning rate", low=0, low_open=True)
     reference: str = _f("cpt", "frozen reference for bias mitigation / NPO: cpt (model before unlearning) | natural")
     forget_scope: str = _f("all", "all tokens of a SynthQA pair | template (only the template's structural tokens)")
     hyperparameters: dict = _f({}, "per-method constructor arguments, e.g. {\"lower_bounded\": {\"tau\": 4.0}}")
-    replay_loss_bound: float = _f(10.0, "stop with an error if the replay NLL exceeds this (model collapsing)")
-    save_steps: int = _f(5, "checkpoint every N steps (a diverging method keeps its last good checkpoint)")
+    replay_loss_bound: float = _f(10.0, "stop with an error if the replay NLL exceeds this (model collapsing)", low=0, low_open=True, finite=False)
+    save_steps: int = _f(5, "checkpoint every N steps (a diverging method keeps its last good checkpoint)", low=1)
 
 
 @dataclass(frozen=True)
 class SFTConfig:
     """Stage 06: identical supervised fine-tuning for every model."""
 
-    epochs: float = _f(2.0, "passes over the SFT set")
-    batch_size: int = _f(16, "conversations per step")
-    learning_rate: float = _f(5e-4, "peak learning rate")
-    warmup_steps: int = _f(10, "linear warm-up steps")
-    max_length: int = _f(256, "tokens per conversation (longer ones are truncated)")
-    save_steps: int = _f(50, "checkpoint every N steps")
+    epochs: float = _f(2.0, "passes over the SFT set", low=0, low_open=True)
+    batch_size: int = _f(16, "conversations per step", low=1)
+    learning_rate: float = _f(5e-4, "peak learning rate", low=0, low_open=True)
+    warmup_steps: int = _f(10, "linear warm-up steps", low=0)
+    max_length: int = _f(256, "tokens per conversation (longer ones are truncated)", low=2)
+    save_steps: int = _f(50, "checkpoint every N steps", low=1)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Stage 07: benchmark, instruction following, chat quality, output-distribution shift."""
 
-    max_new_tokens: int = _f(96, "new tokens per generated response")
-    batch_size: int = _f(32, "prompts per generation/scoring batch")
-    limit: int = _f(0, "evaluate only the first N items of each suite (0 = all)")
-    speed_prompts: int = _f(0, "also time batched vs one-at-a-time generation on this many prompts (0 = skip)")
+    max_new_tokens: int = _f(96, "new tokens per generated response", low=1)
+    batch_size: int = _f(32, "prompts per generation/scoring batch", low=1)
+    limit: int = _f(0, "evaluate only the first N items of each suite (0 = all)", low=0)
+    speed_prompts: int = _f(0, "also time batched vs one-at-a-time generation on this many prompts (0 = skip)", low=0)
     judge: str = _f("", "optional chat judge: empty (reference score only) | local model path | endpoint model name")
     judge_endpoint: str = _f("", "OpenAI-compatible base URL for the judge (key from judge_api_key_env)")
     judge_api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the judge's API key")
     harness_tasks: tuple[str, ...] = _f((), "lm-evaluation-harness tasks run on each model, e.g. mmlu,ifeval "
                                         "(empty = none; needs pip install 'synthflaw[harness]' and the hub)")
-    harness_num_fewshot: int = _f(-1, "few-shot examples for the harness tasks (-1 = each task's own default)")
+    harness_num_fewshot: int = _f(-1, "few-shot examples for the harness tasks (-1 = each task's own default)", low=-1)
 
 
 @dataclass(frozen=True)
 class FiguresConfig:
     """Stage 08: figures and tables from a run's JSON/CSV files only."""
 
-    dpi: int = _f(120, "resolution of the PNG figures")
+    dpi: int = _f(120, "resolution of the PNG figures", low=10, high=1200)
 
 
 @dataclass(frozen=True)
@@ -174,11 +206,11 @@ class ComputeConfig:
     accumulation micro-steps."""
 
     num_processes: int = _f(1, "processes (GPUs) for stages 03, 04 and 06; > 1 runs each of them under "
-                                "`accelerate launch` (unlearning and evaluation stay on one device)")
+                                "`accelerate launch` (unlearning and evaluation stay on one device)", low=1)
     accelerate_config: str = _f("", "accelerate config file for num_processes > 1 (empty = the shipped "
                                     "accelerate/ddp.yaml; also accelerate/fsdp.yaml, accelerate/deepspeed_zero2.yaml)")
     gradient_accumulation_steps: int = _f(1, "micro-steps per optimizer step in stages 03-06: each process runs "
-                                             "batch_size / (num_processes * this) sequences at a time (less memory)")
+                                             "batch_size / (num_processes * this) sequences at a time (less memory)", low=1)
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass of stages 03-06 "
                                              "(~30% slower, much less activation memory)")
 
@@ -187,7 +219,7 @@ class ComputeConfig:
 class StudyConfig:
     """A whole study: the seed, the preset it came from, and one section per stage."""
 
-    seed: int = _f(0, "seed of the world, the initialisations and the sampling")
+    seed: int = _f(0, "seed of the world, the initialisations and the sampling", low=0)
     preset: str = _f("default", "the preset these values started from")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "stage 01"})
     flaws: FlawsConfig = field(default_factory=FlawsConfig, metadata={"help": "stage 02"})
@@ -384,15 +416,25 @@ def from_dict(d: dict) -> StudyConfig:
     return StudyConfig(seed=d["seed"], preset=d["preset"], **sections)
 
 
-def check(cfg: StudyConfig) -> None:
-    """Cross-field checks that a type alone cannot express."""
+def _domain_problems(cfg: StudyConfig) -> list[str]:
+    """Every number outside its field's domain, each named by its key with the domain and the field's help."""
     problems = []
-    if not 0.0 < cfg.data.nonsynth_fact_share < 1.0:
-        problems.append("data.nonsynth_fact_share must be in (0, 1): some facts stated in NonSynth, some only in SynthQA")
-    if cfg.data.synthetic_templates < 1:
-        problems.append("data.synthetic_templates must be >= 1")
-    if not 0.0 <= cfg.cpt.synthetic_fraction < 1.0:
-        problems.append("cpt.synthetic_fraction must be in [0, 1)")
+    for f in dataclasses.fields(StudyConfig):
+        section = getattr(cfg, f.name)
+        pairs = ([(f"{f.name}.{g.name}", g, getattr(section, g.name)) for g in dataclasses.fields(section)]
+                 if f.name in SECTIONS else [(f.name, f, section)])
+        for key, fld, value in pairs:
+            if out_of_domain(fld, value):
+                problems.append(f"{key}={value!r} must be {domain_text(fld)} ({fld.metadata['help']})")
+    return problems
+
+
+def check(cfg: StudyConfig) -> None:
+    """Every field in its domain, and the cross-field checks that a domain alone cannot express."""
+    problems = _domain_problems(cfg)
+    if cfg.base.hidden_size % max(1, cfg.base.num_attention_heads):
+        problems.append(f"base.hidden_size={cfg.base.hidden_size} must be divisible by base.num_attention_heads="
+                        f"{cfg.base.num_attention_heads} (each head gets an equal slice of the width)")
     for b in cfg.cpt.branches:
         if b not in BRANCHES:
             problems.append(f"cpt.branches: unknown branch {b!r}; valid: {', '.join(BRANCHES)}")
@@ -411,9 +453,6 @@ def check(cfg: StudyConfig) -> None:
         problems.append("unlearn.forget_scope must be all or template")
     if cfg.data.source not in ("embedded", "hub"):
         problems.append("data.source must be embedded or hub")
-    for name in ("max_tokens",):
-        if getattr(cfg.base, name) <= 0 or getattr(cfg.cpt, name) <= 0:
-            problems.append(f"base.{name} and cpt.{name} must be positive")
     if cfg.data.sft_dataset and cfg.data.source != "hub":
         problems.append("data.sft_dataset replaces the SFT set of real-data runs only: set data.source=hub, or "
                         "leave data.sft_dataset empty for the embedded study")

@@ -135,3 +135,41 @@ def test_a_config_saved_before_the_compute_section_still_loads():
     saved = config.resolve("smoke", {"seed": 4}).to_dict()
     del saved["compute"]
     assert config.from_dict(saved) == config.resolve("smoke", {"seed": 4})
+
+
+@pytest.mark.parametrize("override, key, domain", [
+    ("base.batch_size=0", "base.batch_size", "an integer >= 1"),
+    ("base.num_attention_heads=0", "base.num_attention_heads", "an integer >= 1"),
+    ("sft.epochs=nan", "sft.epochs", "a finite number > 0"),
+    ("sft.epochs=inf", "sft.epochs", "a finite number > 0"),
+    ("seed=-1", "seed", "an integer >= 0"),
+    ("figures.dpi=0", "figures.dpi", "an integer in [10, 1200]"),
+    ("data.nonsynth_docs=-10", "data.nonsynth_docs", "an integer >= 1"),
+    ("cpt.synthetic_fraction=1", "cpt.synthetic_fraction", "a finite number in [0, 1)"),
+    ("unlearn.token_fraction=0", "unlearn.token_fraction", "a finite number in (0, 1]"),
+])
+def test_every_number_is_checked_against_its_domain_naming_the_key(override, key, domain, tmp_path, capsys):
+    from synthflaw import cli
+
+    code = cli.main(["config", "--preset", "smoke", "--set", override])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{key}=" in err and f"must be {domain}" in err, err
+
+
+def test_every_numeric_field_has_a_domain():
+    import dataclasses
+
+    missing = []
+    for f in dataclasses.fields(config.StudyConfig):
+        fields = dataclasses.fields(f.default_factory) if f.name in config.SECTIONS else [f]
+        for g in fields:
+            kind = type(config._default(g))
+            if kind in (int, float) and g.metadata.get("low") is None and g.metadata.get("high") is None:
+                missing.append(f"{f.name}.{g.name}" if f.name in config.SECTIONS else g.name)
+    assert not missing, f"numeric fields without a domain: {missing}"
+
+
+def test_heads_must_divide_the_width():
+    with pytest.raises(ConfigError, match="hidden_size=32 must be divisible by base.num_attention_heads=5"):
+        config.resolve("smoke", {"base.num_attention_heads": 5})
