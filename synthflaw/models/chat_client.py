@@ -15,8 +15,8 @@ comes back as ``Generation(error="endpoint_error")``; a request the endpoint rej
 Secrets: the API key is read from the environment variable the config names, never from a parameter, and goes
 only into the Authorization header. Everything the client hands back (reply texts, error details, exception
 messages) passes through `redact` first, so an endpoint that echoes the request cannot carry the key into a run
-folder, a notebook or a log; exceptions are raised ``from None`` so the SDK's own (unredacted) error is not chained
-into a traceback.
+folder, a notebook or a log; exceptions are raised outside the SDK error's except block, so that error (unredacted)
+is neither chained to them nor a local variable of a frame in their traceback.
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ class EndpointChat:
         self.api_key_env = api_key_env
         needs_key = urllib.parse.urlparse(base).hostname not in LOCAL_HOSTS
         api_key(api_key_env, required=needs_key, what=key_setting)  # a missing key fails here, before any work
-        # The key is read from the environment at each request, never kept on this object. The SDK insists on a
-        # key; a local server without one gets a placeholder, which it ignores.
+        # The key is read from the environment at each request, never kept on this object (the SDK client keeps the
+        # last one it sent in memory, as `_client.api_key`; neither its repr nor this object's shows it). The SDK
+        # insists on a key; a local server without one gets a placeholder, which it ignores.
         self._client = OpenAI(base_url=base, api_key=lambda: api_key(api_key_env, required=False, what="") or "no-key",
                               timeout=timeout, max_retries=max_retries)
 
@@ -100,15 +101,22 @@ class EndpointChat:
             answer = self._client.chat.completions.create(model=self.name, messages=messages, temperature=0,
                                                           max_tokens=self.max_new_tokens)
         except openai.APIStatusError as error:
-            detail = self._clean(f"HTTP {error.status_code}: {error.message}", DETAIL_CHARS)
-            if error.status_code in (401, 403, 404):
-                raise RuntimeError(f"the endpoint {self.base_url} refused the request ({detail}); check the URL, the "
-                                   "model name and the API key") from None
-            retried = error.status_code in (408, 409, 429) or error.status_code >= 500
-            return Generation("", error="endpoint_error" if retried else "endpoint_rejected", detail=detail)
+            status, detail = error.status_code, self._clean(f"HTTP {error.status_code}: {error.message}", DETAIL_CHARS)
         except openai.APIError as error:  # connection errors and timeouts, after the SDK's retries
             return Generation("", error="endpoint_error",
                               detail=self._clean(f"{type(error).__name__}: {error}", DETAIL_CHARS))
+        else:
+            return self._generation(answer)
+        # Raised here, after the except block: inside it, the SDK's error (whose message is the endpoint's body,
+        # unredacted) would be chained to this one as its __context__ (hidden by `from None` in a printed
+        # traceback, but still attached) and a local of the frame (shown by tracebacks with local variables).
+        if status in (401, 403, 404):
+            raise RuntimeError(f"the endpoint {self.base_url} refused the request ({detail}); check the URL, the "
+                               "model name and the API key")
+        retried = status in (408, 409, 429) or status >= 500
+        return Generation("", error="endpoint_error" if retried else "endpoint_rejected", detail=detail)
+
+    def _generation(self, answer) -> Generation:
         choices = getattr(answer, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
             return Generation("", error="endpoint_error",

@@ -3,7 +3,9 @@
 Everything goes through `transformers.Trainer`: checkpoint/resume, progress bars, mixed precision, CUDA and
 multi-process data parallelism (`accelerate launch`) come from the ecosystem. What this module adds is small:
 one way to build the Trainer (`make_trainer`, which unlearning reuses with its own Trainer subclass), a padding
-collator that never puts loss on padding, the loss curve as CSV, and an atomic final save.
+collator that never puts loss on padding, the loss curve as CSV, an atomic final save, and resuming only from a
+complete checkpoint (`resume_checkpoint`): the Trainer writes a checkpoint file by file, so a kill during a save
+leaves a folder it cannot resume from.
 
 Several processes: `accelerate launch --config_file accelerate/ddp.yaml --num_processes 2 -m
 synthflaw.training.jobs job.json` runs one of the training tasks (see `synthflaw.training.jobs.run_job`) with DDP:
@@ -17,6 +19,7 @@ a gloo group because the TrainingArguments say `use_cpu`.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 import time
@@ -26,10 +29,11 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from synthflaw.models.batching import pad, pad_batch
 from synthflaw.records import append_csv_row, write_csv, write_json
+from synthflaw.training.checkpoints import (checkpoint_folders, checkpoint_step, last_complete_checkpoint,
+                                            resume_checkpoint)
 
 # Measured by benchmarks/throughput.py on the 2-core Xeon this project is developed on (AVX-512 but no
 # AVX512-BF16/AMX, so bf16 matmuls are emulated: ~26-50 GFLOP/s against ~85-260 in fp32): the default model
@@ -40,7 +44,6 @@ CPU_BF16_AUTOCAST_IS_FASTER = False
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
 LOSS_CURVE_COLUMNS = ("step", "loss", "learning_rate", "tokens_seen", "elapsed_s")
 CHECKPOINTS_KEPT = 2
-
 
 @dataclass
 class CausalLMCollator:
@@ -86,10 +89,15 @@ class LossCurveCallback(TrainerCallback):
         if state.global_step == 0 or not self.path.exists():
             self.path.unlink(missing_ok=True)
             return
-        with self.path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            self.columns = list(reader.fieldnames or [])
-            rows = [r for r in reader if int(r["step"]) <= state.global_step]
+        text = self.path.read_text(encoding="utf-8")
+        # A last line without its newline was cut by a kill: dropped (records.py's rule for logs), else a row cut
+        # to "1" of "12,..." would come back as a second step 1.
+        reader = csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1], newline=""))
+        if not reader.fieldnames:  # even the header was cut: no curve to keep
+            self.path.unlink()
+            return
+        self.columns = list(reader.fieldnames)
+        rows = [r for r in reader if int(r["step"]) <= state.global_step]
         if rows:
             self.elapsed_offset = float(rows[-1]["elapsed_s"])
         self._rewrite(rows)
@@ -180,8 +188,9 @@ def make_trainer(
     """The one way this package builds a `transformers.Trainer`: (trainer, checkpoint to resume from, loss curve).
 
     Checkpoints go to `out_dir/checkpoints/` every `save_steps` (the last `checkpoints_kept`, None = all); with
-    `resume=True` a run whose checkpoints exist continues from the last one, with optimizer, scheduler, RNG and data
-    position restored. The loss curve is written to `out_dir/loss.csv` as training goes (`LossCurveCallback`).
+    `resume=True` a run whose checkpoints exist continues from the last complete one (`resume_checkpoint`), with
+    optimizer, scheduler, RNG and data position restored. The loss curve is written to `out_dir/loss.csv` as
+    training goes (`LossCurveCallback`).
     `trainer_cls` (with `trainer_kwargs`) lets a `Trainer` subclass, e.g. an unlearning method's, reuse all of this.
     `sequential`: batches in dataset order (a dataset already in its seeded order), else a seeded random order.
     `count_padding_free_tokens`: the Trainer counts the non-padding tokens of each batch (`tokens_seen`); a trainer
@@ -208,12 +217,15 @@ def make_trainer(
         )
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
-    last_checkpoint = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    if last_checkpoint is not None and not resume:
+    if not resume and checkpoint_folders(checkpoint_dir):
+        complete = last_complete_checkpoint(checkpoint_dir)
         raise FileExistsError(
             f"{checkpoint_dir} already holds checkpoints and resume=False: pass resume=True to continue from "
-            f"{Path(last_checkpoint).name}, or delete {out_dir} to start over."
+            + (Path(complete).name if complete else "the start (none of them is complete)")
+            + f", or delete {out_dir} to start over."
         )
+    # Not the highest-numbered folder (transformers' get_last_checkpoint): a kill during a save leaves it incomplete.
+    last_checkpoint = resume_checkpoint(checkpoint_dir) if resume else None
 
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -287,7 +299,7 @@ def train_causal_lm(model, tokenizer, train_dataset, out_dir: str | Path, **kwar
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    result = train_from(trainer, last_checkpoint)
     wall_s = time.perf_counter() - start
     peak_memory = torch.cuda.max_memory_allocated(args.device) if on_cuda else None
     save_model_atomically(trainer, out_dir / "model")
@@ -301,8 +313,8 @@ def train_causal_lm(model, tokenizer, train_dataset, out_dir: str | Path, **kwar
         "tokens_this_call": int(tokens_this_call),
         "wall_s": round(wall_s, 3),
         "tokens_per_s": round(tokens_this_call / wall_s, 1) if wall_s > 0 else None,
-        "final_loss": losses[-1] if losses else result.training_loss,
-        "resumed_from_step": int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else None,
+        "final_loss": losses[-1] if losses else result.training_loss if result else None,
+        "resumed_from_step": checkpoint_step(last_checkpoint) if last_checkpoint else None,
         "bf16": args.bf16,
         "num_processes": args.world_size,
         "per_device_batch_size": batch_size,
@@ -320,6 +332,40 @@ def train_causal_lm(model, tokenizer, train_dataset, out_dir: str | Path, **kwar
             "model_flops_utilisation": round(6 * matmul_parameters(model) * tokens_per_s_per_device / peak_flops, 4),
         })
     return write_summary(out_dir, summary)
+
+
+def train_from(trainer: Trainer, checkpoint: str | None):
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, but from a checkpoint already at max_steps nothing is
+    trained: the checkpoint is loaded (weights, state, wrapped for the run's backend as usual) and None returned.
+
+    Why: the Trainer checks max_steps after each step, so resumed at max_steps in mid-epoch it trains one step more.
+    A kill after the last checkpoint and before model/ is swapped in leaves exactly that; the re-run would add a
+    step (a row in loss.csv, a batch of tokens, and with a learning rate not yet at 0 other weights).
+    """
+    if checkpoint is None or checkpoint_step(checkpoint) < trainer.args.max_steps:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    guard = _StopBeforeStepPastMax()
+    trainer.add_callback(guard)
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)  # returns when max_steps ends an epoch: no step
+    except _AlreadyAtMaxSteps:
+        trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+        return None
+    finally:
+        trainer.remove_callback(guard)
+
+
+class _AlreadyAtMaxSteps(Exception):
+    """Raised before a step past max_steps (see `train_from`)."""
+
+
+class _StopBeforeStepPastMax(TrainerCallback):
+    """Stops the Trainer before a step that would go past max_steps: the only way out before it trains, since the
+    Trainer asks its callbacks to stop only after a step. Every process raises at the same point."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            raise _AlreadyAtMaxSteps
 
 
 def write_summary(out_dir: str | Path, summary: dict) -> dict:

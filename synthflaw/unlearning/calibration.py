@@ -14,11 +14,13 @@ a divergence.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from synthflaw.training.checkpoints import checkpoint_step, last_complete_checkpoint
 from synthflaw.unlearning.base import next_token_logprobs, sequence_mean_nll
 from synthflaw.unlearning.batches import PairedCollator, tokenize
 from synthflaw.unlearning.loop import CHECKPOINTS, MODEL, TRAINING_STATE_FILES
@@ -53,15 +55,19 @@ def forget_nll(model, tokenizer, texts: list[str], max_length: int, markers: lis
 
 
 def keep_last_good(out_dir: Path, tokenizer, start_model_dir: Path) -> int:
-    """After a divergence: copy the newest surviving checkpoint (or the starting model) to model/; its step."""
-    checkpoints = sorted((out_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    source = checkpoints[-1] if checkpoints else start_model_dir
-    target = out_dir / MODEL
+    """After a divergence: copy the newest complete surviving checkpoint (or the starting model) to model/ through a
+    temporary folder and a rename; returns its step (0: the starting model)."""
+    last = last_complete_checkpoint(out_dir / CHECKPOINTS)
+    source = Path(last) if last else start_model_dir
+    target, partial = out_dir / MODEL, out_dir / f".{MODEL}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    shutil.copytree(source, partial, ignore=shutil.ignore_patterns(*TRAINING_STATE_FILES, "rng_state*"))
+    tokenizer.save_pretrained(partial)
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*TRAINING_STATE_FILES, "rng_state*"))
-    tokenizer.save_pretrained(target)
-    return int(source.name.split("-")[1]) if checkpoints else 0
+    os.replace(partial, target)
+    return checkpoint_step(last) if last else 0
 
 
 def steps_for_forget_budget(tokenizer, forget_texts: list[str], max_length: int, token_fraction: float,

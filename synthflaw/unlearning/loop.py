@@ -28,11 +28,11 @@ from typing import Callable
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from synthflaw.models.tokenizer import pad_id
 from synthflaw.records import append_jsonl, read_csv, read_jsonl, write_jsonl
-from synthflaw.training.scaffold import make_trainer, save_model_atomically
+from synthflaw.training.checkpoints import last_complete_checkpoint
+from synthflaw.training.scaffold import make_trainer, save_model_atomically, train_from
 from synthflaw.unlearning.base import UnlearningMethod
 from synthflaw.unlearning.batches import PairedBatches, PairedCollator, tokenize
 
@@ -148,7 +148,7 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
                          "raise max_steps or use a fresh out_dir")
     evaluations.keep_until(resumed_from)
     try:
-        trainer.train(resume_from_checkpoint=last_checkpoint)
+        train_from(trainer, last_checkpoint)
     except UnlearningDiverged as diverged:
         loss_curve.append(diverged.step, trainer.step_terms)  # the bad step's terms, for the record
         raise _reject_bad_checkpoints(diverged, checkpoints_dir, out_dir / REJECTED, learning_rate) from None
@@ -351,7 +351,7 @@ def _reject_bad_checkpoints(diverged: UnlearningDiverged, checkpoints_dir: Path,
                     shutil.rmtree(target)
                 path.rename(target)
                 moved.append(path.name)
-    last_good = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
+    last_good = last_complete_checkpoint(checkpoints_dir)
     keeps = (f"the last good checkpoint, {last_good}, is kept" if last_good
              else "no good checkpoint exists yet, so a re-run starts from the original model")
     message = (
