@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from datetime import datetime, timezone
 
 from synthflaw import config
 from synthflaw.runner import StepFailed, run_study
-from synthflaw.runs import StepConfigChanged
+from synthflaw.runs import (
+    RunLocked,
+    StepConfigChanged,
+    UpstreamMissing,
+    run_folder,
+    run_lock,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the study (every step, in order) into runs/<run_id>/")
     run.add_argument("--preset", default="default", choices=sorted(config.PRESETS))
-    run.add_argument("--run-id", default=None, help="folder name under runs/ (default: <preset>-<UTC time>)")
+    run.add_argument("--run-id", default=None, help="folder name under runs/: a plain name (no '/', not starting "
+                                                    "with '.', at most 100 characters; default: <preset>-<UTC time>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one parameter, e.g. --set cpt.synthetic_fraction=0.3 (see `synthflaw config`)")
     run.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -26,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "seeds into runs/<run_id>/seeds/ (default: 0 1 2 for the default preset, else the config's "
                           "seed); one seed runs into runs/<run_id>/")
     run.add_argument("--stages", nargs="+", default=None, help="only these stages, e.g. 01 02 08")
-    run.add_argument("--overwrite", action="store_true", help="re-run steps whose configuration changed")
+    run.add_argument("--overwrite", action="store_true",
+                     help="re-run steps whose configuration changed or that are stale, and every step downstream")
     run.add_argument("--engine", default="papermill", choices=("papermill", "inprocess"),
                      help="papermill executes each notebook into its step folder; inprocess calls the same "
                           "library functions without notebooks (faster, no executed notebooks)")
@@ -40,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="copy a finished run's small outputs (no weights, no data) and its notebooks "
                                         "as HTML into a folder to commit, e.g. runs/reference")
     exp.add_argument("--run-id", required=True)
-    exp.add_argument("--to", required=True, help="output folder; must not exist")
+    exp.add_argument("--to", required=True, help="output folder inside --runs-root, e.g. runs/reference; must not "
+                                                 "exist")
     exp.add_argument("--runs-root", default="runs")
+    exp.add_argument("--allow-unfinished", action="store_true",
+                     help="export a run with unfinished or stale steps (refused otherwise)")
 
     cfg = sub.add_parser("config", help="print every parameter with its default and help, or a preset resolved")
     cfg.add_argument("--preset", default=None, choices=sorted(config.PRESETS))
@@ -57,12 +67,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(config.describe())
             else:
                 import json
+
+                from synthflaw.stages import check
                 resolved = config.resolve(args.preset or "default", config.parse_overrides(args.overrides))
+                check(resolved)  # the stages' own checks (an unknown unlearning method, ...), as `run` makes them
                 print(json.dumps(resolved.to_dict(), indent=2))
             return 0
+        # Every command checks its run id (and where it writes) before it writes or deletes anything.
         if args.command == "export":
             from synthflaw.export import export_run
-            written = export_run(Path(args.runs_root) / args.run_id, args.to)
+            run_dir = run_folder(args.runs_root, args.run_id)
+            written = export_run(run_dir, args.to, runs_root=args.runs_root, allow_unfinished=args.allow_unfinished)
             print(f"wrote {len(written)} files to {args.to}")
             return 0
         if args.command == "figures":
@@ -70,24 +85,27 @@ def main(argv: list[str] | None = None) -> int:
             regenerate(args.run_id, runs_root=args.runs_root, engine=args.engine)
             return 0
         overrides = config.parse_overrides(args.overrides)
-        run_id = args.run_id or f"{args.preset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        run_id = args.run_id if args.run_id is not None else \
+            f"{args.preset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        run_dir = run_folder(args.runs_root, run_id)
         if args.seeds is None and "seed" not in overrides:
             args.seeds = list(config.PRESET_SEEDS.get(args.preset, ())) or None
         if args.seeds and len(args.seeds) > 1:
             config.resolve(args.preset, overrides)  # fail before any seed's folder is written
-            for seed in args.seeds:
-                run_study(args.preset, f"seed-{seed}", {**overrides, "seed": seed}, overwrite=args.overwrite,
-                          runs_root=f"{args.runs_root}/{run_id}", engine=args.engine, only=args.stages)
-            from synthflaw.reporting.aggregate import summarize
-            summary = summarize(Path(args.runs_root) / run_id)
-            print(f"across seeds {summary['seeds']}: {Path(args.runs_root) / run_id / 'seeds'}")
+            with run_lock(run_dir):  # the seeds' folders and the summary across them: one process at a time
+                for seed in args.seeds:
+                    run_study(args.preset, f"seed-{seed}", {**overrides, "seed": seed}, overwrite=args.overwrite,
+                              runs_root=run_dir, engine=args.engine, only=args.stages)
+                from synthflaw.reporting.aggregate import summarize
+                summary = summarize(run_dir)
+            print(f"across seeds {summary['seeds']}: {run_dir / 'seeds'}")
         else:
             if args.seeds:
                 overrides["seed"] = args.seeds[0]
             run_study(args.preset, run_id, overrides, overwrite=args.overwrite, runs_root=args.runs_root,
                       engine=args.engine, only=args.stages)
         return 0
-    except (config.ConfigError, StepConfigChanged, ValueError, FileExistsError) as err:
+    except (config.ConfigError, StepConfigChanged, RunLocked, UpstreamMissing, ValueError, FileExistsError) as err:
         print(f"synthflaw: error: {err}", file=sys.stderr)
         return 2
     except StepFailed as err:

@@ -7,18 +7,38 @@ notebooks as HTML (``notebooks/<stage>.html``, of the first seed of a multi-seed
 checkpoints (never committed), the generated data sets and per-item samples (megabytes per seed, regenerated exactly
 by re-running with the same seed) and the ``.ipynb`` copies (the HTML is their readable form). ``08_figures`` and the cross-seed tables regenerate from the export alone:
 ``synthflaw figures --run-id reference`` (tested against the committed tables).
+
+An export is a run of its own: paths are written relative to it (the machine's absolute path of the run is
+rewritten in every copied text file), and each step's ``done.json`` is sealed again over the files the export keeps,
+so a later edit of an exported file makes its step stale, as in any run. A run with unfinished or stale steps is
+refused unless asked for (``--allow-unfinished``).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from synthflaw.config import from_dict
+from synthflaw.registry import study_steps
 from synthflaw.reporting.aggregate import seed_runs
+from synthflaw.runs import (
+    Freshness,
+    Step,
+    combined_digest,
+    inside,
+    load_marker,
+    product_digests,
+    run_lock,
+    write_json_atomic,
+)
 
 KEEP_SUFFIXES = (".json", ".csv", ".png", ".md")
+TEXT_SUFFIXES = (".json", ".csv", ".md", ".html")
 SKIP_DIRS = {"model", "checkpoints", "data", "generation", "harness"}
 SKIP_NAMES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "trainer_state.json"}
 
@@ -27,22 +47,75 @@ def _kept(path: Path, root: Path, first_seed: str | None) -> bool:
     rel = path.relative_to(root)
     if any(part in SKIP_DIRS or part.startswith("checkpoint-") for part in rel.parts[:-1]):
         return False
+    if rel.name.startswith("."):  # the lock and the atomic writer's temporaries
+        return False
     if path.suffix == ".png" and first_seed and rel.parts[0].startswith("seed-") and rel.parts[0] != first_seed:
         return False  # other seeds' figures: regenerated from their CSVs by `synthflaw figures`
     return path.suffix in KEEP_SUFFIXES and path.name not in SKIP_NAMES
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True) -> list[Path]:
-    """Copy the kept files of `run_dir` into `out_dir` (which must not exist) and export notebooks as HTML.
+def check_target(out_dir: str | Path, runs_root: str | Path) -> Path:
+    """`out_dir` if an export may go there: inside the runs folder (an export is a run) and not existing yet."""
+    out_dir = Path(out_dir)
+    if not inside(out_dir, runs_root):
+        raise ValueError(f"--to {out_dir} resolves to {out_dir.resolve()}, outside the runs folder {runs_root}: "
+                         f"export into it, e.g. --to {Path(runs_root) / 'reference'}")
+    if out_dir.exists() or out_dir.is_symlink():
+        raise FileExistsError(f"{out_dir} exists; remove it first (git keeps the committed version) or pick another")
+    return out_dir
 
-    Returns the written files. Writes into a temporary sibling and renames it at the end, so an interrupted export
-    leaves no half-written reference.
+
+def unfinished_steps(run_dir: Path) -> list[str]:
+    """What keeps a run (single- or multi-seed) from being finished: each step its configuration lists that has not
+    finished, or is stale, as "<seed>/<step>: why"."""
+    runs = ([run_dir] if (run_dir / "study.json").exists()
+            else sorted(p.parent for p in run_dir.glob("seed-*/study.json")))
+    problems = []
+    for run in runs:
+        label = "" if run == run_dir else f"{run.name}/"
+        try:
+            cfg = from_dict(json.loads((run / "study.json").read_text())["config"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            problems.append(f"{label}study.json: cannot be read as a configuration ({error})")
+            continue
+        fresh = Freshness(run)
+        for spec in study_steps(cfg):
+            step = Step(run, spec.stage, spec.variant)
+            if not step.done:
+                problems.append(f"{label}{spec.name}: {step.marker_problem() or 'not finished'}")
+            else:
+                problems += [f"{label}{cause} (stale)" for cause in fresh.causes(spec.name)]
+    return problems
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True, runs_root: str | Path | None = None,
+               allow_unfinished: bool = False) -> list[Path]:
+    """Copy the kept files of `run_dir` into `out_dir` (which must not exist; with `runs_root`, it must lie inside
+    it) and export notebooks as HTML.
+
+    Returns the written files. Refuses a run with unfinished or stale steps unless `allow_unfinished`. Writes into a
+    temporary sibling and renames it at the end, so an interrupted export leaves no half-written reference.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "study.json").exists() and not any(run_dir.glob("seed-*/study.json")):
         raise ValueError(f"{run_dir} is not a finished run (no study.json, no seed-*/study.json)")
-    if out_dir.exists():
+    if runs_root is not None:
+        check_target(out_dir, runs_root)
+    elif out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it first (git keeps the committed version) or pick another")
+    if out_dir.resolve().is_relative_to(run_dir.resolve()):
+        raise ValueError(f"{out_dir} is inside the run {run_dir} it would copy; export next to it instead")
+    with run_lock(run_dir):  # no step changes while it is copied
+        problems = unfinished_steps(run_dir)
+        if problems and not allow_unfinished:
+            shown = "\n  - ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
+                                                    else "")
+            raise ValueError(f"{run_dir} is not finished:\n  - {shown}\nFinish it (synthflaw run with the same run id; "
+                             "--overwrite for stale steps), or export it as it is with --allow-unfinished")
+        return _export(run_dir, out_dir, html)
+
+
+def _export(run_dir: Path, out_dir: Path, html: bool) -> list[Path]:
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -70,5 +143,51 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True) -
             for staged_notebook in inputs:
                 staged_notebook.unlink()
                 written.append(out_dir / "notebooks" / f"{staged_notebook.stem}.html")
+    relative_paths(tmp, run_dir)
+    reseal(tmp)
     tmp.rename(out_dir)
     return written
+
+
+def relative_paths(folder: Path, run_dir: Path) -> None:
+    """Rewrite the run's absolute path in every text file under `folder` relative to the run: ``<run>/07_evaluate``
+    becomes ``07_evaluate``, ``<run>`` alone ``.``. Results, aggregate.json and the notebooks record where the run
+    lay on the machine that made it, which means nothing (and tells too much) in a committed export."""
+    prefixes = sorted({str(run_dir.resolve()), str(run_dir.absolute())}, key=len, reverse=True)
+    # the prefix, then '/' (a path inside the run) or a character no path name continues with (the run itself)
+    pattern = re.compile("|".join(f"{re.escape(p)}(?:/|(?![\\w.\\-]))" for p in prefixes))
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.suffix not in TEXT_SUFFIXES:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        new = pattern.sub(lambda m: "" if m.group(0).endswith("/") else ".", text)
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+
+
+def reseal(folder: Path) -> None:
+    """Seal each exported step's done.json again over the files the export keeps: the products digest of what is
+    there, and the upstream records moved to the upstreams' new digests where they matched the old ones (a record
+    that did not match stays unmatched: a stale step stays stale). Markers without digests (older runs) are left."""
+    markers = {}
+    for done in folder.rglob("done.json"):
+        marker, _ = load_marker(done.parent)
+        if marker is not None and "digest" in marker:
+            name = done.parent.relative_to(folder).as_posix()
+            markers[name] = (done.parent, marker)
+    new_digest = {}
+    for name, (step_dir, marker) in markers.items():
+        products = product_digests(step_dir)
+        new_digest[name] = (marker["digest"], combined_digest(products), products)
+    for name, (step_dir, marker) in markers.items():
+        old, digest, products = new_digest[name]
+        prefix = name.split("/")[0] + "/" if name.startswith("seed-") else ""  # upstreams: the same seed's steps
+        upstream = {}
+        for up, recorded in marker.get("upstream", {}).items():
+            before, after, _ = new_digest.get(prefix + up, (None, None, None))
+            upstream[up] = after if recorded is not None and recorded == before else recorded
+        write_json_atomic(step_dir / "done.json", {**marker, "digest": digest, "products": products,
+                                                  "upstream": upstream, "exported_from": old})

@@ -157,6 +157,13 @@ def test_every_number_is_checked_against_its_domain_naming_the_key(override, key
     assert f"{key}=" in err and f"must be {domain}" in err, err
 
 
+def test_config_command_makes_the_stages_checks_too(capsys):
+    from synthflaw import cli
+
+    assert cli.main(["config", "--set", "unlearn.methods=nosuch"]) == 2
+    assert "unknown method 'nosuch'" in capsys.readouterr().err
+
+
 def test_every_numeric_field_has_a_domain():
     import dataclasses
 

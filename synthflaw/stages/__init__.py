@@ -21,7 +21,7 @@ from types import ModuleType
 from synthflaw.config import ConfigError, StudyConfig
 from synthflaw.registry import STAGES, Stage, stage_variants
 from synthflaw.registry import stage as find_stage
-from synthflaw.runs import open_step
+from synthflaw.runs import Freshness, StepStale, open_step
 
 
 def stage_module(stage: str | Stage) -> ModuleType:
@@ -44,12 +44,28 @@ def run_stage(stage: str | Stage, run_dir: str | Path, cfg: StudyConfig, variant
               log=print):
     """Run a stage into ``<run_dir>/<NN_stage>[/<variant>]``: every variant `cfg` lists (or the subset `variants`),
     in study order; a finished step with the same configuration is not run again. Prints one line per finished
-    step with its time. Returns the stage's result, or {variant: result} for a fanned-out stage."""
+    step with its time. Returns the stage's result, or {variant: result} for a fanned-out stage.
+
+    A finished step that is stale (its products or an upstream it read changed since) is refused unless
+    `overwrite`, which runs it again; one that reads the whole run (stage 08) runs again when steps finished after
+    it. A done.json that cannot be read counts as not finished: the step runs again, and the line says why.
+    """
     s = find_stage(stage)
     module = stage_module(s)
+    freshness = Freshness(run_dir)
     results = {}
     for variant in stage_variants(cfg, s, variants) if s.variants else [None]:
         step = open_step(run_dir, s, variant, cfg, overwrite=overwrite)
+        if step.marker_problem():
+            log(f"{step.marker_problem()}: {step.name} counts as not finished and runs again")
+        causes = freshness.causes(step.name) if step.done else []
+        if causes and (overwrite or all(c.kind == "new steps" for c in causes)):
+            log(f"{step.name}: runs again ({causes[0].text})")
+            step.reset()
+            step.open(cfg)
+        elif causes:
+            raise StepStale(f"step {step.name} is stale: {'; '.join(c.text for c in causes)}. Run it again with "
+                            "overwrite=True (synthflaw run --overwrite), which also redoes the steps downstream of it")
         started = time.time()
         was_done = step.done
         results[variant] = step.run(module.run)
