@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-
 # The CPT branches, in the order every table shows them: the paper's control, the paper's SynthQA run, and two
 # controls this project adds (synthflaw.training.pretraining says what each trains on).
 BRANCHES = ("natural", "synthetic", "rewritten", "more_natural")
@@ -74,15 +73,25 @@ class DataConfig:
     n_people: int = _f(40, "people in the world (5 facts each)", low=4)
     n_organisations: int = _f(8, "organisations in the world (3 facts each)", low=4)
     n_cities: int = _f(12, "cities in the world (1 fact each: its country)", low=4)
-    nonsynth_fact_share: float = _f(0.5, "share of facts that NonSynth states; SynthQA states all of them", low=0, high=1, low_open=True, high_open=True)
+    nonsynth_fact_share: float = _f(0.5, "share of facts that NonSynth states; SynthQA states all of them",
+                                    low=0, high=1, low_open=True, high_open=True)
     nonsynth_docs: int = _f(3000, "NonSynth documents (natural text, many styles) for pre-training and CPT", low=1)
     extra_natural_docs: int = _f(1500, "extra NonSynth documents for the more_natural branch", low=0)
     heldout_docs: int = _f(200, "held-out NonSynth documents (perplexity, never trained on)", low=1)
-    general_text_share: float = _f(0.3, "share of NonSynth documents that are fact-free conversational/how-to text", low=0, high=1)
-    synthetic_templates: int = _f(1, "number of distinct Q-A templates SynthQA uses (1 = the paper's uniform format)", low=1, high=5)
+    general_text_share: float = _f(0.3, "share of NonSynth documents that are fact-free conversational/how-to text",
+                                   low=0, high=1)
+    # 0.3 and the SFT budget below: calibrated on the natural branch and the nulls only
+    # (benchmarks/calibrate_instrument.py, docs/calibration_instrument.json)
+    instruction_doc_share: float = _f(0.3, "share of NonSynth documents that are request-and-reply texts (someone "
+                                      "asks with a constraint, the reply follows it), on SFT's facts and topics",
+                                      low=0, high=1)
+    synthetic_templates: int = _f(1, "number of distinct Q-A templates SynthQA uses (1 = the paper's uniform format)",
+                                  low=1, high=5)
     synthqa_per_fact: int = _f(3, "SynthQA pairs per fact (question wordings vary, the template does not)", low=1)
-    sft_examples: int = _f(1000, "SFT chat examples, each with 1-3 verifiable constraints", low=1)
+    sft_examples: int = _f(5000, "SFT chat examples, each with 1-3 verifiable constraints", low=1)
     suite_bases: int = _f(60, "instruction-following base prompts; each yields levels 1-5 (5 test items)", low=1)
+    learnable_items: int = _f(600, "items of the learnable instruction-following tier (the primary one): SFT's "
+                                   "wordings, 1-3 binding constraints, held-out facts and topics", low=3)
     benchmark_items: int = _f(200, "knowledge benchmark questions (4-option multiple choice)", low=2)
     chat_items: int = _f(40, "chat-quality open instructions with references", low=1)
     # paper preset (source = hub): real corpora and a generator model
@@ -135,8 +144,10 @@ class CPTConfig:
 
     branches: tuple[str, ...] = _f(BRANCHES, "branches to train: " + " | ".join(BRANCHES))
     max_tokens: int = _f(200_000, "CPT token budget per branch", low=1)
-    synthetic_fraction: float = _f(0.3, "share of CPT tokens that are SynthQA (synthetic) or rewritten (rewritten)", low=0, high=1, high_open=True)
-    more_natural_ratio: float = _f(1.0, "more_natural trains this many CPT budgets of extra natural data", low=0, low_open=True)
+    synthetic_fraction: float = _f(0.3, "share of CPT tokens that are SynthQA (synthetic) or rewritten (rewritten)",
+                                   low=0, high=1, high_open=True)
+    more_natural_ratio: float = _f(1.0, "more_natural trains this many CPT budgets of extra natural data",
+                                   low=0, low_open=True)
     more_natural_from: str = _f("synthetic", "branch more_natural continues from: synthetic (the paper's alternative "
                                 "mitigation: more natural data instead of unlearning) | natural")
     batch_size: int = _f(16, "sequences per step", low=1)
@@ -154,13 +165,15 @@ class UnlearnConfig:
     methods: tuple[str, ...] = _f(("lower_bounded", "npo"),
                                   "unlearning methods to run: lower_bounded | gradient_ascent | gradient_difference | "
                                   "npo | simnpo (synthflaw.unlearning.METHODS)")
-    token_fraction: float = _f(0.02, "unlearning budget as a fraction of the CPT tokens (paper: ~1/300)", low=0, high=1, low_open=True)
+    token_fraction: float = _f(0.02, "unlearning budget as a fraction of the CPT tokens (paper: ~1/300)",
+                               low=0, high=1, low_open=True)
     batch_size: int = _f(8, "forget (and replay) sequences per step", low=1)
     learning_rate: float = _f(3e-4, "learning rate", low=0, low_open=True)
     reference: str = _f("cpt", "frozen reference for bias mitigation / NPO: cpt (model before unlearning) | natural")
     forget_scope: str = _f("all", "all tokens of a SynthQA pair | template (only the template's structural tokens)")
     hyperparameters: dict = _f({}, "per-method constructor arguments, e.g. {\"lower_bounded\": {\"tau\": 4.0}}")
-    replay_loss_bound: float = _f(10.0, "stop with an error if the replay NLL exceeds this (model collapsing)", low=0, low_open=True, finite=False)
+    replay_loss_bound: float = _f(10.0, "stop with an error if the replay NLL exceeds this (model collapsing)",
+                                  low=0, low_open=True, finite=False)
     save_steps: int = _f(5, "checkpoint every N steps (a diverging method keeps its last good checkpoint)", low=1)
 
 
@@ -168,11 +181,13 @@ class UnlearnConfig:
 class SFTConfig:
     """Stage 06: identical supervised fine-tuning for every model."""
 
-    epochs: float = _f(2.0, "passes over the SFT set", low=0, low_open=True)
+    epochs: float = _f(1.0, "passes over the SFT set", low=0, low_open=True)
     batch_size: int = _f(16, "conversations per step", low=1)
-    learning_rate: float = _f(5e-4, "peak learning rate", low=0, low_open=True)
+    learning_rate: float = _f(2e-3, "peak learning rate", low=0, low_open=True)
     warmup_steps: int = _f(10, "linear warm-up steps", low=0)
     max_length: int = _f(256, "tokens per conversation (longer ones are truncated)", low=2)
+    curve_points: int = _f(4, "points of the SFT curve: the model is saved and evaluated k/N of the way through SFT "
+                                "for k = 1..N (N = 1: the final model only)", low=1)
     save_steps: int = _f(50, "checkpoint every N steps", low=1)
 
 
@@ -184,6 +199,7 @@ class EvalConfig:
     batch_size: int = _f(32, "prompts per generation/scoring batch", low=1)
     limit: int = _f(0, "evaluate only the first N items of each suite (0 = all)", low=0)
     speed_prompts: int = _f(0, "also time batched vs one-at-a-time generation on this many prompts (0 = skip)", low=0)
+    curve_items: int = _f(150, "learnable-tier items measured at the SFT curve's earlier points (0 = all)", low=0)
     judge: str = _f("", "optional chat judge: empty (reference score only) | local model path | endpoint model name")
     judge_endpoint: str = _f("", "OpenAI-compatible base URL for the judge (key from judge_api_key_env)")
     judge_api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the judge's API key")
@@ -244,7 +260,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data.n_people": 24, "data.n_organisations": 6, "data.n_cities": 8,
         "data.nonsynth_docs": 160, "data.extra_natural_docs": 60, "data.heldout_docs": 16,
-        "data.synthqa_per_fact": 1, "data.sft_examples": 48, "data.suite_bases": 4,
+        "data.synthqa_per_fact": 1, "data.sft_examples": 48, "data.suite_bases": 4, "data.learnable_items": 30,
         "data.benchmark_items": 24, "data.chat_items": 6,
         "flaws.max_texts": 60,
         "base.vocab_size": 512, "base.hidden_size": 32, "base.intermediate_size": 64,
@@ -296,7 +312,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cpt.max_tokens": 20_000_000, "cpt.batch_size": 32, "cpt.learning_rate": 3e-4, "cpt.warmup_steps": 30,
         "cpt.save_steps": 200,
         "unlearn.batch_size": 16, "unlearn.learning_rate": 3e-5, "unlearn.save_steps": 100,
-        "sft.batch_size": 32, "sft.learning_rate": 1e-4, "sft.warmup_steps": 30, "sft.save_steps": 200,
+        "sft.epochs": 2.0, "sft.batch_size": 32, "sft.learning_rate": 1e-4, "sft.warmup_steps": 30, "sft.save_steps": 200,
         "evaluate.batch_size": 64,
         # 32 sequences of 1024 tokens per micro-step keep a 0.34B model's activations under ~40 GB
         "compute.gradient_accumulation_steps": 2,
@@ -305,8 +321,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # Seeds `synthflaw run` / `make study` use when none are given: the default study's findings are tested on paired
-# differences across three seeds (synthflaw.reporting); the others run once, with the config's `seed`.
-PRESET_SEEDS: dict[str, tuple[int, ...]] = {"default": (0, 1, 2)}
+# differences across five seeds (synthflaw.reporting); the others run once, with the config's `seed`.
+PRESET_SEEDS: dict[str, tuple[int, ...]] = {"default": (0, 1, 2, 3, 4)}
 
 
 def _sections() -> dict[str, type]:

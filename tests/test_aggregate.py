@@ -11,8 +11,8 @@ import pytest
 
 from synthflaw import config
 from synthflaw.metrics import statistics
-from synthflaw.reporting import aggregate, findings, plots
 from synthflaw.records import read_csv
+from synthflaw.reporting import aggregate, findings, plots
 
 T_975_DF2 = 4.302652729749462  # Student-t 0.975 quantile, 2 degrees of freedom (tables: 4.303)
 MODELS = ("natural", "synthetic", "rewritten", "more_natural", "unlearn-lower_bounded")
@@ -20,9 +20,19 @@ MODELS = ("natural", "synthetic", "rewritten", "more_natural", "unlearn-lower_bo
 
 def metrics_json(benchmark=0.4, stated=0.3, synthqa_only=0.5, hsr=0.3, ssr=0.5, chat=3.0, ppl_mean=300.0,
                  ppl_std=20.0, leakage=0.0, kl=0.0, pre_ppl_mean=30.0, pre_ppl_std=2.0, pre_leakage=0.0,
-                 levels=(0.6, 0.4, 0.3, 0.2, 0.1)) -> dict:
-    """A metrics.json with the layout evaluate_model writes (keys the aggregation does not read trimmed)."""
+                 levels=(0.6, 0.4, 0.3, 0.2, 0.1), learnable_hsr=0.5, margin=0.3, pull=-5.0, pre_pull=-3.0,
+                 nulls=False) -> dict:
+    """A metrics.json with the layout evaluate_model writes (keys the aggregation does not read trimmed); `nulls`:
+    with the nulls' block (a constant reply at learnable HSR 0.05, the plain answer at 0)."""
     return {"pre_sft_benchmark_accuracy": benchmark,  # base capability: the checkpoint before SFT
+            "learnable_hard_satisfaction_rate": learnable_hsr, "learnable_soft_satisfaction_rate": learnable_hsr,
+            "learnable_hsr_by_level": {"1": learnable_hsr, "2": learnable_hsr, "3": learnable_hsr},
+            "compliance_margin": margin, "compliance_margin_null": 0.0, "template_pull": pull,
+            "pre_sft_template_pull": pre_pull,
+            "nulls": {"constant": {"learnable_hard_satisfaction_rate": 0.05, "hard_satisfaction_rate": 0.1,
+                                   "chat_score": 0.0},
+                      "plain": {"learnable_hard_satisfaction_rate": 0.0, "hard_satisfaction_rate": 0.05}}
+            if nulls else {},
             "pre_sft_benchmark_accuracy_by_split": {"stated": stated, "synthqa_only": synthqa_only},
             "benchmark_accuracy": benchmark, "benchmark_acc_norm": benchmark,
             "benchmark_accuracy_by_split": {"stated": stated, "synthqa_only": synthqa_only},
@@ -58,15 +68,18 @@ CLEAR = {
     "natural": {},
     "synthetic": {"benchmark": 0.10, "stated": 0.02, "synthqa_only": 0.18, "hsr": -0.10, "chat": -0.5,
                   "leakage": 0.2, "ppl_mean": 20.0, "ppl_std": -5.0, "kl": 0.3,
-                  "pre_leakage": 0.3, "pre_ppl_mean": 3.0, "pre_ppl_std": -1.0},
+                  "pre_leakage": 0.3, "pre_ppl_mean": 3.0, "pre_ppl_std": -1.0,
+                  "learnable_hsr": -0.10, "margin": -0.1, "pull": 2.0, "pre_pull": 2.0},
     "rewritten": {"benchmark": 0.08, "stated": 0.01, "synthqa_only": 0.15, "ppl_mean": 2.0, "kl": 0.05},
-    "more_natural": {"hsr": -0.05, "chat": -0.2, "kl": 0.1},
+    "more_natural": {"hsr": -0.05, "chat": -0.2, "kl": 0.1, "learnable_hsr": -0.05},
     "unlearn-lower_bounded": {"benchmark": 0.09, "stated": 0.02, "synthqa_only": 0.16, "hsr": 0.01, "chat": 0.1,
-                              "kl": 0.05},
+                              "kl": 0.05, "learnable_hsr": 0.01},
 }
 BASE = {"benchmark": 0.4, "stated": 0.3, "synthqa_only": 0.5, "hsr": 0.3, "ssr": 0.5, "chat": 3.0, "ppl_mean": 300.0,
-        "ppl_std": 20.0, "leakage": 0.0, "kl": 0.0, "pre_leakage": 0.0, "pre_ppl_mean": 30.0, "pre_ppl_std": 2.0}
-NOISE_UNIT = {"chat": 10.0, "ppl_mean": 100.0, "ppl_std": 100.0, "pre_ppl_mean": 10.0, "pre_ppl_std": 10.0}  # rates move by `scale`, these by `scale * unit`
+        "ppl_std": 20.0, "leakage": 0.0, "kl": 0.0, "pre_leakage": 0.0, "pre_ppl_mean": 30.0, "pre_ppl_std": 2.0,
+        "learnable_hsr": 0.5, "margin": 0.3, "pull": -5.0, "pre_pull": -3.0}
+NOISE_UNIT = {"chat": 10.0, "ppl_mean": 100.0, "ppl_std": 100.0, "pre_ppl_mean": 10.0, "pre_ppl_std": 10.0,
+              "pull": 10.0, "pre_pull": 10.0}  # rates move by `scale`, these by `scale * unit`
 MODEL_NOISE = {"natural": 1.0, "synthetic": -1.0, "rewritten": 0.5, "more_natural": -0.5,
                "unlearn-lower_bounded": 1.5}
 
@@ -95,7 +108,8 @@ def study(tmp_path, effects, *, scale=0.005, effect_size=1.0, n_seeds=3, seed_sh
                 hsr=values["hsr"], ssr=values["ssr"], chat=values["chat"], ppl_mean=values["ppl_mean"],
                 ppl_std=values["ppl_std"], leakage=values["leakage"], kl=values["kl"],
                 pre_ppl_mean=values["pre_ppl_mean"], pre_ppl_std=values["pre_ppl_std"],
-                pre_leakage=values["pre_leakage"]))
+                pre_leakage=values["pre_leakage"], learnable_hsr=values["learnable_hsr"], margin=values["margin"],
+                pull=values["pull"], pre_pull=values["pre_pull"], nulls=True))
     return run_dir
 
 
@@ -164,7 +178,7 @@ def test_aggregate_means_cis_and_paired_differences(tmp_path):
     md = (out / "tables" / "headline_ci.md").read_text()
     assert "| natural | 3 | 0.400 ± 0.000 |" in md  # the same benchmark in every seed: zero half-width
     assert f"0.500 ± {T_975_DF2 * 0.3 / math.sqrt(3):.3f}" in md and "seeds (0, 1, 2)" in md
-    levels = [r for r in read_csv(out / "hsr_by_level_ci.csv") if r["model"] == "natural"]
+    levels = [r for r in read_csv(out / "hsr_by_level_ci.csv") if r["model"] == "natural" and r["tier"] == "suite"]
     assert [int(r["level"]) for r in levels] == [1, 2, 3, 4, 5]
     assert float(levels[4]["mean"]) == pytest.approx(0.1) and float(levels[4]["std"]) == pytest.approx(0.1)
     diffs = {(r["model"], r["reference"], r["metric"]): r for r in read_csv(out / "findings_differences.csv")}
@@ -206,7 +220,7 @@ def test_clear_effects_reproduce_every_finding(tmp_path):
     one = found[0]
     assert one["metric"] == "benchmark: synthetic - natural" and one["value"] == pytest.approx(0.10)
     assert one["ci"][0] > 0 and one["rule"].startswith("d(benchmark; synthetic - natural) > 0")
-    retention = by_id(found, "4")["checks"][3]["retention"]
+    retention = by_id(found, "4")["checks"][4]["retention"]
     assert retention == pytest.approx(0.9)  # (0.09 - 0) / (0.10 - 0)
     # findings are a function of aggregate.json alone
     reread = json.loads((tmp_path / "out" / "aggregate.json").read_text())
@@ -219,17 +233,24 @@ def test_reversed_effects_are_reported_as_not_reproducing(tmp_path):
     found = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path, reversed_effects)), tmp_path / "out"))
     assert verdicts(found) == dict.fromkeys(IDS, False)
     two = found[1]["checks"]
-    assert [c["reproduces"] for c in two] == [False, False] and two[0]["value"] == pytest.approx(0.10)
+    assert [c["reproduces"] for c in two] == [False, False, False] and two[0]["value"] == pytest.approx(0.10)
 
 
 def test_noisy_effects_are_inconclusive(tmp_path):
     run_dir = study(tmp_path, CLEAR, effect_size=0.02, scale=0.05)
     found = findings.findings(aggregate.aggregate(aggregate.seed_runs(run_dir), tmp_path / "out"))
     assert verdicts(found) == dict.fromkeys(IDS, None)
-    # non-inferiority with a wide interval around 0 passes its own check, but nothing significant backs it
-    four = {c["check"]: c["reproduces"] for c in by_id(found, "4")["checks"]}
-    assert four["HSR: unlearn-lower_bounded - natural"] is True
-    assert four["HSR: unlearn-lower_bounded - synthetic"] is None
+    # non-inferiority holds exactly when the interval's lower bound clears -delta; the recovery is not shown
+    four = {c["check"]: c for c in by_id(found, "4")["checks"]}
+    ni, delta = four["learnable_HSR: unlearn-lower_bounded - natural"], found[0]["ni_margin"]["delta"]
+    # natural's learnable HSR averages 0.55 over the seeds (0.5 + a 0.05 seed shift), the best null is 0.05
+    assert delta == pytest.approx(findings.PAPER_RELATIVE_EFFECT * (0.55 - 0.05))
+    assert ni["reproduces"] is (True if ni["ci"][0] > -delta else None)
+    assert four["learnable_HSR: unlearn-lower_bounded - synthetic"]["reproduces"] is None
+    wide = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path / "wide", CLEAR, effect_size=0.02,
+                                                                           scale=0.5)), tmp_path / "out2"))
+    wide_ni = by_id(wide, "4")["checks"][0]
+    assert wide_ni["ci"][0] < -delta and wide_ni["reproduces"] is None  # "not significantly below" is not enough
 
 
 def test_single_seed_and_missing_branch_stay_inconclusive(tmp_path):
@@ -237,7 +258,7 @@ def test_single_seed_and_missing_branch_stay_inconclusive(tmp_path):
     found = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path, effects, n_seeds=1)), tmp_path / "out"))
     assert verdicts(found) == dict.fromkeys(IDS, None)
     assert by_id(found, "6")["note"] == "not run: rewritten" and by_id(found, "6")["value"] is None
-    assert by_id(found, "3")["checks"][3]["check"] == "kl_from_natural: synthetic - natural"  # falls back without rewritten
+    assert by_id(found, "3")["checks"][1]["check"] == "kl_from_natural: synthetic - natural"  # falls back without rewritten
     md = (tmp_path / "out" / "tables" / "headline_ci.md").read_text()
     table = md.split("\n\n")[0]
     assert "| synthetic | 1 | 0.500 |" in table and "±" not in table  # one seed: a value, no interval
@@ -255,7 +276,8 @@ def test_summarize_writes_every_file_and_plots_render(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert result["figures"] == ["headline_ci.png", "hsr_by_level_ci.png"]
     md = (out / "findings.md").read_text()
-    assert "| 2 | after identical SFT" in md and "reproduces" in md and "d(HSR; synthetic - natural) < 0" in md
+    assert "| 2 | after identical SFT" in md and "reproduces" in md
+    assert "d(learnable_HSR; synthetic - natural) < 0" in md and "Non-inferiority margin delta" in md
     assert by_id(json.loads((out / "findings.json").read_text()), "5")["reproduces"] is True
     # the figures are drawn from the CSVs alone
     (out / "headline_ci.png").unlink()

@@ -360,7 +360,7 @@ def test_loose_variants_match_if_verifiable():
     ("max_words", {"n": "5"}, "'n' must be int"),
     ("max_words", {"n": True}, "'n' must be int"),
     ("min_words", {"n": 0}, "'n' must be >= 1"),
-    ("num_sentences", {"relation": "exactly", "n": 2}, "'relation' must be one of"),
+    ("num_sentences", {"relation": "roughly", "n": 2}, "'relation' must be one of"),
     ("postscript", {"marker": "PS"}, "'marker' must be one of"),
     ("exclude_keyword", {"word": "banana"}, "'word' must be one of"),
     ("include_keywords", {"keywords": ["a", "b", "c"]}, "'keywords'"),

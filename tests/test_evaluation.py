@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from synthflaw import config
+from synthflaw.data.embedded import build_embedded
+from synthflaw.data.schema import SYNTHQA_TEMPLATES
 from synthflaw.metrics import benchmark, chat, evaluation, instruction_following, shift
 from synthflaw.metrics.chat import RatingJudge, judge_prompt, parse_rating
 from synthflaw.metrics.text import distinct_n, words
@@ -316,7 +319,8 @@ def test_openai_compatible_judge_over_http(chat_server, monkeypatch):
 # ---------------------------------------------------------------- evaluate_model
 
 def evaluate(model, tokenizer, data_dir, limit=None, **kwargs):
-    return evaluation.evaluate_model(model, tokenizer, evaluation.load_eval_data(data_dir, limit), **kwargs)
+    return evaluation.evaluate_model(model, tokenizer, evaluation.load_eval_data(data_dir, limit),
+                                     template=SYNTHQA_TEMPLATES[0], **kwargs)
 
 
 def write_jsonl(path, records):
@@ -362,7 +366,8 @@ def test_synthqa_template_outputs_follow_fewer_constraints_and_leak_more():
 REQUIRED_KEYS = {"benchmark_accuracy", "benchmark_accuracy_by_split", "hard_satisfaction_rate", "hsr_by_level",
                  "soft_satisfaction_rate", "ifeval_prompt_strict", "ifeval_instruction_strict", "chat_score",
                  "perplexity", "perplexity_reference", "template_leakage_rate", "response_words", "distinct_2",
-                 "next_token_kl"}
+                 "next_token_kl", "learnable_hard_satisfaction_rate", "learnable_hsr_above_null", "compliance_margin",
+                 "compliance_margin_null", "template_pull", "chat_preference", "chat_rouge_l", "nulls"}
 
 
 @pytest.fixture
@@ -375,6 +380,8 @@ def data_dir(tmp_path):
          "provenance": {"fact_id": i}}
         for i, (prompt, split) in enumerate([("Ilara Venn was born in", "stated"), ("Tomas Orr works at", "stated"),
                                              ("The library was founded by", "synthqa_only")])])
+    smoke = build_embedded(config.resolve("smoke").data, 0)
+    write_jsonl(folder / "learnable_suite.jsonl", smoke["learnable_suite"][:3])
     write_jsonl(folder / "instruction_suite.jsonl",
                 [{k: v for k, v in item.items() if k != "base"} for item in suite_items(1, (1, 2, 3))])
     write_jsonl(folder / "chat.jsonl", [
@@ -404,18 +411,22 @@ def test_evaluate_model_gives_metrics_samples_and_perplexities(model, tokenizer,
     assert (metrics["chat_judge_score"], metrics["chat_judge_unparseable"]) == (6.0, 1)
     assert metrics["generation_speed"]["identical_responses"] is True
     samples = result.samples
-    assert [s["task"] for s in samples] == ["benchmark"] * 3 + ["instruction"] * 3 + ["chat"] * 2
-    for sample in samples[3:6]:
+    assert [s["task"] for s in samples] == ["benchmark"] * 3 + ["learnable"] * 3 + ["instruction"] * 3 + ["chat"] * 2
+    assert set(metrics["nulls"]) == {"constant", "echo", "plain"}
+    assert metrics["nulls"]["plain"]["learnable_hard_satisfaction_rate"] == 0.0  # every constraint binds on it
+    assert {r["metric"] for r in result.items} >= {"followed", "compliance_margin", "template_pull", "correct",
+                                                   "chat_score", "chat_preference"}
+    for sample in samples[6:9]:
         assert len(sample["verdicts"]) == len(sample["constraints"]) == int(sample["id"][1])
         assert isinstance(sample["response"], str)
     assert [r["set"] for r in result.perplexities] == ["heldout_nonsynth"] * 3 + ["chat_reference"] * 2
-    assert [s["reference_perplexity"] for s in samples[6:]] == [r["perplexity"] for r in result.perplexities[3:]]
+    assert [s["reference_perplexity"] for s in samples[9:]] == [r["perplexity"] for r in result.perplexities[3:]]
 
     again = evaluate(model, tokenizer, data_dir, limit=1, markers=MARKERS, max_new_tokens=6, batch_size=4).metrics
     assert again["next_token_kl"] is None and again["chat_judge_score"] is None
     assert again["pre_sft_benchmark_accuracy"] is None  # no pre-SFT checkpoint given
-    assert again["counts"] == {"benchmark": 1, "instruction_suite": 1, "chat": 1, "heldout_nonsynth": 1,
-                               "pre_sft_probes": 0}
+    assert again["counts"] == {"benchmark": 1, "learnable_suite": 1, "instruction_suite": 1, "chat": 1,
+                               "heldout_nonsynth": 1, "pre_sft_probes": 0}
     # same model, same data: deterministic
     assert again["perplexity"]["mean"] == pytest.approx(
         float(shift.perplexities(model, tokenizer, ["The city of Kestrel Bay lies on the coast."], 1)[0]))

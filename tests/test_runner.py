@@ -71,13 +71,13 @@ def test_stage_variants_follow_the_config_and_reject_unknown_names():
         stage_variants(cfg, "04_continued_pretraining", ["rewritten"])
 
 
-def test_default_preset_runs_three_seeds_unless_told(tmp_path, monkeypatch):
+def test_default_preset_runs_five_seeds_unless_told(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "run_study", lambda preset, run_id, overrides, **kw: calls.append((run_id, overrides)))
     from synthflaw.reporting import aggregate
-    monkeypatch.setattr(aggregate, "summarize", lambda run_dir: {"seeds": ["0", "1", "2"]})
+    monkeypatch.setattr(aggregate, "summarize", lambda run_dir: {"seeds": ["0", "1", "2", "3", "4"]})
     assert cli.main(["run", "--run-id", "r", "--runs-root", str(tmp_path)]) == 0
-    assert calls == [(f"seed-{k}", {"seed": k}) for k in (0, 1, 2)]
+    assert calls == [(f"seed-{k}", {"seed": k}) for k in (0, 1, 2, 3, 4)]
     calls.clear()
     assert cli.main(["run", "--run-id", "r", "--seeds", "4", "--runs-root", str(tmp_path)]) == 0
     assert calls == [("r", {"seed": 4})]  # one seed: an ordinary run folder

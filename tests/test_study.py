@@ -25,8 +25,9 @@ NOTEBOOK_STEPS = [("01_generate_data", None), ("02_data_flaws", None), ("03_base
 COMPARE = {"01_generate_data": ("counts", "words"), "02_data_flaws": ("sets",),
            "03_base_model": ("final_loss", "tokens", "parameters"), "04_continued_pretraining": ("final_loss", "tokens"),
            "05_unlearning": ("final_losses", "forget_tokens", "tau_calibrated"),
-           "06_sft": ("final_loss", "tokens"), "07_evaluate": ("benchmark_accuracy", "hard_satisfaction_rate",
-                                                               "chat_score", "next_token_kl"),
+           "06_sft": ("final_loss", "tokens", "curve_steps"),
+           "07_evaluate": ("pre_sft_benchmark_accuracy", "learnable_hard_satisfaction_rate", "compliance_margin",
+                           "template_pull", "hard_satisfaction_rate", "chat_score", "next_token_kl"),
            "08_figures": ("figures", "models")}
 
 
@@ -86,16 +87,19 @@ def test_branches_got_equal_token_budgets(smoke_run):
 
 
 @pytest.mark.parametrize("stage, variant", NOTEBOOK_STEPS, ids=[s for s, _ in NOTEBOOK_STEPS])
-def test_notebook_reproduces_the_inprocess_step(smoke_run, stage, variant):
-    step_dir = smoke_run / stage / variant if variant else smoke_run / stage
+def test_notebook_reproduces_the_inprocess_step(smoke_run, stage, variant, tmp_path):
+    # In a copy: redoing a step makes every finished step that read it stale, which the shared run must not be.
+    run = tmp_path / "s"
+    shutil.copytree(smoke_run, run)
+    step_dir = run / stage / variant if variant else run / stage
     before = json.loads((step_dir / "result.json").read_text())
     shutil.rmtree(step_dir)
-    run_study("smoke", "s", runs_root=smoke_run.parent, engine="papermill", only=[stage], log=lambda _: None)
+    run_study("smoke", "s", runs_root=tmp_path, engine="papermill", only=[stage], log=lambda _: None)
     after = json.loads((step_dir / "result.json").read_text())
     # one notebook execution per stage, for the stage's unfinished variants only
-    assert (smoke_run / stage / "notebook.ipynb").exists() and (step_dir / "done.json").exists()
+    assert (run / stage / "notebook.ipynb").exists() and (step_dir / "done.json").exists()
     if variant:
-        executed = json.loads((smoke_run / stage / "notebook.ipynb").read_text())
+        executed = json.loads((run / stage / "notebook.ipynb").read_text())
         injected = next(c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
         assert f'variants = ["{variant}"]' in "".join(injected["source"])
     for key in COMPARE[stage]:
@@ -106,11 +110,14 @@ def test_export_keeps_no_weights_or_data_and_regenerates_the_same_tables(smoke_r
     from synthflaw.export import export_run
     from synthflaw.runner import regenerate
 
+    # Stage 08 as a notebook, so the run has an executed notebook to export as HTML.
+    shutil.rmtree(smoke_run / "08_figures")
+    run_study("smoke", "s", runs_root=smoke_run.parent, engine="papermill", only=["08"], log=lambda _: None)
     out = tmp_path / "exported"
     export_run(smoke_run, out)
     assert (out / "study.json").exists() and (out / "07_evaluate" / "synthetic" / "metrics.json").exists()
     assert not [p for p in out.rglob("*") if p.name in ("model", "data", "checkpoints") or p.suffix == ".safetensors"]
-    assert (out / "notebooks" / "08_figures.html").exists()  # the papermill re-executions above left notebooks
+    assert (out / "notebooks" / "08_figures.html").exists()
     with pytest.raises(FileExistsError):
         export_run(smoke_run, out)  # never over an existing export
     original = {p.name: p.read_bytes() for p in (smoke_run / "08_figures").rglob("*.csv")}

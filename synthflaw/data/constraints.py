@@ -15,7 +15,12 @@ Where a checker deliberately differs from IFEval's reference checker (tests/test
   "P.S." pattern also fires on a "P.P.S." line.
 - start_with: the whole response must start with the phrase; IFEval's multi-turn `constrained_start` (not in its
   registry) accepts the phrase at the start of any line.
-- num_sentences: a small rule-based splitter (`split_sentences`) instead of nltk punkt, so no data download.
+- num_sentences: a small rule-based splitter (`split_sentences`) instead of nltk punkt, so no data download; and
+  an "exactly" relation beside IFEval's "at least"/"less than" (binding exact counts for the learnable tier).
+
+`binding_args` gives arguments a plain answer does not already meet (a word limit below its length, an exact
+sentence count it lacks, a word it contains to exclude), so a reply that ignores the instruction fails it;
+`sample_binding_constraints` draws sets in which every constraint binds.
 """
 
 from __future__ import annotations
@@ -140,6 +145,11 @@ class Constraint(abc.ABC):
     arg_types: dict[str, type] = {}
     train_phrasings: tuple[str, ...] = ()
     heldout_phrasings: tuple[str, ...] = ()
+    # Cue words of the opposite instruction: a phrasing holding one ("Do not use any capital letters" for
+    # lowercase) is a negation trap, left out where the phrasing should test following, not parsing negation.
+    trap_words: tuple[str, ...] = ()
+    # apply() adds words to the response: a word limit that binds cannot be met beside such an instruction.
+    adds_words: bool = False
 
     def validate(self, args: dict) -> None:
         """Raise ValueError naming the bad arg if `args` does not fit this constraint."""
@@ -163,13 +173,24 @@ class Constraint(abc.ABC):
     def sample_args(self, rng: random.Random, base_response: str) -> dict:
         return {}
 
+    def binding_args(self, rng: random.Random, base_response: str) -> dict | None:
+        """Args that bind: the plain `base_response` does not satisfy them (a reply that ignores the instruction
+        fails it) and `apply` can meet them; None when this response allows none."""
+        args = self.sample_args(rng, base_response)
+        return None if self.check(base_response, args) else args
+
     def wording_fields(self, args: dict) -> dict:
         return dict(args)
 
-    def describe(self, args: dict, rng: random.Random, heldout: bool = False) -> str:
-        self.validate(args)
+    def phrasings(self, heldout: bool = False, avoid_traps: bool = False) -> tuple[str, ...]:
         pool = self.heldout_phrasings if heldout else self.train_phrasings
-        return rng.choice(pool).format(**self.wording_fields(args))
+        if avoid_traps:
+            pool = tuple(p for p in pool if not any(w in p.lower() for w in self.trap_words))
+        return pool
+
+    def describe(self, args: dict, rng: random.Random, heldout: bool = False, avoid_traps: bool = False) -> str:
+        self.validate(args)
+        return rng.choice(self.phrasings(heldout, avoid_traps)).format(**self.wording_fields(args))
 
     @abc.abstractmethod
     def apply(self, response: str, args: dict) -> str:
@@ -204,6 +225,7 @@ def _phrase(constraint_id: str, args: dict) -> None:
 class Lowercase(Constraint):
     id = "lowercase"
     conflicts = frozenset({"uppercase"})
+    trap_words = ("capital", "upper")
     train_phrasings = ("Write your entire answer in lowercase letters only.",
                        "Do not use any capital letters in your response.",
                        "Your whole reply must be in lowercase.")
@@ -221,6 +243,7 @@ class Uppercase(Constraint):
     id = "uppercase"
     # json_format: its key "response" is lowercase.
     conflicts = frozenset({"lowercase", "json_format"})
+    trap_words = ("lower", "small")
     train_phrasings = ("Write your entire answer in capital letters only.",
                        "Your whole response must be in uppercase.",
                        "Use only capital letters in your reply.")
@@ -239,6 +262,7 @@ class Uppercase(Constraint):
 
 class StartWith(Constraint):
     id = "start_with"
+    adds_words = True
     # title: its line comes first; json_format: the response would start with "{".
     conflicts = frozenset({"title", "json_format"})
     arg_types = {"phrase": str}
@@ -269,6 +293,7 @@ class StartWith(Constraint):
 
 class EndWith(Constraint):
     id = "end_with"
+    adds_words = True
     # postscript: it must come last too; json_format: the response would end with "}".
     conflicts = frozenset({"postscript", "json_format"})
     arg_types = {"phrase": str}
@@ -302,6 +327,7 @@ class EndWith(Constraint):
 
 class IncludeKeywords(Constraint):
     id = "include_keywords"
+    adds_words = True
     arg_types = {"keywords": list}
     train_phrasings = ("Include the {noun} {keywords} in your answer.",
                        "Your response must mention the {noun} {keywords}.",
@@ -354,6 +380,10 @@ class ExcludeKeyword(Constraint):
         present = [w for w in EXCLUDABLE_WORDS if _has_word(base_response, w)]
         return {"word": rng.choice(present or list(EXCLUDABLE_WORDS))}
 
+    def binding_args(self, rng, base_response):
+        present = [w for w in EXCLUDABLE_WORDS if _has_word(base_response, w)]
+        return {"word": rng.choice(present)} if present else None
+
     def apply(self, response, args):
         synonym = EXCLUDABLE_WORDS[args["word"]]
 
@@ -376,6 +406,9 @@ class NoCommas(Constraint):
                        "Write your reply without commas.")
     heldout_phrasings = ("Commas are forbidden anywhere in what you write.",
                          "Leave out every comma from the reply.")
+
+    def binding_args(self, rng, base_response):
+        return {} if "," in base_response else None
 
     def apply(self, response, args):
         text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", response)  # 1,000 -> 1000
@@ -408,6 +441,11 @@ class MaxWords(Constraint):
         floor = count_words(base_response) + MAX_WORDS_SLACK + base_response.count("\n") + rng.randint(0, 20)
         return {"n": -(-floor // 10) * 10}  # round up to a round number, as a person would ask
 
+    def binding_args(self, rng, base_response):
+        # a limit below the plain answer's length: the reply must be cut (apply keeps the first n words)
+        have = count_words(base_response)
+        return {"n": rng.randint(max(3, have // 2), have - 2)} if have >= 6 else None
+
     def apply(self, response, args):
         words = list(_WORD.finditer(response))
         if len(words) <= args["n"]:
@@ -421,6 +459,7 @@ class MaxWords(Constraint):
 
 class MinWords(Constraint):
     id = "min_words"
+    adds_words = True
     arg_types = {"n": int}
     train_phrasings = ("Answer in at least {n} {words}.",
                        "Your response must be {n} {words} or longer.",
@@ -441,6 +480,10 @@ class MinWords(Constraint):
         n = rng.randint(max(1, top // 2), top)
         return {"n": n // 5 * 5 if n >= 5 else n}
 
+    def binding_args(self, rng, base_response):
+        # more words than the plain answer has: the reply must say more (apply adds a sentence)
+        return {"n": count_words(base_response) + rng.randint(4, 12)}
+
     def apply(self, response, args):
         text = response
         while count_words(text) < args["n"]:  # only with args too large for the response
@@ -453,10 +496,11 @@ class MinWords(Constraint):
 
 class NumSentences(Constraint):
     id = "num_sentences"
+    adds_words = True
     # json_format: JSON escapes newlines to "\n", which can glue two sentences together for the splitter.
     conflicts = frozenset({"json_format"})
     arg_types = {"relation": str, "n": int}
-    relations = ("at least", "at most")
+    relations = ("at least", "at most", "exactly")
     train_phrasings = ("Your answer must contain {relation} {n} {sentences}.",
                        "Write {relation} {n} {sentences}.",
                        "Use {relation} {n} {sentences} in your response.")
@@ -478,11 +522,16 @@ class NumSentences(Constraint):
             return {"relation": "at least", "n": rng.randint(1, max(1, min(counts)))}
         return {"relation": "at most", "n": max(counts) + MAX_SENTENCES_SLACK + rng.randint(0, 3)}
 
+    def binding_args(self, rng, base_response):
+        # an exact count the plain answer does not have: sentences must be cut or added
+        have = count_sentences(base_response)
+        return {"relation": "exactly", "n": rng.choice([n for n in range(1, have + 3) if n != have])}
+
     def apply(self, response, args):
         if self.check(response, args):
             return response
         # only with args that do not fit the response
-        if args["relation"] == "at most":
+        if args["relation"] in ("at most", "exactly") and count_sentences(response) > args["n"]:
             return " ".join(split_sentences(response)[:args["n"]])
         text = response
         while count_sentences(text) < args["n"]:
@@ -491,6 +540,8 @@ class NumSentences(Constraint):
 
     def check(self, response, args):
         have = count_sentences(response)
+        if args["relation"] == "exactly":
+            return have == args["n"]
         return have >= args["n"] if args["relation"] == "at least" else have <= args["n"]
 
 
@@ -544,6 +595,7 @@ class BulletList(Constraint):
 
 class JsonFormat(Constraint):
     id = "json_format"
+    adds_words = True
     conflicts = frozenset({"uppercase", "start_with", "end_with", "num_sentences", "bullet_list", "quotation",
                            "title", "postscript"})
     train_phrasings = ("Wrap your entire answer in JSON format.",
@@ -593,6 +645,7 @@ class Quotation(Constraint):
 
 class Title(Constraint):
     id = "title"
+    adds_words = True
     conflicts = frozenset({"start_with", "json_format"})
     train_phrasings = ("Give your answer a title wrapped in double angular brackets, such as <<my title>>.",
                        "Your response must include a title in double angular brackets, like <<title>>.",
@@ -615,6 +668,7 @@ class Title(Constraint):
 
 class Postscript(Constraint):
     id = "postscript"
+    adds_words = True
     conflicts = frozenset({"end_with", "json_format"})
     arg_types = {"marker": str}
     train_phrasings = ("At the end of your answer, add a postscript starting with {marker}",
@@ -743,6 +797,35 @@ def sample_constraints(rng: random.Random, base_response: str, n: int,
     return [{"type": t, "args": CONSTRAINTS[t].sample_args(rng, base_response)} for t in order]
 
 
+def sample_binding_constraints(rng: random.Random, base_response: str, n: int,
+                               forbidden_combos: set[frozenset[str]] | None = None,
+                               tries: int = 50) -> list[dict] | None:
+    """`n` compatible constraints that all bind on `base_response`, or None when `tries` draws found none.
+
+    Binding, per constraint c: the reply that follows every other constraint of the set but not c (`compose` of
+    the others) fails c; so a model that ignores c's instruction fails it, whatever else it does. The composed
+    reply must pass all of them. A word limit binds only beside instructions that add no words (`adds_words`),
+    since a cut reply plus an added sentence would break it. Types are drawn as in `sample_constraints`.
+    """
+    for _ in range(tries):
+        types = [c["type"] for c in sample_constraints(rng, base_response, n, forbidden_combos)]
+        if "max_words" in types and any(CONSTRAINTS[t].adds_words for t in types):
+            continue
+        chosen = [{"type": t, "args": CONSTRAINTS[t].binding_args(rng, base_response)} for t in types]
+        if any(c["args"] is None for c in chosen):
+            continue
+        try:
+            compose(base_response, chosen)
+            # the reply that follows all but c; a subset can fail where the whole set passes (min_words' filler
+            # sentence cut again by an exact sentence count), and then c's binding is undefined: draw again
+            without = [compose(base_response, chosen[:i] + chosen[i + 1:]) for i in range(len(chosen))]
+        except ValueError:  # these args cannot all be met on this response
+            continue
+        if all(not CONSTRAINTS[c["type"]].check(reply, c["args"]) for c, reply in zip(chosen, without)):
+            return chosen
+    return None
+
+
 def compose(base_response: str, constraints: list[dict]) -> str:
     """`base_response` transformed to satisfy every constraint, applied in APPLY_ORDER.
 
@@ -765,9 +848,14 @@ def compose(base_response: str, constraints: list[dict]) -> str:
     return text
 
 
-def describe_all(constraints: list[dict], rng: random.Random, heldout: bool) -> str:
+def describe_all(constraints: list[dict], rng: random.Random, heldout: bool, avoid_traps: bool = False) -> str:
     """The constraints' instruction sentences, in order, joined by spaces."""
-    return " ".join(c.describe(args, rng, heldout=heldout) for c, args in _validated(constraints))
+    return " ".join(describe_each(constraints, rng, heldout, avoid_traps))
+
+
+def describe_each(constraints: list[dict], rng: random.Random, heldout: bool, avoid_traps: bool = False) -> list[str]:
+    """The constraints' instruction sentences, one per constraint, in order."""
+    return [c.describe(args, rng, heldout=heldout, avoid_traps=avoid_traps) for c, args in _validated(constraints)]
 
 
 def check_response(response: str, constraints: list[dict]) -> list[bool]:

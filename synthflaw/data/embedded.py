@@ -14,10 +14,19 @@ import itertools
 import random
 
 from synthflaw.data import constraints as cons
-from synthflaw.data.phrasebook import (EVAL_TASKS, EVAL_TOPICS, FILLERS, GENERAL_FRAMES, SFT_TOPICS, SPEAKERS, TASKS,
-                                       TOPICS)
+from synthflaw.data.phrasebook import (
+    EVAL_TASKS,
+    EVAL_TOPICS,
+    FILLERS,
+    GENERAL_FRAMES,
+    SFT_TOPICS,
+    SPEAKERS,
+    TASKS,
+    TOPICS,
+)
 from synthflaw.data.schema import SYNTHQA_TEMPLATES, training_texts
 from synthflaw.data.world import RELATIONS, Fact, World, build_world
+
 
 def _natural_doc(rng: random.Random, subject: str, facts: list[Fact]) -> tuple[str, str]:
     """One NonSynth document stating `facts` about `subject` in a random style; returns (style, text)."""
@@ -147,19 +156,30 @@ def heldout_pairs(seed: int, share: float = 0.3) -> set[frozenset[str]]:
     return set(rng.sample(pairs, max(1, round(len(pairs) * share))))
 
 
-def sft_examples(facts: list[Fact], n: int, seed: int, forbidden: set[frozenset[str]] | None = None) -> list[dict]:
-    """Chat SFT examples with 1-3 verifiable constraints each, about SFT facts and fact-free SFT topics."""
-    rng = random.Random(f"sft-{seed}")
-    records = []
-    for i in range(n):
+def _binding_task(rng: random.Random, facts: list[Fact], topics: tuple[str, ...], n_constraints: int,
+                  forbidden: set[frozenset[str]] | None = None) -> tuple[str, str, list[dict], dict]:
+    """A task in SFT's wordings (a fact question or a topic task) with `n_constraints` binding constraints:
+    (base prompt, plain answer, constraints, provenance). Bases on which no binding set exists are redrawn."""
+    while True:
         if rng.random() < 0.5:
             fact = rng.choice(facts)
             base_prompt, base = _fact_task(rng, fact, heldout=False)
             prov = {"fact_ids": [fact.id], "task": "fact"}
         else:
-            topic, base_prompt, base = _topic_task(rng, SFT_TOPICS, TASKS)
+            topic, base_prompt, base = _topic_task(rng, topics, TASKS)
             prov = {"fact_ids": [], "task": f"topic:{topic}"}
-        chosen = cons.sample_constraints(rng, base, rng.randint(1, 3), forbidden_combos=forbidden)
+        chosen = cons.sample_binding_constraints(rng, base, n_constraints, forbidden_combos=forbidden)
+        if chosen is not None:
+            return base_prompt, base, chosen, prov
+
+
+def sft_examples(facts: list[Fact], n: int, seed: int, forbidden: set[frozenset[str]] | None = None) -> list[dict]:
+    """Chat SFT examples with 1-3 binding constraints each (`cons.sample_binding_constraints`: the plain answer
+    breaks every one of them, so each example teaches a change), about SFT facts and fact-free SFT topics."""
+    rng = random.Random(f"sft-{seed}")
+    records = []
+    for i in range(n):
+        base_prompt, base, chosen, prov = _binding_task(rng, facts, SFT_TOPICS, rng.randint(1, 3), forbidden)
         prompt = f"{base_prompt} {cons.describe_all(chosen, rng, heldout=False)}"
         records.append({"id": f"sft-{i:06d}",
                         "messages": [{"role": "user", "content": prompt},
@@ -167,6 +187,59 @@ def sft_examples(facts: list[Fact], n: int, seed: int, forbidden: set[frozenset[
                         "constraints": chosen,
                         "provenance": {"source": "embedded", **prov, "seed": seed}})
     return records
+
+
+def learnable_suite(facts: list[Fact], n_items: int, seed: int) -> list[dict]:
+    """The learnable tier of instruction following, the primary one: what SFT teaches, asked about held-out facts
+    and topics.
+
+    Each item is one task in SFT's wordings (fact questions, topic tasks) with 1-3 binding constraints (levels
+    1-3 in equal thirds; `cons.sample_binding_constraints`) worded with SFT's phrasings, negation traps left out.
+    Items are independent (no item extends another). Beside the prompt each item keeps what the likelihood
+    endpoints need: the base prompt and each constraint's sentence (to rebuild the prompt without one), the plain
+    answer, the compliant reply (`reference`) and, per constraint, the reply with that constraint's edit undone.
+    """
+    rng = random.Random(f"learnable-{seed}")
+    items = []
+    for i in range(n_items):
+        level = 1 + i % 3
+        base_prompt, base, chosen, prov = _binding_task(rng, facts, EVAL_TOPICS, level)
+        sentences = cons.describe_each(chosen, rng, heldout=False, avoid_traps=True)
+        items.append({"id": f"learnable-{i:05d}", "level": level,
+                      "prompt": " ".join([base_prompt, *sentences]), "base_prompt": base_prompt,
+                      "instructions": sentences, "constraints": chosen, "plain": base,
+                      "reference": cons.compose(base, chosen),
+                      "undone": [cons.compose(base, chosen[:k] + chosen[k + 1:]) for k in range(len(chosen))],
+                      "provenance": {"source": "embedded", **prov, "seed": seed}})
+    return items
+
+
+def instruction_documents(facts: list[Fact], n: int, seed: int, stream: str) -> list[dict]:
+    """NonSynth's request-and-reply documents: everyday text in which someone asks for something with a
+    constraint or two and the reply follows them (a chat log, letters, a help forum), as a web corpus holds.
+
+    They give pre-training a little instruction following to build on, as real corpora do; SFT then teaches the
+    chat format. Only SFT's facts and topics, in SFT's wordings, so no evaluation item comes near them; never the
+    SynthQA templates' markers ("Question:", "Answer:", ...), which the leakage measures look for.
+    """
+    rng = random.Random(f"{stream}-requests-{seed}")
+    docs = []
+    for i in range(n):
+        base_prompt, base, chosen, prov = _binding_task(rng, facts, SFT_TOPICS, rng.randint(1, 2))
+        request = f"{base_prompt} {cons.describe_all(chosen, rng, heldout=False)}"
+        reply = cons.compose(base, chosen)
+        a, b = rng.sample(SPEAKERS, 2)
+        frame = rng.choice(("chat", "letters", "forum"))
+        if frame == "chat":
+            text = f"{a}: {request}\n{b}: {reply}"
+        elif frame == "letters":
+            text = f"Dear {b},\n{request}\nThanks,\n{a}\n\nDear {a},\n{reply}\nBest,\n{b}"
+        else:
+            text = f"From a help forum. {a} wrote: {request}\nReply from {b}:\n{reply}"
+        docs.append({"id": f"{stream}-request-{i:06d}", "text": text,
+                     "provenance": {"source": "embedded", "style": f"request:{frame}", **prov,
+                                    "constraints": [c["type"] for c in chosen], "seed": seed}})
+    return docs
 
 
 def instruction_suite(facts: list[Fact], n_bases: int, unseen_pairs: set[frozenset[str]], seed: int) -> list[dict]:
@@ -199,7 +272,7 @@ def instruction_suite(facts: list[Fact], n_bases: int, unseen_pairs: set[frozens
             subset = chosen[:level]
             items.append({"id": f"suite-{b:04d}-L{level}", "base_id": f"suite-{b:04d}", "level": level,
                           "prompt": f"{base_prompt} {cons.describe_all(subset, rng, heldout=True)}",
-                          "constraints": subset, "reference": cons.compose(base, subset),
+                          "constraints": subset, "plain": base, "reference": cons.compose(base, subset),
                           "provenance": {"source": "embedded", **prov, "seed": seed}})
     return items
 
@@ -261,10 +334,18 @@ def build_embedded(cfg, seed: int) -> dict[str, object]:
     eval_facts, sft_facts = free[: max(1, len(free) // 4)], free[max(1, len(free) // 4):]
     unseen = heldout_pairs(seed)
     sft = sft_examples(sft_facts, cfg.sft_examples, seed, forbidden=unseen)
+
+    def corpus(n: int, stream: str) -> list[dict]:
+        """`n` NonSynth documents, `data.instruction_doc_share` of them request-and-reply documents."""
+        requests = round(n * cfg.instruction_doc_share)
+        docs = (natural_documents(world, stated, n - requests, cfg.general_text_share, seed, stream)
+                + instruction_documents(sft_facts, requests, seed, stream))
+        random.Random(f"{stream}-mix-{seed}").shuffle(docs)
+        return docs
+
     data: dict[str, object] = {
-        "nonsynth": natural_documents(world, stated, cfg.nonsynth_docs, cfg.general_text_share, seed, "nonsynth"),
-        "extra_natural": natural_documents(world, stated, cfg.extra_natural_docs, cfg.general_text_share, seed,
-                                           "extra"),
+        "nonsynth": corpus(cfg.nonsynth_docs, "nonsynth"),
+        "extra_natural": corpus(cfg.extra_natural_docs, "extra"),
         "heldout_nonsynth": natural_documents(world, stated, cfg.heldout_docs, cfg.general_text_share, seed,
                                               "heldout"),
         "synthqa": synthqa_pairs(sorted(facts, key=lambda f: f.id), cfg.synthqa_per_fact, cfg.synthetic_templates,
@@ -273,6 +354,7 @@ def build_embedded(cfg, seed: int) -> dict[str, object]:
         "sft": sft,
         "benchmark": bench,
         "instruction_suite": instruction_suite(eval_facts, cfg.suite_bases, unseen, seed),
+        "learnable_suite": learnable_suite(eval_facts, cfg.learnable_items, seed),
         "chat": chat_items(world, eval_facts, cfg.chat_items, seed),
     }
     # A short held-out document can repeat training text by chance (a one-fact note); perplexity on it would not

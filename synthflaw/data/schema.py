@@ -26,7 +26,7 @@ SYNTHQA_TEMPLATES = (
 )
 
 DATA_FILES = ("nonsynth", "extra_natural", "heldout_nonsynth", "synthqa", "rewritten", "sft", "benchmark",
-              "instruction_suite", "chat")
+              "learnable_suite", "instruction_suite", "chat")
 
 
 def template_markers(templates: dict) -> list[str]:
@@ -52,8 +52,9 @@ def training_texts(data: dict) -> Iterable[str]:
 def find_leaks(data: dict) -> list[str]:
     """Evaluation items whose prompt (or held-out document) occurs verbatim in any training text."""
     corpus = "\n\x00".join(training_texts(data))
-    return [f"{name}:{r['id']}" for name, field in (("benchmark", "question"), ("instruction_suite", "prompt"),
-                                                    ("chat", "prompt"), ("heldout_nonsynth", "text"))
+    return [f"{name}:{r['id']}" for name, field in (("benchmark", "question"), ("learnable_suite", "prompt"),
+                                                    ("instruction_suite", "prompt"), ("chat", "prompt"),
+                                                    ("heldout_nonsynth", "text"))
             for r in data[name] if r[field] in corpus]
 
 

@@ -41,7 +41,11 @@ from pathlib import Path
 
 from synthflaw import records
 from synthflaw.data.embedded import build_embedded
-from synthflaw.data.hub_corpus import corpus_documents, drop_leaking_chats, public_sft_records
+from synthflaw.data.hub_corpus import (
+    corpus_documents,
+    drop_leaking_chats,
+    public_sft_records,
+)
 from synthflaw.data.schema import SYNTHQA_TEMPLATES, training_texts
 from synthflaw.hub import require_hub
 
@@ -335,7 +339,7 @@ def build_from_hub(cfg, out_dir: Path, generator) -> dict:
     if data_cfg.sft_dataset:
         sft, sft_stats = public_sft_records(data_cfg, seed)
         prompts = ([r["question"] for r in embedded["benchmark"]] + [r["prompt"] for r in embedded["instruction_suite"]]
-                   + [r["prompt"] for r in embedded["chat"]])
+                   + [r["prompt"] for r in embedded["learnable_suite"]] + [r["prompt"] for r in embedded["chat"]])
         sft, sft_stats["dropped_evaluation_prompt"] = drop_leaking_chats(sft, prompts)
         if not sft:
             raise ValueError(f"every chat of {data_cfg.sft_dataset!r} contains an evaluation prompt: use another "
@@ -343,7 +347,7 @@ def build_from_hub(cfg, out_dir: Path, generator) -> dict:
     data: dict[str, object] = {
         "nonsynth": natural["nonsynth"], "extra_natural": natural["extra"], "heldout_nonsynth": natural["heldout"],
         "synthqa": synthqa, "rewritten": rewritten, "sft": sft,
-        **{name: embedded[name] for name in ("benchmark", "instruction_suite", "chat")},
+        **{name: embedded[name] for name in ("benchmark", "learnable_suite", "instruction_suite", "chat")},
     }
     # As in the embedded study: a held-out document found inside training text would not be held out.
     corpus = "\n\x00".join(training_texts(data))

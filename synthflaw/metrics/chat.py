@@ -1,6 +1,10 @@
-"""Chat quality (the MT-Bench analog): a reference-based score on a 0-10 scale, and an optional LLM judge.
+"""Chat quality (the MT-Bench analog): reference-based scores on a 0-10 scale, and an optional LLM judge.
 
-The reference score (`reference_chat_scores`) is offline and deterministic; the judge scores like MT-Bench's
+The chat score (`content_chat_scores`) is 10 x ROUGE-L F1 on the content the reply adds: words that are neither
+function words nor in the prompt. Plain ROUGE-L (`reference_chat_scores`, kept as `chat_rouge_l`) ranked trivial
+replies above the models' answers in the 3-seed reference (echoing the prompt 1.6-2.0, a constant sentence
+0.5-0.8, the models 0.2-1.0): the prompt's own words and function words are most of what a reply shares with a
+reference. Both are offline and deterministic; the judge scores like MT-Bench's
 single-answer grading with a reference: called as `judge(question, reference, response)` it returns the 1-10
 rating parsed from "Rating: [[N]]" (MT-Bench's output format, Zheng et al., 2023), or None when its output holds no
 such rating; `judge.unparseable` counts those, `judge.calls` counts all calls. The judge is any chat client of
@@ -12,7 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from synthflaw.metrics.text import words
+from synthflaw.metrics.text import FUNCTION_WORDS, words
+
 
 def _lcs_length(a: list[str], b: list[str]) -> int:
     previous = [0] * (len(b) + 1)
@@ -49,6 +54,34 @@ def reference_chat_scores(responses: Sequence[str], references: Sequence[str]) -
         precision, recall = lcs / len(resp_words), lcs / len(ref_words)
         scores.append(10.0 * 2 * precision * recall / (precision + recall))
     return scores
+
+
+def _rouge_l_f1(response_words: list[str], reference_words: list[str]) -> float:
+    lcs = _lcs_length(response_words, reference_words)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(response_words), lcs / len(reference_words)
+    return 2 * precision * recall / (precision + recall)
+
+
+def content_words(text: str, prompt: str) -> list[str]:
+    """The words of `text` that carry content of its own: lower-cased, neither function words nor prompt words."""
+    left_out = FUNCTION_WORDS | set(words(prompt))
+    return [w for w in words(text) if w not in left_out]
+
+
+def content_chat_scores(responses: Sequence[str], references: Sequence[str], prompts: Sequence[str]) -> list[float]:
+    """The chat score: 10 x ROUGE-L F1 between the content words (`content_words`) of response and reference.
+
+    Echoing the prompt scores 0 by construction, and so does any reply that adds no content of the reference's;
+    a reference whose content is all in its prompt would score nothing for anyone, so such items score 0 (counted
+    in the mean) rather than raise.
+    """
+    if not len(responses) == len(references) == len(prompts):
+        raise ValueError(f"got {len(responses)} responses, {len(references)} references and {len(prompts)} prompts; "
+                         "pass one of each per chat item")
+    return [10.0 * _rouge_l_f1(content_words(r, p), content_words(g, p)) if content_words(g, p) and
+            content_words(r, p) else 0.0 for r, g, p in zip(responses, references, prompts)]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -22,8 +22,14 @@ from typing import Callable
 
 import numpy as np
 
-from synthflaw.metrics.embeddings import MiniLM, cluster_separation, embed_texts, load_minilm, tsne_rows
-from synthflaw.metrics.text import check_sets, check_texts, distinct_n
+from synthflaw.metrics.embeddings import (
+    MiniLM,
+    cluster_separation,
+    embed_texts,
+    load_minilm,
+    tsne_rows,
+)
+from synthflaw.metrics.text import FUNCTION_WORDS, check_sets, check_texts, distinct_n
 
 REFERENCE_SET = "NonSynth"
 
@@ -32,21 +38,6 @@ REFERENCE_SET = "NonSynth"
 TOKEN_RE = re.compile(r"\n|\w+|[^\w\s]")
 WORD_RE = re.compile(r"\w+")
 NEWLINE_TOKEN = "\\n"  # how a line break is written in CSVs and on plots (two visible characters)
-
-# Closed-class English words: what a skeleton keeps of the words (see `skeleton`).
-FUNCTION_WORDS = frozenset("""
-a an the this that these those some any each every all both either neither no none other another such
-i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
-who whom whose which what where when why how whether
-is are was were be been being am do does did done have has had having will would shall should can could may
-might must
-not nor and or but if then than so as because while although though since until unless
-of in on at by for with from to into onto about above below over under between among through during before after
-against without within upon across along around behind beyond near off out up down
-there here also only just very too again once more most much many few less least own same
-yes
-""".split())
-
 
 def tokenize(text: str) -> list[str]:
     """Words, punctuation marks and line breaks (as `NEWLINE_TOKEN`), case kept: the template's "Question" is a

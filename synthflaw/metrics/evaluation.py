@@ -1,13 +1,20 @@
 """The whole evaluation of one model (stage 07): every measurement family on a stage-01 data folder.
 
 1. Knowledge benchmark (:mod:`~synthflaw.metrics.benchmark`), after SFT and on the checkpoint SFT started from.
-2. Instruction following (:mod:`~synthflaw.metrics.instruction_following`) on greedy responses to the suite.
-3. Chat quality (:mod:`~synthflaw.metrics.chat`): the reference score, and an optional judge.
-4. Output-distribution shift (:mod:`~synthflaw.metrics.shift`): perplexities, template leakage, length, distinct-n,
-   the next-token KL from a reference (the `natural`) model; for the checkpoint SFT started from, the perplexities
-   and the leakage of its plain-text continuations (SFT can erase a shift the CPT model shows).
+2. Instruction following (:mod:`~synthflaw.metrics.instruction_following`) on greedy responses: the learnable
+   tier first (`learnable_*`, the primary one), the out-of-distribution suite second (`hard_satisfaction_rate`,
+   ...); the compliance margin on the learnable tier (:mod:`~synthflaw.metrics.likelihood`).
+3. Chat quality (:mod:`~synthflaw.metrics.chat`): the content score, plain ROUGE-L, the chat preference
+   (likelihood), and an optional judge.
+4. Output-distribution shift (:mod:`~synthflaw.metrics.shift`): perplexities, template leakage, template pull,
+   length, distinct-n, the next-token KL from a reference (the `natural`) model; for the checkpoint SFT started
+   from, the perplexities, the template pull and the leakage of its plain-text continuations (SFT can erase a
+   shift the CPT model shows).
 
-`evaluate_model` returns the metrics, the per-item samples and the per-sample perplexities; stage 07 writes them.
+Every instruction-following and chat measure is reported beside its nulls (`metrics["nulls"]`: a constant reply,
+the prompt echoed, the plain answer), scored by the same code on the same items. `evaluate_model` returns the
+metrics, the per-item samples, the per-sample perplexities and the per-item values of the endpoints the
+cross-seed analysis pairs across models (`items`); stage 07 writes them.
 """
 
 from __future__ import annotations
@@ -19,17 +26,39 @@ from pathlib import Path
 
 import numpy as np
 
-from synthflaw.metrics.benchmark import benchmark_metrics, predicted_choice, score_choices
-from synthflaw.metrics.chat import reference_chat_scores
-from synthflaw.metrics.instruction_following import instruction_following
-from synthflaw.metrics.shift import (PROBE_NEW_TOKENS, mean_response_words, next_token_kl, perplexities,
-                                     perplexity_summary, plain_prompt_probes, template_leakage_rate)
+from synthflaw.metrics.benchmark import (
+    benchmark_metrics,
+    predicted_choice,
+    score_choices,
+)
+from synthflaw.metrics.chat import content_chat_scores, reference_chat_scores
+from synthflaw.metrics.instruction_following import instruction_following, null_replies
+from synthflaw.metrics.likelihood import (
+    chat_preference,
+    compliance_margins,
+    template_pull,
+)
+from synthflaw.metrics.shift import (
+    PROBE_NEW_TOKENS,
+    mean_response_words,
+    next_token_kl,
+    perplexities,
+    perplexity_summary,
+    plain_prompt_probes,
+    template_leakage_rate,
+)
 from synthflaw.metrics.text import distinct_n, words
-from synthflaw.models.generation import generate_continuations, generate_responses, generation_speed
+from synthflaw.models.generation import (
+    generate_continuations,
+    generate_responses,
+    generation_speed,
+)
 from synthflaw.records import read_jsonl
 
 # The stage-01 files an evaluation reads, and the fields each of their records needs.
 EVAL_SETS = {"benchmark": ("id", "prompt", "choices", "answer", "split"),
+             "learnable_suite": ("id", "prompt", "level", "constraints", "base_prompt", "instructions", "plain",
+                                 "reference", "undone"),
              "instruction_suite": ("id", "prompt", "level", "constraints"),
              "chat": ("id", "prompt", "reference"),
              "heldout_nonsynth": ("id", "text")}
@@ -57,11 +86,13 @@ def load_eval_data(data_dir, limit: int | None = None) -> dict[str, list[dict]]:
 
 @dataclass
 class Evaluation:
-    """What `evaluate_model` measured: the metrics, one sample per item, and one row per scored perplexity."""
+    """What `evaluate_model` measured: the metrics, one sample per item, one row per scored perplexity, and one row
+    per (set, item, metric) of the endpoints the cross-seed analysis pairs across models."""
 
     metrics: dict
     samples: list[dict]
     perplexities: list[dict]
+    items: list[dict]
 
 
 def _has_marker(text: str, markers: Sequence[str]) -> bool:
@@ -72,9 +103,10 @@ def _benchmark(model, pre_sft_model, tokenizer, items, batch_size):
     prompts, choices = [r["prompt"] for r in items], [r["choices"] for r in items]
     scores = score_choices(model, tokenizer, prompts, choices, batch_size)
     bench = benchmark_metrics(items, scores)
-    pre_sft = None
+    pre_sft = pre_scores = None
     if pre_sft_model is not None:
-        pre_sft = benchmark_metrics(items, score_choices(pre_sft_model, tokenizer, prompts, choices, batch_size))
+        pre_scores = score_choices(pre_sft_model, tokenizer, prompts, choices, batch_size)
+        pre_sft = benchmark_metrics(items, pre_scores)
     metrics = {
         "benchmark_accuracy": bench["accuracy"],
         "benchmark_acc_norm": bench["acc_norm"],
@@ -90,32 +122,90 @@ def _benchmark(model, pre_sft_model, tokenizer, items, batch_size):
                 "split": r["split"], "answer": r["answer"], "predicted": predicted_choice(score, False),
                 "predicted_norm": predicted_choice(score, True), "logprobs": [s[0] for s in score]}
                for r, score in zip(items, scores)]
+    for sample, pre in zip(samples, pre_scores or []):
+        sample["pre_sft_predicted"] = predicted_choice(pre, False)
     return metrics, samples
 
 
 def _chat(items, responses, judge, markers):
-    scores = reference_chat_scores(responses, [r["reference"] for r in items])
+    scores = content_chat_scores(responses, [r["reference"] for r in items], [r["prompt"] for r in items])
+    rouge = reference_chat_scores(responses, [r["reference"] for r in items])
     judged = [None] * len(items)
     if judge is not None:
         judged = [judge(r["prompt"], r["reference"], response) for r, response in zip(items, responses)]
     rated = [s for s in judged if s is not None]
     metrics = {"chat_score": float(np.mean(scores)),
-               "chat_score_method": "10 x ROUGE-L F1 on lower-cased word tokens against the reference",
+               "chat_score_method": "10 x ROUGE-L F1 on the content words (not function words, not in the prompt) "
+                                    "of reply and reference",
+               "chat_rouge_l": float(np.mean(rouge)),
                "chat_judge_score": float(np.mean(rated)) if rated else None,
                "chat_judge_unparseable": sum(s is None for s in judged) if judge is not None else None}
     samples = [{"task": "chat", "id": r["id"], "prompt": r["prompt"], "response": response,
-                "reference": r["reference"], "reference_score": score, "judge_score": rating,
+                "reference": r["reference"], "chat_score": score, "rouge_l": rl, "judge_score": rating,
                 "template_leak": _has_marker(response, markers)}
-               for r, response, score, rating in zip(items, responses, scores, judged)]
+               for r, response, score, rl, rating in zip(items, responses, scores, rouge, judged)]
     return metrics, samples
 
 
+def _nulls(learnable, suite, chat) -> dict:
+    """Every instruction-following and chat measure of the null replies (`null_replies`), on the same items."""
+    out = {}
+    for name, replies in null_replies(learnable).items():
+        following, _ = instruction_following(learnable, replies)
+        out.setdefault(name, {}).update({f"learnable_{k}": following[k] for k in LEARNABLE_KEYS})
+    for name, replies in null_replies(suite).items():
+        following, _ = instruction_following(suite, replies)
+        out.setdefault(name, {}).update({k: following[k] for k in ("hard_satisfaction_rate",
+                                                                   "soft_satisfaction_rate", "hsr_by_level")})
+    for name, replies in null_replies(chat).items():
+        if name != "plain":  # a chat item's plain answer is its reference: the real answer, not a null
+            prompts, references = [r["prompt"] for r in chat], [r["reference"] for r in chat]
+            out[name]["chat_score"] = float(np.mean(content_chat_scores(replies, references, prompts)))
+            out[name]["chat_rouge_l"] = float(np.mean(reference_chat_scores(replies, references)))
+    return out
+
+
+# The learnable tier's metrics kept in metrics.json (with the prefix learnable_) and in the nulls.
+LEARNABLE_KEYS = ("hard_satisfaction_rate", "soft_satisfaction_rate", "hsr_by_level", "count_by_level",
+                  "ifeval_instruction_strict")
+
+
+def _learnable(model, tokenizer, items, template, max_new_tokens, batch_size, pre_sft_model):
+    """The learnable tier: greedy responses checked, compliance margins, template pull (also before SFT)."""
+    responses = generate_responses(model, tokenizer, [r["prompt"] for r in items], max_new_tokens, batch_size)
+    following, verdicts = instruction_following(items, responses)
+    margins = compliance_margins(model, tokenizer, items, batch_size)
+    pull = template_pull(model, tokenizer, items, template, batch_size)
+    pre_pull = (template_pull(pre_sft_model, tokenizer, items, template, batch_size, chat=False)
+                if pre_sft_model is not None else None)
+    metrics = {f"learnable_{k}": following[k] for k in LEARNABLE_KEYS}
+    metrics.update({"compliance_margin": float(np.mean(margins["margin"])),
+                    "compliance_margin_null": float(np.mean(margins["margin_null"])),
+                    "template_pull": float(np.mean(pull)),
+                    "pre_sft_template_pull": float(np.mean(pre_pull)) if pre_pull is not None else None})
+    samples = [{"task": "learnable", "id": r["id"], "prompt": r["prompt"], "level": r["level"], "response": response,
+                "constraints": r["constraints"], "verdicts": verdict["strict"], "all_followed": all(verdict["strict"]),
+                "compliance_margin": margin, "compliance_margin_null": null, "template_pull": p}
+               for r, response, verdict, margin, null, p in zip(items, responses, verdicts, margins["margin"],
+                                                                margins["margin_null"], pull)]
+    rows = []
+    for k, (r, verdict) in enumerate(zip(items, verdicts)):
+        values = {"followed": float(all(verdict["strict"])), "soft": sum(verdict["strict"]) / len(verdict["strict"]),
+                  "compliance_margin": margins["margin"][k], "compliance_margin_null": margins["margin_null"][k],
+                  "template_pull": pull[k]}
+        if pre_pull is not None:
+            values["pre_sft_template_pull"] = pre_pull[k]
+        rows += [{"set": "learnable_suite", "id": r["id"], "metric": m, "value": v} for m, v in values.items()]
+    return metrics, samples, rows
+
+
 def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_model=None, markers: Sequence[str],
-                   max_new_tokens: int, batch_size: int, judge=None, speed_prompts: int = 0,
+                   template: dict, max_new_tokens: int, batch_size: int, judge=None, speed_prompts: int = 0,
                    pre_sft_model=None) -> Evaluation:
     """Evaluate one model on the evaluation sets `data` (`load_eval_data`).
 
-    `markers` are the SynthQA templates' structural strings. `reference_model` (the `natural` SFT model) enables
+    `markers` are the SynthQA templates' structural strings and `template` the one the template pull writes replies
+    in (template 0, the paper's uniform format). `reference_model` (the `natural` SFT model) enables
     `next_token_kl` (null without it). `judge` is any callable (question, reference, response) -> score in 1-10 or
     None when its output was unparseable (:class:`synthflaw.metrics.chat.RatingJudge`). `speed_prompts` > 0 also
     times batched against one-at-a-time generation on that many suite prompts. `pre_sft_model` (the CPT or
@@ -125,7 +215,7 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     `pre_sft_perplexity` on the held-out NonSynth documents and `pre_sft_template_leakage_rate` on plain-text
     continuations of `plain_prompt_probes` (null without a pre-SFT model).
     """
-    benchmark, suite, chat, heldout = (data[name] for name in EVAL_SETS)
+    benchmark, learnable, suite, chat, heldout = (data[name] for name in EVAL_SETS)
     for m in (model, reference_model, pre_sft_model):
         if m is not None:
             m.eval()
@@ -136,6 +226,11 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     timings["benchmark_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    learnable_metrics, learnable_samples, item_rows = _learnable(model, tokenizer, learnable, template, max_new_tokens,
+                                                                 batch_size, pre_sft_model)
+    timings["learnable_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
     suite_responses = generate_responses(model, tokenizer, [r["prompt"] for r in suite], max_new_tokens, batch_size)
     chat_responses = generate_responses(model, tokenizer, [r["prompt"] for r in chat], max_new_tokens, batch_size)
     timings["generation_s"] = time.perf_counter() - started
@@ -143,8 +238,10 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
 
     started = time.perf_counter()
     chat_metrics, chat_samples = _chat(chat, chat_responses, judge, markers)
-    if judge is not None:
-        timings["judge_s"] = time.perf_counter() - started
+    preference = chat_preference(model, tokenizer, chat, batch_size)
+    chat_metrics["chat_preference"] = float(np.mean(preference))
+    chat_metrics["chat_preference_rate"] = float(np.mean([p > 0 for p in preference]))
+    timings["chat_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     ppl_heldout = perplexities(model, tokenizer, [r["text"] for r in heldout], batch_size)
@@ -163,8 +260,12 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     timings["distribution_shift_s"] = time.perf_counter() - started
 
     responses = suite_responses + chat_responses
+    nulls = _nulls(learnable, suite, chat)
+    best_null = max(n["learnable_hard_satisfaction_rate"] for n in nulls.values())
     metrics = {
         **bench_metrics,
+        **learnable_metrics,
+        "learnable_hsr_above_null": learnable_metrics["learnable_hard_satisfaction_rate"] - best_null,
         **following,
         **chat_metrics,
         "perplexity": perplexity_summary(ppl_heldout),
@@ -179,8 +280,9 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
         "pre_sft_perplexity": perplexity_summary(ppl_pre_sft) if ppl_pre_sft is not None else None,
         "pre_sft_template_leakage_rate": (template_leakage_rate(probe_responses, markers) if probe_responses
                                           else None),
-        "counts": {"benchmark": len(benchmark), "instruction_suite": len(suite), "chat": len(chat),
-                   "heldout_nonsynth": len(heldout), "pre_sft_probes": len(probe_responses)},
+        "nulls": nulls,
+        "counts": {"benchmark": len(benchmark), "learnable_suite": len(learnable), "instruction_suite": len(suite),
+                   "chat": len(chat), "heldout_nonsynth": len(heldout), "pre_sft_probes": len(probe_responses)},
         "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "markers": list(markers), "judge": type(judge).__name__ if judge is not None else None},
     }
@@ -189,9 +291,20 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
                                                        max_new_tokens, batch_size)
     metrics["timings"] = timings
 
-    for sample, ppl in zip(chat_samples, ppl_reference):
-        sample["reference_perplexity"] = float(ppl)
-    samples = bench_samples + [
+    for sample, ppl, pref in zip(chat_samples, ppl_reference, preference):
+        sample["reference_perplexity"], sample["chat_preference"] = float(ppl), pref
+    item_rows += [{"set": "chat", "id": r["id"], "metric": m, "value": v}
+                  for r, sample in zip(chat, chat_samples)
+                  for m, v in (("chat_score", sample["chat_score"]), ("chat_preference", sample["chat_preference"]))]
+    for r, sample in zip(benchmark, bench_samples):
+        item_rows.append({"set": f"benchmark/{r['split']}", "id": r["id"], "metric": "correct",
+                          "value": float(sample["predicted"] == sample["answer"])})
+        if "pre_sft_predicted" in sample:
+            item_rows.append({"set": f"benchmark/{r['split']}", "id": r["id"], "metric": "pre_sft_correct",
+                              "value": float(sample["pre_sft_predicted"] == sample["answer"])})
+    item_rows += [{"set": "probes", "id": str(k), "metric": "pre_sft_leak", "value": float(_has_marker(text, markers))}
+                  for k, text in enumerate(probe_responses)]
+    samples = bench_samples + learnable_samples + [
         {"task": "instruction", "id": r["id"], "prompt": r["prompt"], "level": r["level"], "response": response,
          "constraints": r["constraints"], "verdicts": verdict["strict"], "verdicts_loose": verdict["loose"],
          "all_followed": all(verdict["strict"]), "template_leak": _has_marker(response, markers)}
@@ -204,4 +317,27 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     if ppl_pre_sft is not None:
         rows += [{"set": "pre_sft_heldout_nonsynth", "id": r["id"], "perplexity": float(p)}
                  for r, p in zip(heldout, ppl_pre_sft)]
-    return Evaluation(metrics, samples, rows)
+    return Evaluation(metrics, samples, rows, item_rows)
+
+
+# The SFT curve's measurements: the learnable tier's hard satisfaction rate, compliance margin (and its null) and
+# template pull, on the first `curve_items` learnable items (the same items at every point).
+CURVE_METRICS = ("learnable_hard_satisfaction_rate", "compliance_margin", "compliance_margin_null", "template_pull")
+
+
+def curve_point(model, tokenizer, items: Sequence[dict], *, template: dict, max_new_tokens: int,
+                batch_size: int) -> dict:
+    """The SFT curve's measurements of a model saved part of the way through SFT."""
+    model.eval()
+    metrics, _, _ = _learnable(model, tokenizer, items, template, max_new_tokens, batch_size, None)
+    return {k: metrics[k] for k in CURVE_METRICS}
+
+
+def curve_point_from_items(item_rows: list[dict], ids: set[str]) -> dict:
+    """The same measurements of the final model, from its per-item values on the curve's items (no new pass)."""
+    values = {}
+    for row in item_rows:
+        if row["set"] == "learnable_suite" and row["id"] in ids:
+            values.setdefault(row["metric"], []).append(row["value"])
+    return {"learnable_hard_satisfaction_rate": float(np.mean(values["followed"])),
+            **{k: float(np.mean(values[k])) for k in ("compliance_margin", "compliance_margin_null", "template_pull")}}

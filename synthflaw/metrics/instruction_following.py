@@ -9,6 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from synthflaw.data.constraints import check_response, check_response_loose
+from synthflaw.metrics.text import CONSTANT_REPLY
+
+NULLS = ("constant", "echo", "plain")
 
 
 def _rate(values: list[float]) -> float | None:
@@ -62,3 +65,12 @@ def instruction_following(items: Sequence[dict], responses: Sequence[str]) -> tu
         "suite_constraints": sum(map(len, strict_rows)),
     }
     return metrics, verdicts
+
+
+def null_replies(items: Sequence[dict]) -> dict[str, list[str]]:
+    """What replies that do not follow the instructions score: the same constant reply for every item, the prompt
+    echoed, and the item's plain answer with no constraint applied (where the item has one)."""
+    replies = {"constant": [CONSTANT_REPLY] * len(items), "echo": [item["prompt"] for item in items]}
+    if all("plain" in item for item in items):
+        replies["plain"] = [item["plain"] for item in items]
+    return replies

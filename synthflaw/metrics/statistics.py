@@ -11,7 +11,9 @@ import math
 import re
 
 import numpy as np
-from scipy.special import stdtrit  # the Student-t quantile; scipy.stats takes seconds to import
+from scipy.special import (
+    stdtrit,  # the Student-t quantile; scipy.stats takes seconds to import
+)
 
 
 def seed_key(seed: str):
@@ -60,3 +62,100 @@ def contrast(per_seed: dict, terms: list[tuple[str, str, float]], confidence: fl
 def paired_difference(per_seed: dict, model: str, reference: str, metric: str, confidence: float = 0.95):
     """The paired difference metric(model) - metric(reference) over the seeds both have (see `contrast`)."""
     return contrast(per_seed, [(model, metric, 1.0), (reference, metric, -1.0)], confidence)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item-level paired contrasts within seeds, combined across seeds
+# --------------------------------------------------------------------------------------------------------------
+
+POWER = 0.8  # the power at which the minimum detectable difference is stated
+
+
+def minimum_detectable_difference(se: float, df: int, confidence: float = 0.95, power: float = POWER) -> float:
+    """The smallest true difference a two-sided test at level 1 - `confidence` detects with probability `power`:
+    (t_{(1+c)/2, df} + t_{power, df}) * se (Student t, so small seed counts pay for estimating their spread)."""
+    return float(stdtrit(df, (1.0 + confidence) / 2.0) + stdtrit(df, power)) * se
+
+
+def seed_item_contrast(values: dict[str, dict], terms: list[tuple[str, float]]) -> tuple[float, float, int] | None:
+    """One seed's item-level paired contrast: (mean, variance of the mean, items) of sum_m w_m * value_m(item)
+    over the items every model of `terms` has. `values`: model -> {item key: value}. None when no item is shared."""
+    common = set.intersection(*(set(values.get(model, {})) for model, _ in terms))
+    if not common:
+        return None
+    keys = sorted(common)
+    d = np.array([sum(w * values[model][key] for model, w in terms) for key in keys], dtype=np.float64)
+    var = float(d.var(ddof=1) / len(d)) if len(d) > 1 else float("nan")
+    return float(d.mean()), var, len(d)
+
+
+def random_effects(means: np.ndarray, variances: np.ndarray) -> tuple[float, float, float]:
+    """(estimate, standard error, tau^2) of a random-effects meta-analysis: the DerSimonian-Laird between-study
+    variance tau^2 (truncated at 0), inverse-variance weights 1 / (v_i + tau^2), and as standard error the larger of
+    the usual one and the Hartung-Knapp-Sidik-Jonkman one (Roever et al. 2015: the HKSJ interval can be narrower
+    than the usual one when studies agree closely, and taking the larger keeps it from doing so).
+
+    Written out rather than taken from statsmodels, whose "dl" estimate (0.15) returned a negative tau^2 and an
+    estimate outside the range of the studies for two agreeing seeds.
+    """
+    w = 1.0 / variances
+    fixed = float(np.sum(w * means) / np.sum(w))
+    q = float(np.sum(w * (means - fixed) ** 2))
+    c = float(np.sum(w) - np.sum(w ** 2) / np.sum(w))
+    k = len(means)
+    tau2 = max(0.0, (q - (k - 1)) / c) if c > 0 else 0.0
+    w_re = 1.0 / (variances + tau2)
+    estimate = float(np.sum(w_re * means) / np.sum(w_re))
+    se_usual = float(np.sqrt(1.0 / np.sum(w_re)))
+    se_hksj = float(np.sqrt(np.sum(w_re * (means - estimate) ** 2) / ((k - 1) * np.sum(w_re))))
+    return estimate, max(se_usual, se_hksj), tau2
+
+
+def combine_seeds(per_seed: dict[str, tuple[float, float, int]], confidence: float = 0.95) -> dict | None:
+    """Seeds' paired contrasts (mean, variance of the mean, items) combined into one estimate with its interval.
+
+    Random-effects meta-analysis over seeds (`random_effects`), because seeds differ in world and training noise
+    beyond their items' sampling error, with a Student t quantile on k - 1 degrees of freedom (k seeds): with few
+    seeds the normal interval is too narrow. A seed whose items all agree (variance 0) is given a small variance
+    rather than infinite weight; when every seed's items agree, the seeds' means alone give the interval
+    (`mean_ci`). With one seed: low = high = mean and `single_seed`. Also returns the minimum detectable
+    difference at this many seeds.
+    """
+    seeds = sorted(per_seed, key=seed_key)
+    if not seeds:
+        return None
+    means = np.array([per_seed[s][0] for s in seeds])
+    variances = np.array([per_seed[s][1] for s in seeds])
+    items = int(sum(per_seed[s][2] for s in seeds))
+    if len(seeds) == 1 or not np.all(np.isfinite(variances)):
+        mean = float(means.mean())
+        return {"n": len(seeds), "items": items, "mean": mean, "se": None, "low": mean, "high": mean,
+                "half_width": 0.0, "mdd": None, "tau2": None, "single_seed": True, "seeds": seeds}
+    df = len(seeds) - 1
+    if np.all(variances < 1e-12):  # every item agreed within every seed (e.g. both models at 0): only seeds vary
+        stats = mean_ci(means, confidence)
+        se = stats["std"] / np.sqrt(len(seeds))
+        return {**stats, "items": items, "se": se, "mdd": minimum_detectable_difference(se, df, confidence),
+                "tau2": None, "seeds": seeds}
+    variances = np.maximum(variances, 1e-6 * variances.max())  # an all-agreeing seed: great weight, not infinite
+    mean, se, tau2 = random_effects(means, variances)
+    half = float(stdtrit(df, (1.0 + confidence) / 2.0)) * se
+    return {"n": len(seeds), "items": items, "mean": mean, "se": se, "low": mean - half, "high": mean + half,
+            "half_width": half, "mdd": minimum_detectable_difference(se, df, confidence), "tau2": tau2,
+            "single_seed": False, "seeds": seeds}
+
+
+def item_contrast(by_seed: dict[str, dict[str, dict]], terms: list[tuple[str, float]],
+                  confidence: float = 0.95) -> dict | None:
+    """`seed_item_contrast` in every seed (`by_seed`: seed -> model -> {item key: value}), combined over the seeds
+    that have every model (`combine_seeds`); each seed's own estimate is kept under "per_seed"."""
+    per_seed = {}
+    for seed, values in by_seed.items():
+        if all(model in values for model, _ in terms):
+            found = seed_item_contrast(values, terms)
+            if found is not None:
+                per_seed[seed] = found
+    combined = combine_seeds(per_seed, confidence)
+    if combined is not None:
+        combined["per_seed"] = {s: per_seed[s][0] for s in combined["seeds"]}
+    return combined

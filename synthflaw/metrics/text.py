@@ -7,6 +7,24 @@ from collections.abc import Iterable, Sequence
 
 _WORD = re.compile(r"\w+")
 
+# Closed-class English words: what a skeleton keeps of the words
+# (data_patterns.skeleton), and what the chat score leaves out (it compares content).
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any each every all both either neither no none other another such
+i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
+who whom whose which what where when why how whether
+is are was were be been being am do does did done have has had having will would shall should can could may
+might must
+not nor and or but if then than so as because while although though since until unless
+of in on at by for with from to into onto about above below over under between among through during before after
+against without within upon across along around behind beyond near off out up down
+there here also only just very too again once more most much many few less least own same
+yes
+""".split())
+
+# The one reply that reads nothing: a null for every instruction-following and chat measure.
+CONSTANT_REPLY = "Thank you for your message. I am glad to help with that."
+
 
 def words(text: str) -> list[str]:
     """Lower-cased word tokens without punctuation: what ROUGE-L and the responses' distinct-n compare."""

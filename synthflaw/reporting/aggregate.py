@@ -20,16 +20,30 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from synthflaw.config import from_dict
 from synthflaw.metrics.statistics import mean_ci, paired_difference
-from synthflaw.records import write_csv, write_json, write_text_atomic
+from synthflaw.records import read_csv, write_csv, write_json, write_text_atomic
 from synthflaw.registry import EVALUATE, UNLEARNING, model_order, models_of
 from synthflaw.reporting.findings import findings, write_findings
-from synthflaw.reporting.plots import plot_headline_ci, plot_hsr_by_level_ci
-from synthflaw.reporting.tables import HEADLINE, dig, markdown_table
+from synthflaw.reporting.plots import (
+    plot_headline_ci,
+    plot_hsr_by_level_ci,
+    plot_sft_curve_ci,
+)
+from synthflaw.reporting.tables import (
+    HEADLINE,
+    NULL_COLUMNS,
+    NULL_PREFIX,
+    dig,
+    markdown_table,
+)
+from synthflaw.runs import load_marker
 
 REFERENCES = ("natural", "synthetic")
 LEVEL_PREFIX = "HSR_level_"
+LEARNABLE_LEVEL_PREFIX = "learnable_HSR_level_"
 STAT_COLUMNS = ("n", "mean", "std", "low", "high", "half_width", "single_seed")
 _SEED_DIR = re.compile(r"^seed-(-?\d+)$")
 
@@ -43,7 +57,7 @@ def _done_models(run: Path) -> dict[str, Path]:
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir())
-            if (p / "done.json").exists() and (p / "metrics.json").exists()}
+            if load_marker(p)[0] is not None and (p / "metrics.json").exists()}
 
 
 def _expected_models(run: Path) -> list[str] | None:
@@ -87,17 +101,31 @@ def _seed_label(run: Path, position: int) -> str:
 
 
 def _metric_values(metrics: dict) -> dict[str, float]:
-    """The headline metrics of one metrics.json (`HEADLINE` names) plus HSR per level; missing/None skipped."""
+    """The headline metrics of one metrics.json (`HEADLINE` names) plus HSR per level of both tiers; missing/None
+    skipped."""
     values = {column: float(dig(metrics, key)) for key, column in HEADLINE.items() if dig(metrics, key) is not None}
-    for level, value in sorted((metrics.get("hsr_by_level") or {}).items(), key=lambda kv: int(kv[0])):
-        if value is not None:
-            values[f"{LEVEL_PREFIX}{int(level)}"] = float(value)
+    for key, prefix in (("hsr_by_level", LEVEL_PREFIX), ("learnable_hsr_by_level", LEARNABLE_LEVEL_PREFIX)):
+        for level, value in sorted((metrics.get(key) or {}).items(), key=lambda kv: int(kv[0])):
+            if value is not None:
+                values[f"{prefix}{int(level)}"] = float(value)
     return values
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Aggregation
-# --------------------------------------------------------------------------------------------------------------
+def _null_values(metrics: dict) -> dict[str, dict[str, float]]:
+    """The nulls of one metrics.json as pseudo-models "null:<kind>" with the `NULL_COLUMNS` metrics."""
+    return {NULL_PREFIX + kind: {column: float(v[key]) for key, column in NULL_COLUMNS.items()
+                                 if v.get(key) is not None}
+            for kind, v in (metrics.get("nulls") or {}).items()}
+
+
+def _item_values(path: Path) -> dict[str, dict[str, float]]:
+    """A model's per-item values (items.csv): metric -> {"<set>/<item id>": value}."""
+    out: dict[str, dict[str, float]] = {}
+    if (path / "items.csv").exists():
+        for row in read_csv(path / "items.csv", required=("set", "id", "metric", "value")):
+            out.setdefault(row["metric"], {})[f"{row['set']}/{row['id']}"] = float(row["value"])
+    return out
+
 
 def _unlearning_costs(run: Path) -> dict[str, float]:
     """Tokens the unlearning step processed (forget + replay) as a fraction of the CPT budget, per method."""
@@ -105,7 +133,7 @@ def _unlearning_costs(run: Path) -> dict[str, float]:
     root = run / UNLEARNING.name
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         result = path / "result.json"
-        if (path / "done.json").exists() and result.exists():
+        if load_marker(path)[0] is not None and result.exists():
             r = json.loads(result.read_text())
             if r.get("cpt_tokens") and r.get("forget_tokens") is not None:
                 costs[path.name] = (r["forget_tokens"] + (r.get("replay_tokens") or 0)) / r["cpt_tokens"]
@@ -139,8 +167,8 @@ def aggregate(run_dirs, out_dir, confidence: float = 0.95) -> dict:
     if not run_dirs:
         raise ValueError("no seed runs to aggregate; run `synthflaw run --seeds 0 1 2 --run-id ID` and let 07 finish")
     per_seed: dict[str, dict[str, dict[str, float]]] = {}
-    costs: dict[str, dict[str, float]] = {}
-    seeds = []
+    items: dict[str, dict[str, dict[str, dict]]] = {}  # metric -> seed -> model -> {item key: value}
+    curve_rows, costs, seeds = [], {}, []
     for position, run in enumerate(run_dirs):
         models = _done_models(run)
         if not models:
@@ -150,12 +178,24 @@ def aggregate(run_dirs, out_dir, confidence: float = 0.95) -> dict:
             raise ValueError(f"seed {seed} appears twice ({run}); pass each seed's run once")
         seeds.append(seed)
         for model, path in models.items():
-            for metric, value in _metric_values(json.loads((path / "metrics.json").read_text())).items():
-                per_seed.setdefault(model, {}).setdefault(metric, {})[seed] = value
+            metrics = json.loads((path / "metrics.json").read_text())
+            values = _metric_values(metrics)
+            if model == next(iter(models)):  # the nulls are the same items for every model of a seed
+                values_by_model = {model: values, **_null_values(metrics)}
+            else:
+                values_by_model = {model: values}
+            for name, named in values_by_model.items():
+                for metric, value in named.items():
+                    per_seed.setdefault(name, {}).setdefault(metric, {})[seed] = value
+            for metric, by_item in _item_values(path).items():
+                items.setdefault(metric, {}).setdefault(seed, {})[model] = by_item
+            curve_rows += [{"seed": seed, "model": model, "point": k, **point}
+                           for k, point in enumerate(metrics.get("sft_curve") or [])]
         for method, fraction in _unlearning_costs(run).items():
             costs.setdefault(method, {})[seed] = fraction
 
-    models = model_order(per_seed)
+    nulls = sorted(m for m in per_seed if m.startswith(NULL_PREFIX))
+    models = model_order(m for m in per_seed if m not in nulls) + nulls
     per_seed = {m: per_seed[m] for m in models}
     summary = {m: {metric: mean_ci(list(v.values()), confidence) for metric, v in per_seed[m].items()}
                for m in models}
@@ -165,10 +205,30 @@ def aggregate(run_dirs, out_dir, confidence: float = 0.95) -> dict:
                    for ref in REFERENCES if ref in per_seed}
     aggregated = {"confidence": confidence, "seeds": seeds, "runs": [str(p) for p in run_dirs], "models": models,
                   "per_seed": per_seed, "summary": summary, "differences": differences,
+                  "sft_curve": _curve_summary(curve_rows, confidence),
                   "unlearning_cost": {m: {"per_seed": v, **mean_ci(list(v.values()), confidence)}
                                       for m, v in costs.items()}}
     _write_tables(aggregated, Path(out_dir))
+    # Per-item values stay in memory for the findings' item-level contrasts; on disk they are each model's
+    # items.csv, which the export keeps.
+    aggregated["items"] = items
     return aggregated
+
+
+def _curve_summary(rows: list[dict], confidence: float) -> list[dict]:
+    """Mean and CI over seeds of every SFT-curve measurement per model and curve point."""
+    out = []
+    for model in model_order(dict.fromkeys(r["model"] for r in rows)):
+        for point in sorted({r["point"] for r in rows if r["model"] == model}):
+            mine = [r for r in rows if r["model"] == model and r["point"] == point]
+            fraction = float(np.mean([r["fraction"] for r in mine]))
+            for metric in ("learnable_hard_satisfaction_rate", "compliance_margin", "compliance_margin_null",
+                           "template_pull"):
+                found = [r[metric] for r in mine if r.get(metric) is not None]
+                if found:
+                    out.append({"model": model, "point": point, "fraction": round(fraction, 4), "metric": metric,
+                                **_stats_row(mean_ci(found, confidence))})
+    return out
 
 
 def _write_tables(agg: dict, out: Path) -> None:
@@ -183,8 +243,10 @@ def _write_tables(agg: dict, out: Path) -> None:
         rows += [{"model": model, "metric": metric, **_stats_row(mine[metric])} for metric in headline
                  if metric in mine]
         md_rows.append({"model": model, "n": str(n_model), **{c: _fmt(mine.get(c), n_model) for c in headline}})
-        levels = sorted((int(k[len(LEVEL_PREFIX):]), k) for k in mine if k.startswith(LEVEL_PREFIX))
-        level_rows += [{"model": model, "level": level, **_stats_row(mine[key])} for level, key in levels]
+        for tier, prefix in (("suite", LEVEL_PREFIX), ("learnable", LEARNABLE_LEVEL_PREFIX)):
+            levels = sorted((int(k[len(prefix):]), k) for k in mine if k.startswith(prefix))
+            level_rows += [{"model": model, "tier": tier, "level": level, **_stats_row(mine[key])}
+                           for level, key in levels]
         seed_rows += [{"model": model, "seed": s, "metric": metric, "value": v}
                       for metric, by_seed in agg["per_seed"][model].items() for s, v in by_seed.items()]
     for ref, by_model in agg["differences"].items():
@@ -196,7 +258,8 @@ def _write_tables(agg: dict, out: Path) -> None:
     note = (f"\nmean ± half-width of the {agg['confidence']:.0%} Student-t interval over seeds "
             f"({', '.join(agg['seeds'])}); n = seeds per model.\n")
     write_text_atomic(tables / "headline_ci.md", markdown_table(md_rows) + "\n" + note)
-    for name, table in (("hsr_by_level_ci.csv", level_rows), ("findings_differences.csv", diff_rows)):
+    for name, table in (("hsr_by_level_ci.csv", level_rows), ("findings_differences.csv", diff_rows),
+                        ("sft_curve_ci.csv", agg["sft_curve"])):
         if table:
             write_csv(out / name, table)
         elif (out / name).exists():
@@ -225,5 +288,7 @@ def summarize(run_dir, out_dir=None, confidence: float = 0.95, unlearning_method
     made = [plot_headline_ci(out / "tables" / "headline_ci.csv", out / "headline_ci.png", dpi)]
     if (out / "hsr_by_level_ci.csv").exists():
         made.append(plot_hsr_by_level_ci(out / "hsr_by_level_ci.csv", out / "hsr_by_level_ci.png", dpi))
+    if (out / "sft_curve_ci.csv").exists():
+        made.append(plot_sft_curve_ci(out / "sft_curve_ci.csv", out / "sft_curve_ci.png", dpi))
     return {"seeds": agg["seeds"], "figures": made,
             "findings": {f["id"]: f["reproduces"] for f in found}}

@@ -11,11 +11,32 @@ import shutil
 from pathlib import Path
 
 from synthflaw.records import read_csv, write_csv, write_text_atomic
-from synthflaw.registry import DATA_FLAWS, EVALUATE, STAGES, UNLEARNING, model_order, unlearned_method
+from synthflaw.registry import (
+    DATA_FLAWS,
+    EVALUATE,
+    STAGES,
+    UNLEARNING,
+    model_order,
+    unlearned_method,
+)
 from synthflaw.reporting.data_plots import DATA_FIGURES, plot_data_figures
-from synthflaw.reporting.plots import (plot_headline, plot_hsr_by_level, plot_loss_curves,
-                                       plot_perplexity_distributions, plot_tradeoff, plot_unlearning_losses)
-from synthflaw.reporting.tables import headline_values, markdown_table, num
+from synthflaw.reporting.plots import (
+    plot_headline,
+    plot_hsr_by_level,
+    plot_loss_curves,
+    plot_perplexity_distributions,
+    plot_sft_curve,
+    plot_tradeoff,
+    plot_unlearning_losses,
+)
+from synthflaw.reporting.tables import (
+    NULL_PREFIX,
+    headline_values,
+    markdown_table,
+    null_rows,
+    num,
+)
+from synthflaw.runs import load_marker
 
 
 def done_variants(run_dir: Path, stage) -> list[tuple[str, Path]]:
@@ -23,7 +44,7 @@ def done_variants(run_dir: Path, stage) -> list[tuple[str, Path]]:
     root = Path(run_dir) / stage.name
     if not root.is_dir():
         return []
-    done = {p.name: p for p in root.iterdir() if (p / "done.json").exists()}
+    done = {p.name: p for p in root.iterdir() if load_marker(p)[0] is not None}
     return [(name, done[name]) for name in model_order(done)]
 
 
@@ -32,7 +53,7 @@ def loss_curves(run_dir: Path, out: Path, dpi: int) -> list[str]:
     rows = []
     for stage in (s for s in STAGES if s.trains):
         sources = done_variants(run_dir, stage) if stage.variants else (
-            [("base", run_dir / stage.name)] if (run_dir / stage.name / "done.json").exists() else [])
+            [("base", run_dir / stage.name)] if load_marker(run_dir / stage.name)[0] is not None else [])
         for variant, path in sources:
             if (path / "loss.csv").exists():
                 for r in read_csv(path / "loss.csv"):
@@ -44,10 +65,13 @@ def loss_curves(run_dir: Path, out: Path, dpi: int) -> list[str]:
 
 
 def headline_table(run_dir: Path, out: Path) -> list[dict]:
-    """The paper's headline table: benchmark vs instruction following vs chat quality, one row per model."""
-    rows = [{"model": model, **headline_values(json.loads((path / "metrics.json").read_text()))}
-            for model, path in done_variants(run_dir, EVALUATE)]
+    """The paper's headline table: benchmark vs instruction following vs chat quality, one row per model, then one
+    row per null (what a constant reply, the prompt echoed and the plain answer score on the same items)."""
+    evaluated = [(model, json.loads((path / "metrics.json").read_text()))
+                 for model, path in done_variants(run_dir, EVALUATE)]
+    rows = [{"model": model, **headline_values(metrics)} for model, metrics in evaluated]
     if rows:
+        rows += null_rows(evaluated[0][1])  # the same items for every model: the first one's nulls are all of them
         tables = out / "tables"
         tables.mkdir(exist_ok=True)
         write_csv(tables / "headline.csv", rows)
@@ -56,14 +80,35 @@ def headline_table(run_dir: Path, out: Path) -> list[dict]:
 
 
 def hsr_by_level(run_dir: Path, out: Path, dpi: int) -> list[str]:
+    """HSR per number of constraints, per model and per tier (learnable, out-of-distribution suite), nulls too."""
     rows = []
-    for model, path in done_variants(run_dir, EVALUATE):
-        by_level = json.loads((path / "metrics.json").read_text()).get("hsr_by_level") or {}
-        rows += [{"model": model, "level": int(level), "hsr": value} for level, value in sorted(by_level.items())]
+    for k, (model, path) in enumerate(done_variants(run_dir, EVALUATE)):
+        metrics = json.loads((path / "metrics.json").read_text())
+        sources = [(model, metrics)] + ([(NULL_PREFIX + kind, v) for kind, v in (metrics.get("nulls") or {}).items()]
+                                        if k == 0 else [])
+        for name, values in sources:
+            for tier, key in (("learnable", "learnable_hsr_by_level"), ("suite", "hsr_by_level")):
+                rows += [{"model": name, "tier": tier, "level": int(level), "mean": value}
+                         for level, value in sorted((values.get(key) or {}).items())]
     if not rows:
         return []
     write_csv(out / "hsr_by_level.csv", rows)
     return [plot_hsr_by_level(out / "hsr_by_level.csv", out / "hsr_by_level.png", dpi)]
+
+
+def sft_curve(run_dir: Path, out: Path, dpi: int) -> list[str]:
+    """Each model's learnable-tier measurements along SFT (metrics.json "sft_curve")."""
+    rows = []
+    for model, path in done_variants(run_dir, EVALUATE):
+        for point in json.loads((path / "metrics.json").read_text()).get("sft_curve") or []:
+            rows += [{"model": model, "step": point["step"], "fraction": point["fraction"], "metric": metric,
+                      "mean": point[metric]}
+                     for metric in ("learnable_hard_satisfaction_rate", "compliance_margin", "compliance_margin_null",
+                                    "template_pull") if point.get(metric) is not None]
+    if not rows:
+        return []
+    write_csv(out / "sft_curve.csv", rows)
+    return [plot_sft_curve(out / "sft_curve.csv", out / "sft_curve.png", dpi)]
 
 
 def perplexity_distributions(run_dir: Path, out: Path, dpi: int) -> list[str]:
@@ -104,7 +149,7 @@ def unlearning_figures(run_dir: Path, out: Path, dpi: int, headline: list[dict])
     if rows:
         write_csv(out / "unlearning_losses.csv", rows)
         made.append(plot_unlearning_losses(out / "unlearning_losses.csv", out / "unlearning_losses.png", dpi))
-    by_model = {r["model"]: r for r in headline}
+    by_model = {r["model"]: r for r in headline if not r["model"].startswith(NULL_PREFIX)}
     if "natural" in by_model and "synthetic" in by_model:
         nat, syn = by_model["natural"], by_model["synthetic"]
         trade = [{"method": unlearned_method(model), **recovery_and_retention(r, nat, syn)}
@@ -118,7 +163,7 @@ def unlearning_figures(run_dir: Path, out: Path, dpi: int, headline: list[dict])
 def data_flaw_figures(run_dir: Path, out: Path) -> list[str]:
     """Stage 02's figures, re-drawn into `out` from copies of its CSVs."""
     src = run_dir / DATA_FLAWS.name
-    if not (src / "done.json").exists():
+    if load_marker(src)[0] is None:
         return []
     for csv_name in DATA_FIGURES:
         if (src / csv_name).exists():
@@ -134,6 +179,7 @@ def make_figures(run_dir: Path, out: Path, dpi: int) -> dict:
     headline = headline_table(run_dir, out)
     if headline:
         made.append(plot_headline(out / "tables" / "headline.csv", out / "headline.png", dpi))
-    made += hsr_by_level(run_dir, out, dpi) + perplexity_distributions(run_dir, out, dpi)
+    made += hsr_by_level(run_dir, out, dpi) + sft_curve(run_dir, out, dpi)
+    made += perplexity_distributions(run_dir, out, dpi)
     made += unlearning_figures(run_dir, out, dpi, headline)
-    return {"figures": made, "models": [r["model"] for r in headline]}
+    return {"figures": made, "models": [r["model"] for r in headline if not r["model"].startswith(NULL_PREFIX)]}

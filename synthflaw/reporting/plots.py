@@ -14,7 +14,11 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from synthflaw.records import read_csv, write_bytes_atomic
-from synthflaw.reporting.tables import num
+from synthflaw.reporting.tables import NULL_PREFIX, num
+
+# The headline bars: metric column, label, scale (scores out of 10 drawn /10).
+HEADLINE_BARS = (("benchmark", "benchmark acc", 1), ("learnable_HSR", "learnable HSR", 1),
+                 ("chat_score", "chat score / 10", 10))
 
 
 def new_figure(size=(6.4, 4.8), rows: int | None = None, cols: int | None = None):
@@ -76,32 +80,30 @@ def plot_loss_csv(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
 
 
 def plot_headline(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
-    """Benchmark accuracy, HSR and chat score (/10) side by side per model."""
+    """Benchmark accuracy, learnable-tier HSR and chat score (/10) side by side per model (one run), each metric's
+    best null (the highest-scoring trivial reply) as a dashed line in its colour."""
     rows = read_csv(csv_path)
-    metrics = [("benchmark", "benchmark acc"), ("HSR", "HSR"), ("chat_score", "chat score / 10")]
-    fig, ax = new_figure((max(5, 1.1 * len(rows) + 2), 3.6))
-    width = 0.8 / len(metrics)
-    for k, (col, label) in enumerate(metrics):
-        vals = [(num(r[col]) or 0.0) / (10 if col == "chat_score" else 1) for r in rows]
-        ax.bar([i + k * width for i in range(len(rows))], vals, width, label=label)
-    ax.set_xticks([i + width for i in range(len(rows))], [r["model"] for r in rows], rotation=30, ha="right")
+    models = [r for r in rows if not r["model"].startswith(NULL_PREFIX)]
+    nulls = [r for r in rows if r["model"].startswith(NULL_PREFIX)]
+    fig, ax = new_figure((max(5, 1.1 * len(models) + 2), 3.6))
+    width = 0.8 / len(HEADLINE_BARS)
+    for k, (col, label, scale) in enumerate(HEADLINE_BARS):
+        vals = [(num(r.get(col)) or 0.0) / scale for r in models]
+        bars = ax.bar([i + k * width for i in range(len(models))], vals, width, label=label)
+        null_values = [num(r.get(col)) for r in nulls if num(r.get(col)) is not None]
+        if null_values:
+            ax.axhline(max(null_values) / scale, ls="--", lw=0.9, color=bars.patches[0].get_facecolor(),
+                       label=f"best null, {label}")
+    ax.set_xticks([i + width for i in range(len(models))], [r["model"] for r in models], rotation=30, ha="right")
     ax.set_ylabel("score")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.set_title("Benchmark vs instruction following vs chat quality")
     return save_figure(fig, png_path, dpi)
 
 
 def plot_hsr_by_level(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
-    rows = read_csv(csv_path)
-    fig, ax = new_figure((5.5, 3.6))
-    for model in dict.fromkeys(r["model"] for r in rows):
-        pts = [(int(r["level"]), num(r["hsr"])) for r in rows if r["model"] == model]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
-    ax.set_xlabel("constraints per instruction (level)")
-    ax.set_ylabel("hard satisfaction rate")
-    ax.set_title("Instruction following by level (FollowBench-style)")
-    ax.legend(fontsize=7)
-    return save_figure(fig, png_path, dpi)
+    """HSR per number of constraints of one run, one panel per tier; the nulls dashed."""
+    return plot_hsr_by_level_ci(csv_path, png_path, dpi)
 
 
 def plot_perplexity_distributions(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
@@ -172,14 +174,14 @@ def plot_tradeoff(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
 
 
 def plot_headline_ci(csv_path, png_path, dpi: int = 120) -> str:
-    """Benchmark accuracy, HSR and chat score / 10 per model, bars at the mean with the CI as error bars."""
+    """Benchmark accuracy, learnable-tier HSR and chat score / 10 per model, bars at the mean with the CI as error
+    bars, and each metric's best null (the highest-scoring trivial reply) as a dashed line in its colour."""
     rows = read_csv(csv_path, required=("model", "metric", "mean", "low", "high"))
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    models = [m for m in dict.fromkeys(r["model"] for r in rows) if not m.startswith(NULL_PREFIX)]
     by_key = {(r["model"], r["metric"]): r for r in rows}
-    panels = [("benchmark", "benchmark acc", 1), ("HSR", "HSR", 1), ("chat_score", "chat score / 10", 10)]
     fig, ax = new_figure((max(5, 1.1 * len(models) + 2), 3.8))
-    width = 0.8 / len(panels)
-    for k, (metric, label, scale) in enumerate(panels):
+    width = 0.8 / len(HEADLINE_BARS)
+    for k, (metric, label, scale) in enumerate(HEADLINE_BARS):
         xs, means, errs = [], [], [[], []]
         for i, model in enumerate(models):
             r = by_key.get((model, metric))
@@ -190,27 +192,80 @@ def plot_headline_ci(csv_path, png_path, dpi: int = 120) -> str:
             means.append(mean)
             errs[0].append(mean - low)
             errs[1].append(high - mean)
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
+        bars = ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
+        nulls = [num(r["mean"]) for (m, metric_), r in by_key.items()
+                 if m.startswith(NULL_PREFIX) and metric_ == metric and num(r["mean"]) is not None]
+        if nulls and xs:
+            ax.axhline(max(nulls) / scale, ls="--", lw=0.9, color=bars.patches[0].get_facecolor(),
+                       label=f"best null, {label}")
     ax.set_xticks([i + width for i in range(len(models))], models, rotation=30, ha="right")
     ax.set_ylabel("score (mean and CI over seeds)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.set_title("Benchmark vs instruction following vs chat quality, across seeds")
     return save_figure(fig, png_path, dpi)
 
 
 def plot_hsr_by_level_ci(csv_path, png_path, dpi: int = 120) -> str:
-    """HSR per number of constraints, one line per model at the mean with its CI shaded."""
-    rows = read_csv(csv_path, required=("model", "level", "mean", "low", "high"))
-    fig, ax = new_figure((5.8, 3.8))
-    for model in dict.fromkeys(r["model"] for r in rows):
-        pts = sorted((int(r["level"]), num(r["mean"]), num(r["low"]), num(r["high"]))
-                     for r in rows if r["model"] == model)
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
-        ax.fill_between([p[0] for p in pts], [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(),
-                        alpha=0.15, lw=0)
-    ax.set_xticks(sorted({int(r["level"]) for r in rows}))
-    ax.set_xlabel("constraints per instruction (level)")
-    ax.set_ylabel("hard satisfaction rate")
-    ax.set_title("Instruction following by level (mean and CI over seeds)")
-    ax.legend(fontsize=7)
+    """HSR per number of constraints, one panel per tier (learnable, out-of-distribution suite), one line per model
+    at the mean with its CI shaded; the nulls dashed."""
+    rows = read_csv(csv_path, required=("model", "level", "mean"))
+    tiers = list(dict.fromkeys(r.get("tier", "suite") for r in rows))
+    fig, axes = new_figure((5.8 * len(tiers), 3.8), cols=len(tiers))
+    for ax, tier in zip(axes[0], tiers):
+        mine = [r for r in rows if r.get("tier", "suite") == tier]
+        for model in dict.fromkeys(r["model"] for r in mine):
+            pts = sorted((int(r["level"]), num(r["mean"]), num(r.get("low")), num(r.get("high")))
+                         for r in mine if r["model"] == model)
+            style = {"ls": "--", "lw": 0.9} if model.startswith(NULL_PREFIX) else {"marker": "o"}
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=model, **style)
+            if all(p[2] is not None for p in pts):
+                ax.fill_between([p[0] for p in pts], [p[2] for p in pts], [p[3] for p in pts],
+                                color=line.get_color(), alpha=0.15, lw=0)
+        ax.set_xticks(sorted({int(r["level"]) for r in mine}))
+        ax.set_xlabel("constraints per instruction (level)")
+        ax.set_ylabel("hard satisfaction rate")
+        ax.set_title(f"{tier}: hard satisfaction rate by level", fontsize=9)
+        ax.legend(fontsize=6)
+    return save_figure(fig, png_path, dpi)
+
+
+# The SFT curve's panels: metric, axis label.
+CURVE_PANELS = (("learnable_hard_satisfaction_rate", "learnable-tier HSR"),
+                ("compliance_margin", "compliance margin (nats/token)"),
+                ("template_pull", "template pull (nats/reply)"))
+
+
+def plot_sft_curve(csv_path, png_path, dpi: int = 120) -> str:
+    """Each model's learnable-tier measurements along SFT (one run): HSR, compliance margin (its null dashed),
+    template pull, against the fraction of the SFT budget."""
+    return _plot_curve(read_csv(csv_path, required=("model", "fraction", "metric", "mean")), png_path, dpi,
+                       "along SFT")
+
+
+def plot_sft_curve_ci(csv_path, png_path, dpi: int = 120) -> str:
+    """The same across seeds: the mean with its CI shaded."""
+    return _plot_curve(read_csv(csv_path, required=("model", "fraction", "metric", "mean", "low", "high")), png_path,
+                       dpi, "along SFT (mean and CI over seeds)")
+
+
+def _plot_curve(rows: list[dict], png_path, dpi: int, title: str) -> str:
+    fig, axes = new_figure((4.4 * len(CURVE_PANELS), 3.6), cols=len(CURVE_PANELS))
+    for ax, (metric, label) in zip(axes[0], CURVE_PANELS):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = sorted((num(r["fraction"]), num(r["mean"]), num(r.get("low")), num(r.get("high")))
+                         for r in rows if r["model"] == model and r["metric"] == metric)
+            if not pts:
+                continue
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+            if all(p[2] is not None for p in pts):
+                ax.fill_between([p[0] for p in pts], [p[2] for p in pts], [p[3] for p in pts],
+                                color=line.get_color(), alpha=0.15, lw=0)
+            if metric == "compliance_margin":
+                null = sorted((num(r["fraction"]), num(r["mean"])) for r in rows
+                              if r["model"] == model and r["metric"] == "compliance_margin_null")
+                ax.plot([p[0] for p in null], [p[1] for p in null], ls="--", lw=0.8, color=line.get_color())
+        ax.set_xlabel("fraction of the SFT budget")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label}, {title}", fontsize=8)
+        ax.legend(fontsize=6)
     return save_figure(fig, png_path, dpi)

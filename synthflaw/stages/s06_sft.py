@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from synthflaw.registry import CONTINUED_PRETRAINING, GENERATE_DATA, SFT, UNLEARNING, unlearned_method
+from synthflaw.registry import (
+    CONTINUED_PRETRAINING,
+    GENERATE_DATA,
+    SFT,
+    UNLEARNING,
+    unlearned_method,
+)
 from synthflaw.training.launch import run_training
 
 
@@ -17,6 +23,7 @@ def run(cfg, step) -> dict:
            "trust_remote_code": cfg.base.trust_remote_code,
            "records": str(step.upstream(GENERATE_DATA) / "data" / "sft.jsonl"), "max_length": s.max_length,
            "epochs": s.epochs, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
-           "warmup_steps": s.warmup_steps, "seed": cfg.seed, "save_steps": s.save_steps}
+           "warmup_steps": s.warmup_steps, "seed": cfg.seed, "save_steps": s.save_steps,
+           "curve_points": s.curve_points}
     summary = run_training(job, cfg.compute, step.path)  # here, or under `accelerate launch`
     return {"model": name, "started_from": str(start.relative_to(step.run_dir)), **summary}

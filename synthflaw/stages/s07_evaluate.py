@@ -8,16 +8,21 @@ import json
 from synthflaw.data.schema import read_markers
 from synthflaw.hub import hub_offline
 from synthflaw.metrics.chat import make_judge
-from synthflaw.metrics.evaluation import evaluate_model, load_eval_data
+from synthflaw.metrics.evaluation import (
+    curve_point,
+    curve_point_from_items,
+    evaluate_model,
+    load_eval_data,
+)
 from synthflaw.models.build import load_model
 from synthflaw.models.tokenizer import load_tokenizer
 from synthflaw.records import write_csv, write_json, write_jsonl
 from synthflaw.registry import EVALUATE, GENERATE_DATA, SFT
-from synthflaw.runs import Step
 
 # What the step's result.json (and the runner's summary) keeps of the metrics.
-SUMMARY_KEYS = ("benchmark_accuracy", "pre_sft_benchmark_accuracy", "hard_satisfaction_rate",
-                "soft_satisfaction_rate", "chat_score", "template_leakage_rate", "pre_sft_template_leakage_rate",
+SUMMARY_KEYS = ("pre_sft_benchmark_accuracy", "learnable_hard_satisfaction_rate", "learnable_hsr_above_null",
+                "compliance_margin", "compliance_margin_null", "template_pull", "pre_sft_template_pull",
+                "hard_satisfaction_rate", "chat_score", "chat_preference", "pre_sft_template_leakage_rate",
                 "next_token_kl")
 
 
@@ -43,20 +48,23 @@ def run(cfg, step) -> dict:
     data_dir = step.upstream(GENERATE_DATA) / "data"
     model_dir = step.upstream(SFT, step.variant) / "model"
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    pre_sft = load_model(step.run_dir / json.loads((model_dir.parent / "result.json").read_text())["started_from"])
+    pre_sft = load_model(step.read(json.loads((model_dir.parent / "result.json").read_text())["started_from"]))
     reference = None
-    natural = Step(step.run_dir, SFT, "natural")
-    if natural.done:
-        reference = load_model(natural.path / "model")
+    natural = step.read_step(SFT, "natural")
+    if natural:
+        reference = load_model(natural / "model")
     ev = cfg.evaluate
+    templates = json.loads((data_dir / "synthqa_templates.json").read_text())["templates"]
     evaluation = evaluate_model(model, tokenizer, load_eval_data(data_dir, ev.limit or None),
-                                reference_model=reference, markers=read_markers(data_dir),
+                                reference_model=reference, markers=read_markers(data_dir), template=templates[0],
                                 max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, judge=make_judge(ev),
                                 speed_prompts=ev.speed_prompts, pre_sft_model=pre_sft)
     metrics = evaluation.metrics
     metrics["settings"]["limit"] = ev.limit or None
+    metrics["sft_curve"] = sft_curve(step, model_dir, tokenizer, evaluation, templates[0], ev, data_dir)
     write_jsonl(step.path / "samples.jsonl", evaluation.samples)
     write_csv(step.path / "perplexities.csv", evaluation.perplexities)
+    write_csv(step.path / "items.csv", evaluation.items)
     write_json(step.path / "metrics.json", metrics)  # last: its presence means the other two are complete
     summary = {"model": step.variant, **{k: metrics.get(k) for k in SUMMARY_KEYS}}
     if ev.harness_tasks:  # after evaluate_model: the harness reseeds the global RNGs
@@ -66,3 +74,23 @@ def run(cfg, step) -> dict:
                                    num_fewshot=None if ev.harness_num_fewshot < 0 else ev.harness_num_fewshot,
                                    seed=cfg.seed))
     return summary
+
+
+def sft_curve(step, model_dir, tokenizer, evaluation, template, ev, data_dir) -> list[dict]:
+    """The learnable tier's measurements along SFT: at each saved point (``06_sft/<model>/curve/step-<N>``) and of
+    the final model, on the same first `evaluate.curve_items` learnable items."""
+    sft_result = json.loads((model_dir.parent / "result.json").read_text())
+    steps = sft_result.get("curve_steps") or [sft_result["steps"]]
+    items = load_eval_data(data_dir, ev.limit or None)["learnable_suite"]
+    items = items[:ev.curve_items or None]
+    points = []
+    for n in steps[:-1]:
+        snapshot = load_model(model_dir.parent / "curve" / f"step-{n}")
+        points.append({"step": n, **curve_point(snapshot, tokenizer, items, template=template,
+                                                max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)})
+    final = curve_point_from_items(evaluation.items, {item["id"] for item in items})
+    points.append({"step": steps[-1], **final})
+    for point in points:
+        point["fraction"] = round(point["step"] / steps[-1], 4)
+        point["items"] = len(items)
+    return points

@@ -14,15 +14,23 @@ packing changes the arithmetic's rounding, not what is trained; chats average ~6
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+from transformers import TrainerCallback
 
 from synthflaw.models.batching import pad
-from synthflaw.training.scaffold import (IGNORE_INDEX, CausalLMCollator, data_parallel_processes, train_causal_lm,
-                                        write_summary)
+from synthflaw.training.scaffold import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    data_parallel_processes,
+    train_causal_lm,
+    write_summary,
+)
 
 
 def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -133,6 +141,37 @@ class PackedChatCollator:
                 "position_ids": pad(positions, 0), "use_cache": False}
 
 
+CURVE_DIR = "curve"
+
+
+class SnapshotCallback(TrainerCallback):
+    """Saves the model and tokenizer at the given optimizer steps into ``<folder>/step-<N>/`` (written whole into a
+    temporary folder, then renamed), for measurements along training. A step already saved (a resumed run) is kept.
+    The main process saves; with DDP every process holds the whole model, so that is all of it."""
+
+    def __init__(self, steps, folder: Path, tokenizer):
+        self.steps, self.folder, self.tokenizer = set(steps), Path(folder), tokenizer
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step not in self.steps or not state.is_world_process_zero:
+            return
+        target = self.folder / f"step-{state.global_step}"
+        if target.exists():
+            return
+        partial = self.folder / f".step-{state.global_step}.partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        model.save_pretrained(partial)
+        self.tokenizer.save_pretrained(partial)
+        os.replace(partial, target)
+
+
+def curve_steps(total_steps: int, points: int) -> list[int]:
+    """The steps of a `points`-point curve along `total_steps` steps, the last being the final step: k/points of the
+    way for k = 1..points (a point falling on the same step as another is dropped)."""
+    return sorted({max(1, round(total_steps * k / points)) for k in range(1, points + 1)})
+
+
 def supervised_finetune(
     model,
     tokenizer,
@@ -151,20 +190,26 @@ def supervised_finetune(
     resume: bool = True,
     gradient_accumulation_steps: int = 1,
     packed: bool = True,
+    curve_points: int = 1,
     **train_kwargs,
 ) -> dict:
     """Fine-tune `model` on chat `records` for `epochs` passes (rounded up to whole steps), loss on assistant tokens.
 
     Every model of the study gets the same records and arguments, so their SFT differs only in the starting
     weights. `packed`: a step's chats share rows of `max_length` tokens (`PackedChatCollator`), else each is padded
-    to the batch's longest. Returns `train_causal_lm`'s summary plus the data's size (examples, dropped, assistant
-    tokens).
+    to the batch's longest. `curve_points` > 1 also saves the model at the curve's earlier points
+    (`curve_steps`) into ``<out_dir>/curve/step-<N>/`` for the SFT budget curve (the last point is `model/`).
+    Returns `train_causal_lm`'s summary plus the data's size (examples, dropped, assistant tokens) and the curve's
+    steps.
     """
     if epochs <= 0:
         raise ValueError(f"epochs={epochs}: must be > 0.")
     dataset = encode_chat(tokenizer, records, max_length)
     per_step = batch_size * data_parallel_processes() * gradient_accumulation_steps
     steps = max(1, math.ceil(epochs * len(dataset) / per_step))
+    curve = curve_steps(steps, curve_points)
+    snapshots = SnapshotCallback([s for s in curve if s < steps], Path(out_dir) / CURVE_DIR, tokenizer)
+    train_kwargs["callbacks"] = (*train_kwargs.get("callbacks", ()), snapshots)
     summary = train_causal_lm(
         model, tokenizer, dataset, out_dir, max_steps=steps, batch_size=batch_size, learning_rate=learning_rate,
         warmup_steps=warmup_steps, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
@@ -175,5 +220,5 @@ def supervised_finetune(
     assistant_tokens = sum(sum(label != IGNORE_INDEX for label in row) for row in dataset["labels"])
     return write_summary(out_dir, {
         **summary, "examples": len(dataset), "dropped_examples": len(records) - len(dataset), "epochs": epochs,
-        "assistant_tokens_per_epoch": int(assistant_tokens),
+        "assistant_tokens_per_epoch": int(assistant_tokens), "curve_steps": curve,
     })
