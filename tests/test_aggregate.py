@@ -285,3 +285,21 @@ def test_summarize_writes_every_file_and_plots_render(tmp_path):
     assert (tmp_path / "again.png").exists()
     with pytest.raises(ValueError, match="no seed-<k>/ folder"):
         aggregate.summarize(tmp_path)
+
+
+def test_power_sets_the_mdd_against_the_papers_effect_on_natural_above_its_null(tmp_path):
+    found = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path, CLEAR)), tmp_path / "out"))
+    rows = {r["endpoint"]: r for r in by_id(found, "2")["power"]}
+    # natural: learnable HSR 0.55 over the seeds, best null 0.05; compliance margin 0.35, its null 0
+    assert rows["learnable_HSR"]["natural_above_null"] == pytest.approx(0.50)
+    assert rows["compliance_margin"]["natural_above_null"] == pytest.approx(0.35)
+    assert rows["learnable_HSR"]["paper_effect_here"] == pytest.approx(findings.PAPER_RELATIVE_EFFECT * 0.50)
+    checks = {c["check"].split(":")[0]: c for c in by_id(found, "2")["checks"]}
+    for name, row in rows.items():
+        assert row["mdd"] == checks[name]["mdd"]
+        assert row["detectable"] is (row["mdd"] <= row["paper_effect_here"])
+    wide = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path / "wide", CLEAR, scale=0.5)),
+                                                 tmp_path / "out2"))
+    assert [r["detectable"] for r in by_id(wide, "2")["power"]] == [False, False]
+    findings.write_findings(found, tmp_path / "md", seeds=(0, 1, 2))
+    assert "## Power: could these seeds see the paper's effect?" in (tmp_path / "md" / "findings.md").read_text()

@@ -221,9 +221,40 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded") -> list
                              "instruction-following loss", [
         directional("benchmark", "rewritten", "natural", 1),
         non_inferior("learnable_HSR", "rewritten", "natural")], missing("natural", "rewritten")))
+    out[1]["power"] = power(aggregated, out[1])
     for f in out:
         f["ni_margin"] = margin
     return out
+
+
+def power(aggregated: dict, finding: dict) -> list[dict]:
+    """Could these seeds see the paper's effect? For finding 2's likelihood and generation endpoints: natural's
+    value above its null (learnable HSR: the best null reply; compliance margin: the margin with the instruction
+    sentence removed), the paper's relative effect of it (the size to detect), and the check's minimum detectable
+    difference; `detectable` when the MDD is at most that size. Natural and nulls only, as the margin."""
+    per_seed = aggregated["per_seed"]
+    natural = per_seed.get("natural", {})
+
+    def mean(values: dict | None) -> float | None:
+        return float(np.mean(list(values.values()))) if values else None
+
+    above = {}
+    hsr, nulls = mean(natural.get("learnable_HSR")), [mean(v.get("learnable_HSR")) for m, v in per_seed.items()
+                                                       if m.startswith(NULL_PREFIX)]
+    if hsr is not None and any(n is not None for n in nulls):
+        above["learnable_HSR"] = hsr - max(n for n in nulls if n is not None)
+    margin, margin_null = mean(natural.get("compliance_margin")), mean(natural.get("compliance_margin_null"))
+    if margin is not None and margin_null is not None:
+        above["compliance_margin"] = margin - margin_null
+    rows = []
+    for check in finding["checks"]:
+        metric = check["check"].split(":")[0]
+        if metric in above:
+            size = PAPER_RELATIVE_EFFECT * above[metric] if above[metric] > 0 else None
+            rows.append({"endpoint": metric, "natural_above_null": above[metric], "paper_effect_here": size,
+                         "mdd": check["mdd"],
+                         "detectable": None if size is None or check["mdd"] is None else check["mdd"] <= size})
+    return rows
 
 
 def _verdict(v: bool | None) -> str:
@@ -271,6 +302,14 @@ def write_findings(found: list[dict], out_dir, confidence: float = 0.95, seeds=(
             extra = f" (retention {ch['retention']:.2f})" if ch.get("retention") is not None else ""
             lines.append(f"| {f['id']} | {ch['check']} | {_interval(ch['value'], ch['ci'])}{extra} | {_size(ch)} | "
                          f"{_mdd(ch['mdd'])} | {_verdict(ch['reproduces'])} | {ch['rule']} |")
+    rows = next((f.get("power") for f in found if f["id"] == "2"), None)
+    if rows:
+        lines += ["", "## Power: could these seeds see the paper's effect? (finding 2)", "",
+                  "| endpoint | natural above its null | paper's effect here (13% of that) | MDD | detectable |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['endpoint']} | {r['natural_above_null']:.4g} | {_mdd(r['paper_effect_here'])} | "
+                  f"{_mdd(r['mdd'])} | {'' if r['detectable'] is None else 'yes' if r['detectable'] else 'no'} |"
+                  for r in rows]
     lines += ["", "## Reported, not tested", "", "| # | contrast | mean [CI] | seeds | MDD |", "|---|---|---|---|---|"]
     for f in found:
         for name, stats in (f.get("reported") or {}).items():
