@@ -1,4 +1,4 @@
-"""Command line: ``synthflaw run``, ``synthflaw figures``, ``synthflaw config``."""
+"""Command line: ``synthflaw run``, ``synthflaw sweep``, ``synthflaw figures``, ``synthflaw config``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from datetime import datetime, timezone
 
 from synthflaw import config
+from synthflaw import sweep as sweeps
 from synthflaw.runner import StepFailed, run_study
 from synthflaw.runs import (
     RunLocked,
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "library functions without notebooks (faster, no executed notebooks)")
     run.add_argument("--runs-root", default="runs")
 
+    _add_sweep_parser(sub)
+
     fig = sub.add_parser("figures", help="regenerate every figure and table of a finished run (no training)")
     fig.add_argument("--run-id", required=True)
     fig.add_argument("--runs-root", default="runs")
@@ -57,6 +60,84 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--preset", default=None, choices=sorted(config.PRESETS))
     cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
+
+
+def _add_sweep_parser(sub) -> None:
+    sw = sub.add_parser("sweep", help="run the study over a grid of values, each point a run of its own, steps "
+                                      "shared by content (docs/sweeps.md)")
+    sw.add_argument("--run-id", required=True, help="the sweep's folder under runs/ (a plain name)")
+    sw.add_argument("--preset", default=None, choices=sorted(config.PRESETS),
+                    help="the preset every point starts from (default: default); with --grid only")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a swept key and its values, e.g. --grid cpt.synthetic_fraction=0.1,0.3 (repeat for a "
+                         "cartesian grid; ';' separates the values of list keys); leave out to continue an "
+                         "existing sweep as its sweep.json defines it")
+    sw.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="every point runs every seed (default: the preset's seeds, else the config's seed)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a parameter every point shares")
+    sw.add_argument("--stages", nargs="+", default=None, help="only these stages (e.g. 01 02 03)")
+    sw.add_argument("--executor", default="local", choices=("local", "slurm"),
+                    help="local: every point in order in this process (resumable); slurm: one submitit job per "
+                         "point or per seed")
+    sw.add_argument("--engine", default="papermill", choices=("papermill", "inprocess"))
+    sw.add_argument("--runs-root", default="runs")
+    sw.add_argument("--trend-treated", default="synthetic", help="the trend test's treated model")
+    sw.add_argument("--trend-control", default="natural", help="the trend test's control model")
+    sw.add_argument("--status", action="store_true", help="report each point and seed (and the last job of each), "
+                                                          "run nothing")
+    sw.add_argument("--figures-only", action="store_true",
+                    help="only the per-point cross-seed tables and the sweep's figures, from its files")
+    slurm = sw.add_argument_group("slurm (with --executor slurm)")
+    slurm.add_argument("--slurm-partition", default=None)
+    slurm.add_argument("--slurm-time", type=int, default=240, help="minutes per job (default 240)")
+    slurm.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per job (--gres=gpu:N)")
+    slurm.add_argument("--slurm-cpus", type=int, default=None, help="CPUs per job")
+    slurm.add_argument("--slurm-array-parallelism", type=int, default=None,
+                       help="at most this many jobs of the array at once")
+    slurm.add_argument("--slurm-unit", default="point", choices=("point", "seed"),
+                       help="one job per point (its seeds in order), or per seed (every point, shared steps first)")
+    slurm.add_argument("--slurm-cluster", default="slurm", choices=("slurm", "local", "debug"),
+                       help="local / debug: the same jobs through submitit's executors on this machine")
+    slurm.add_argument("--slurm-wait", action="store_true", help="wait for the jobs and report the failed ones")
+    slurm.add_argument("--slurm-dry-run", action="store_true",
+                       help="print the sbatch file the submission would use; submit and write nothing")
+
+
+def _sweep(args) -> int:
+    """`synthflaw sweep`: define (or continue) a sweep, then run, submit, report or draw it."""
+    only = args.stages
+    if not args.grid:  # an existing sweep, as its manifest defines it
+        if args.preset or args.seeds or args.overrides:
+            raise config.ConfigError("without --grid a sweep continues as its sweep.json defines it: leave out "
+                                     "--preset/--seeds/--set, or give the whole definition with --grid")
+        sweep = sweeps.load_sweep(args.run_id, args.runs_root)
+    else:
+        sweep = sweeps.define_sweep(args.preset or "default", args.run_id, args.grid, args.seeds,
+                                    config.parse_overrides(args.overrides), runs_root=args.runs_root,
+                                    treated=args.trend_treated, control=args.trend_control)
+    if args.status:
+        print(sweeps.status_text(sweeps.sweep_status(sweep, only)))
+        return 0
+    if args.figures_only:
+        sweeps.summarize_points(args.run_id, args.runs_root)
+        made = sweeps.draw(args.run_id, args.runs_root, args.engine)
+        print(f"{len(made['figures'])} figures and the trend tests in {made['folder']}")
+        return 0
+    options = sweeps.SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time, gpus=args.slurm_gpus,
+                                  cpus=args.slurm_cpus, array_parallelism=args.slurm_array_parallelism,
+                                  unit=args.slurm_unit, cluster=args.slurm_cluster)
+    if args.slurm_dry_run:
+        jobs = len(sweeps.pending_units(sweep, options.unit, only))
+        print(sweeps.sbatch_script(sweep, options, jobs) if jobs else "nothing to submit: every unit is finished")
+        return 0
+    sweeps.open_sweep(sweep)
+    if args.executor == "slurm":
+        sweeps.submit(sweep, options, engine=args.engine, only=only, wait=args.slurm_wait)
+        print(f"status: synthflaw sweep --run-id {args.run_id} --runs-root {args.runs_root} --status")
+        return 0
+    sweeps.execute(sweep, executor="local", engine=args.engine, only=only)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             from synthflaw.runner import regenerate
             regenerate(args.run_id, runs_root=args.runs_root, engine=args.engine)
             return 0
+        if args.command == "sweep":
+            return _sweep(args)
         overrides = config.parse_overrides(args.overrides)
         run_id = args.run_id if args.run_id is not None else \
             f"{args.preset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
@@ -108,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except (config.ConfigError, StepConfigChanged, RunLocked, UpstreamMissing, ValueError, FileExistsError) as err:
         print(f"synthflaw: error: {err}", file=sys.stderr)
         return 2
-    except StepFailed as err:
+    except (StepFailed, sweeps.SweepFailed) as err:
         print(f"synthflaw: {err}", file=sys.stderr)
         return 1
 

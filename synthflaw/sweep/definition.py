@@ -1,0 +1,326 @@
+"""A sweep's definition: the grid and its points' names, the Sweep and its points' configurations, the trend test
+stated before any point runs, and the manifest (``runs/<ID>/sweep.json``) that records them."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from synthflaw import config as config_mod
+from synthflaw import stages
+from synthflaw.config import ConfigError, StudyConfig
+from synthflaw.registry import StepSpec, study_steps
+from synthflaw.registry import stage as find_stage
+from synthflaw.runs import check_run_id, fingerprint, run_folder, step_config, write_json_atomic
+
+MANIFEST = "sweep.json"
+POINTS = "points"
+DEFINITION_KEYS = ("preset", "overrides", "grid", "seeds", "trend_test")
+# What of the trend test makes two sweeps differ: its wording and metric list are the manifest's, as stated then.
+TREND_IDENTITY = ("treated", "control", "confidence")
+# Keys whose values are themselves lists or JSON: their grid values are separated by ';' instead of ','.
+LIST_SEPARATOR = ";"
+
+
+class SweepRefused(ValueError):
+    """A sweep id reused with another definition, or a sweep folder that cannot be read."""
+
+
+class SweepFailed(RuntimeError):
+    """A point of the sweep failed; the message names it, and the run's own error follows."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------------------------
+
+def _default_value(key: str):
+    """The library default of a dotted key (its type says how grid values are written)."""
+    value = StudyConfig().to_dict()
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _takes_lists(key: str) -> bool:
+    return isinstance(_default_value(key), (tuple, list, dict))
+
+
+def parse_grid(pairs: list[str]) -> dict[str, list]:
+    """``["cpt.synthetic_fraction=0.1,0.3", "sft.epochs=1,2"]`` -> {key: [values]}, each value checked by
+    :func:`synthflaw.config.coerce`; ConfigError naming the key at the first bad one. Keys whose values are lists
+    (``cpt.branches``) or JSON (``unlearn.hyperparameters``) separate their values with ';'."""
+    grid: dict[str, list] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"grid {pair!r} is not of the form key=v1,v2,... (e.g. --grid "
+                              "cpt.synthetic_fraction=0.1,0.3)")
+        key, text = (part.strip() for part in pair.split("=", 1))
+        if key not in config_mod.valid_keys():
+            config_mod.coerce(key, None)  # raises the ConfigError that names the valid keys and the close ones
+        grid_values(grid, key, [v for v in text.split(LIST_SEPARATOR if _takes_lists(key) else ",")])
+    return grid
+
+
+def grid_values(grid: dict, key: str, values: list) -> None:
+    """Add `key` with `values` (strings from the command line, or values) to `grid`, checked."""
+    if key == "seed":
+        raise ConfigError("the seed is not a grid key: give the seeds with --seeds 0 1 2 (seeds=[...]); every point "
+                          "runs every seed, paired by seed")
+    if key == "preset":
+        raise ConfigError("the preset is not a grid key: a sweep has one preset (--preset); sweep its parameters")
+    if key in grid:
+        raise ConfigError(f"grid key {key} is given twice; list all its values once: --grid {key}=v1,v2")
+    values = [v.strip() if isinstance(v, str) else v for v in values]
+    values = [config_mod.coerce(key, v) for v in values if not (isinstance(v, str) and not v)]
+    if not values:
+        raise ConfigError(f"grid key {key} has no values: --grid {key}=v1,v2")
+    seen = [json.dumps(v, sort_keys=True, default=str) for v in values]
+    if len(set(seen)) != len(seen):
+        raise ConfigError(f"grid key {key} repeats a value ({values}): each value once")
+    grid[key] = values
+
+
+def _plain(text: str) -> str:
+    """`text` with what a folder name may not hold (path separators, control characters) replaced by '_'."""
+    return "".join("_" if c in "/\\" or not c.isprintable() else c for c in text)
+
+
+def point_names(values: list[dict]) -> list[str]:
+    """One folder name per point: ``key=value,key2=value2`` (swept keys only); ``point-<i>`` for every point when
+    those would be too long or collide."""
+    from synthflaw.reporting.sweep_figures import value_text
+
+    names = [_plain(",".join(f"{k}={value_text(v)}" for k, v in point.items())) for point in values]
+    try:
+        for name in names:
+            check_run_id(name)
+    except ValueError:
+        names = []
+    if len(set(names)) != len(values):
+        names = [f"point-{i:03d}" for i in range(len(values))]
+    return names
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The sweep and its manifest
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: its folder name and the values of the swept keys."""
+
+    name: str
+    values: dict
+
+
+@dataclass
+class Sweep:
+    """A sweep's definition and where it lives; every point's configuration derives from it."""
+
+    root: Path
+    preset: str
+    overrides: dict
+    grid: dict
+    seeds: list[int]
+    trend_test: dict
+    points: list[Point] = field(default_factory=list)
+    _sharing: dict = field(default_factory=dict, repr=False)
+
+    def point(self, name: str) -> Point:
+        for p in self.points:
+            if p.name == name:
+                return p
+        raise ValueError(f"{self.root}: no point {name!r}; points: {', '.join(p.name for p in self.points)}")
+
+    def point_dir(self, point: Point | str) -> Path:
+        return run_folder(self.root / POINTS, point if isinstance(point, str) else point.name)
+
+    def run_dir(self, point: Point | str, seed: int) -> Path:
+        return run_folder(self.point_dir(point), f"seed-{seed}")
+
+    def overrides_for(self, point: Point, seed: int) -> dict:
+        return {**self.overrides, **point.values, "seed": seed}
+
+    def config(self, point: Point, seed: int) -> StudyConfig:
+        return config_mod.resolve(self.preset, self.overrides_for(point, seed))
+
+    def definition(self) -> dict:
+        """What makes two sweeps the same sweep (JSON-normal: tuples as lists)."""
+        return _json_normal({k: getattr(self, k) for k in DEFINITION_KEYS})
+
+    def sharing(self, seed: int, only=None) -> dict[tuple[str, str], list[str]]:
+        """{(step name, fingerprint): the points (in grid order) that have that step}, for the steps of the stages
+        `only` (all without) that two or more points of `seed` have."""
+        key = (seed, tuple(only) if only else None)
+        if key not in self._sharing:
+            found: dict[tuple[str, str], list[str]] = {}
+            for point in self.points:
+                cfg = self.config(point, seed)
+                for spec in selected_steps(cfg, only):
+                    found.setdefault((spec.name, step_fingerprint(cfg, spec)), []).append(point.name)
+            self._sharing[key] = {k: v for k, v in found.items() if len(v) > 1}
+        return self._sharing[key]
+
+
+def _json_normal(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def selected_steps(cfg: StudyConfig, only=None) -> list[StepSpec]:
+    wanted = None if only is None else {find_stage(s) for s in only}
+    return [s for s in study_steps(cfg) if wanted is None or s.stage in wanted]
+
+
+def step_fingerprint(cfg: StudyConfig, spec: StepSpec) -> str:
+    return fingerprint(step_config(cfg, spec.stage, spec.variant))
+
+
+def trend_statement(grid: dict, treated: str = "synthetic", control: str = "natural",
+                    confidence: float = 0.95) -> dict:
+    """The trend test, stated in the manifest before any point runs: what is estimated, on which metrics and keys,
+    and how it is read. The figures apply it as written here."""
+    from synthflaw.reporting.findings import PRIMARY
+    from synthflaw.reporting.tables import HEADLINE
+
+    numeric = [k for k, vs in grid.items() if all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in vs)]
+    return {
+        "treated": treated, "control": control, "confidence": confidence,
+        "primary": list(PRIMARY),
+        "metrics": list(dict.fromkeys([*PRIMARY, *HEADLINE.values()])),
+        "keys": numeric,
+        "not_tested": {k: "its values are not numbers: no slope" for k in grid if k not in numeric},
+        "statistic": (f"for each metric and each numeric swept key, the other keys held at each of their values: per "
+                      f"seed, the ordinary least-squares slope of metric({treated}) - metric({control}) against the "
+                      f"key's value over the grid points; then the mean of the per-seed slopes and its "
+                      f"{confidence:.0%} Student-t interval across seeds (paired by seed: both models of a seed share "
+                      "its world, base model and SFT data). A seed needs two or more distinct key values with both "
+                      "models measured."),
+        "reading": ("the slope is positive (negative) when its interval lies above (below) 0; an interval holding 0 "
+                    "shows no trend at this many seeds, which is not evidence of no trend. Primary endpoints are "
+                    "read first; the other metrics are secondary."),
+    }
+
+
+def define_sweep(preset: str, sweep_id: str, grid: dict | list[str], seeds=None, overrides: dict | None = None, *,
+                 runs_root: str | Path = "runs", treated: str = "synthetic", control: str = "natural") -> Sweep:
+    """Check everything and build the sweep, writing nothing: the id, the grid (a dict, or ``key=v1,v2`` strings),
+    the overrides, the seeds and every point's configuration (ConfigError naming the key or the point)."""
+    root = run_folder(runs_root, sweep_id)
+    if isinstance(grid, (list, tuple)):
+        grid = parse_grid(list(grid))
+    else:
+        checked: dict = {}
+        for key, values in grid.items():
+            grid_values(checked, key, list(values))
+        grid = checked
+    if not grid:
+        raise ConfigError("the grid is empty: give at least one --grid key=v1,v2")
+    overrides = {k: config_mod.coerce(k, v) for k, v in (overrides or {}).items()}
+    both = sorted(set(grid) & set(overrides))
+    if both:
+        raise ConfigError(f"{', '.join(both)} is both swept (--grid) and set (--set): keep one")
+    if seeds is not None and "seed" in overrides:
+        raise ConfigError("seed is given both as an override and as the seeds: give the seeds only (--seeds 3)")
+    if seeds is None:
+        base = config_mod.resolve(preset, overrides)
+        seeds = list(config_mod.PRESET_SEEDS.get(preset, ())) if "seed" not in overrides else []
+        seeds = seeds or [base.seed]
+    overrides.pop("seed", None)
+    seeds = [config_mod.coerce("seed", s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {seeds}: give one or more seeds, each once (--seeds 0 1 2)")
+    for seed in seeds:
+        config_mod.resolve(preset, {**overrides, "seed": seed})  # each seed in its domain
+    if treated == control:
+        raise ConfigError(f"the trend test contrasts two models; treated and control are both {treated!r}")
+    values = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    points = [Point(name, v) for name, v in zip(point_names(values), values)]
+    sweep = Sweep(root, preset, overrides, grid, list(seeds), trend_statement(grid, treated, control), points)
+    for point in points:
+        try:
+            stages.check(sweep.config(point, seeds[0]))
+        except ConfigError as error:
+            raise ConfigError(f"point {point.name}: {error}") from None
+    return sweep
+
+
+def _manifest_lock(root: Path):
+    from filelock import FileLock
+
+    return FileLock(str(root / ".manifest.lock"), timeout=120)
+
+
+def read_manifest(root: Path) -> dict:
+    path = Path(root) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SweepRefused(f"{root} is not a sweep (no {MANIFEST}); start one with synthflaw sweep --grid "
+                           "...") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise SweepRefused(f"{path} cannot be read ({error}); restore it, or start the sweep under another "
+                           "id") from None
+
+
+def update_manifest(root: Path, change) -> dict:
+    """Apply `change(manifest)` (in place) under the manifest's lock and write it atomically: jobs and points of one
+    sweep record into it concurrently."""
+    with _manifest_lock(Path(root)):
+        manifest = read_manifest(root)
+        change(manifest)
+        write_json_atomic(Path(root) / MANIFEST, manifest)
+    return manifest
+
+
+def open_sweep(sweep: Sweep, log=print) -> Sweep:
+    """Write the manifest of a new sweep (before any point runs: the trend test is stated first), or check that an
+    existing one has the same definition; SweepRefused naming what differs otherwise."""
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    with _manifest_lock(sweep.root):
+        path = sweep.root / MANIFEST
+        if path.exists():
+            old, new = _identity(read_manifest(sweep.root)), _identity(sweep.definition())
+            differ = [k for k in DEFINITION_KEYS if old.get(k) != new[k]]
+            if differ:
+                shown = "; ".join(f"{k}: {json.dumps(old.get(k), sort_keys=True)[:200]} -> "
+                                  f"{json.dumps(new[k], sort_keys=True)[:200]}" for k in differ)
+                raise SweepRefused(f"{sweep.root} holds a sweep with another definition ({shown}). A sweep's points "
+                                   "are only comparable under one definition: use another --run-id, or run without "
+                                   "--grid/--seeds/--set to continue the existing one")
+            log(f"[sweep] {sweep.root}: continuing ({len(sweep.points)} points x {len(sweep.seeds)} seeds)")
+            return sweep
+        manifest = {**sweep.definition(),
+                    "stated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "points": [{"name": p.name, "values": _json_normal(p.values),
+                                "run": f"{POINTS}/{p.name}"} for p in sweep.points],
+                    "planned_sharing": _planned_sharing(sweep), "shared": {}, "jobs": {}}
+        write_json_atomic(path, manifest)
+    log(f"[sweep] {sweep.root}: {len(sweep.points)} points x {len(sweep.seeds)} seeds; manifest {path}")
+    return sweep
+
+
+def _identity(definition: dict) -> dict:
+    """The parts of a definition two sweeps must share to be one (JSON-normal)."""
+    found = _json_normal({k: definition.get(k) for k in DEFINITION_KEYS})
+    found["trend_test"] = {k: (found["trend_test"] or {}).get(k) for k in TREND_IDENTITY}
+    return found
+
+
+def _planned_sharing(sweep: Sweep) -> dict:
+    """{seed-<k>: {step: [points]}}: the steps computed once per seed and reused by the other points."""
+    return {f"seed-{seed}": {f"{name}@{fp}": points for (name, fp), points in sweep.sharing(seed).items()}
+            for seed in sweep.seeds}
+
+
+def load_sweep(sweep_id: str, runs_root: str | Path = "runs") -> Sweep:
+    """The sweep ``<runs_root>/<sweep_id>`` as its manifest defines it."""
+    root = run_folder(runs_root, sweep_id)
+    manifest = read_manifest(root)
+    points = [Point(p["name"], p["values"]) for p in manifest["points"]]
+    return Sweep(root, manifest["preset"], manifest["overrides"], manifest["grid"], manifest["seeds"],
+                 manifest["trend_test"], points)

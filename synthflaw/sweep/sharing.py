@@ -1,0 +1,217 @@
+"""Steps shared by content between the points of one seed: claims, donors, placing; and running a point, a seed,
+and a point's cross-seed tables."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from synthflaw.config import StudyConfig
+from synthflaw.registry import STAGES, StepSpec
+from synthflaw.registry import stage as find_stage
+from synthflaw.runner import run_study
+from synthflaw.runs import UNHASHED_DIRS, Freshness, Step, finished_steps, run_lock, step_named, write_json_atomic
+from synthflaw.sweep.definition import POINTS, Point, Sweep, selected_steps, step_fingerprint, update_manifest
+
+CLAIMS = ".claims"
+STAGING = ".placing"  # inside a seed's run folder: a step being placed is assembled here, then renamed into place
+CLAIM_WAIT_S = -1  # claims wait for as long as the holder computes (an SFT can take hours)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps shared by content: claims, donors, placing
+# --------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def claims(root: Path, seed: int, keys: list[tuple[str, str]]):
+    """Hold the claim of each (step, fingerprint) of `seed`, taken in one global order (no two processes can wait
+    for each other); each is an OS file lock, released however the process ends."""
+    from filelock import FileLock
+
+    folder = Path(root) / CLAIMS / f"seed-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        for name, fp in sorted(set(keys)):
+            lock = FileLock(str(folder / f"{name.replace('/', '__')}@{fp}.lock"), timeout=CLAIM_WAIT_S)
+            stack.enter_context(lock)
+        yield
+
+
+def _fresh(run_dir: Path, name: str) -> bool:
+    return not Freshness(run_dir).causes(name)
+
+
+def find_donor(sweep: Sweep, seed: int, spec: StepSpec, fp: str, candidates: list[str], here: Path):
+    """(point, step, marker) of a finished, current step of another point with this fingerprint whose upstreams
+    are placed in `here` with the digests it read; None when there is none."""
+    for name in candidates:
+        donor = Step(sweep.run_dir(name, seed), spec.stage, spec.variant)
+        if donor.run_dir == here:
+            continue
+        marker = donor.marker()
+        if marker is None or marker.get("fingerprint") != fp or not _fresh(donor.run_dir, spec.name):
+            continue
+        upstream_ok = all((step_named(here, up).marker() or {}).get("digest") == digest
+                          for up, digest in marker.get("upstream", {}).items())
+        if marker.get("reads_run"):  # stage 08 reads every earlier step: this point must have the same ones
+            upstream_ok = upstream_ok and ({s.name for s in finished_steps(here, before=spec.stage)}
+                                           == set(marker.get("upstream", {})))
+        if upstream_ok:
+            return name, donor, marker
+    return None
+
+
+def _files_to_place(step_dir: Path) -> list[Path]:
+    """The donor's files a reusing point gets: its products and figures, not its bookkeeping (written fresh), its
+    notebook (a record of the donor's execution) or the folders it kept for resuming (checkpoints, init)."""
+    found = []
+    for top, dirs, files in os.walk(step_dir):
+        at_top = Path(top) == step_dir
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (at_top and d in UNHASHED_DIRS))
+        for name in sorted(files):
+            if name.startswith(".") or (at_top and (name in ("done.json", "config.json", "meta.json")
+                                                    or (name.startswith("notebook") and name.endswith(".ipynb")))):
+                continue
+            found.append(Path(top, name))
+    return found
+
+
+def place_step(donor: Step, marker: dict, target: Step, cfg: StudyConfig, source: str) -> dict:
+    """Give `target` the donor step's files (hard links; copies where links fail), its own config.json (same
+    fingerprint), meta.json saying where it came from, and the donor's done.json. Assembled beside the run and
+    renamed into place, so a kill leaves no half-placed step."""
+    staging = target.run_dir / STAGING / target.name.replace("/", "__")
+    if staging.exists():
+        shutil.rmtree(staging)
+    linked = copied = size = 0
+    for src in _files_to_place(donor.path):
+        dst = staging / src.relative_to(donor.path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        size += src.stat().st_size
+        try:
+            os.link(src, dst)
+            linked += 1
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(src, dst)  # keeps the modification time a large file's digest records
+            copied += 1
+    staging.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(staging / "config.json", {"fingerprint": marker["fingerprint"], "step": target.name,
+                                                "study": cfg.to_dict()})
+    meta_path = donor.path / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    write_json_atomic(staging / "meta.json", {**meta, "reused_from": source})
+    write_json_atomic(staging / "done.json", marker)
+    if target.path.exists():  # an unfinished attempt of this step: the donor's finished one replaces it
+        shutil.rmtree(target.path)
+    target.path.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staging, target.path)
+    with contextlib.suppress(OSError):
+        staging.parent.rmdir()  # the staging folder, when no other placement is under way
+    return {"how": "copy" if copied and not linked else "hardlink" if not copied else "hardlink+copy",
+            "files": linked + copied, "bytes": size}
+
+
+def _record_shared(root: Path, point: str, seed: int, step: str, record: dict) -> None:
+    def change(manifest):
+        manifest.setdefault("shared", {}).setdefault(point, {}).setdefault(f"seed-{seed}", {})[step] = record
+    update_manifest(root, change)
+
+
+def _place_shared(sweep: Sweep, point: Point, seed: int, cfg, group, sharing, log) -> list:
+    """Place every step of `group` (one stage's shared steps, their claims held) that another point has finished;
+    returns those this point must compute."""
+    run_dir, pending = sweep.run_dir(point, seed), []
+    for spec, fp in group:
+        step = Step(run_dir, spec.stage, spec.variant)
+        saved = step.saved_fingerprint()
+        if saved is not None and saved != fp:
+            continue  # this folder ran with another configuration: the runner refuses it, naming the fix
+        if step.done:
+            continue
+        found = find_donor(sweep, seed, spec, fp, sharing[(spec.name, fp)], run_dir)
+        if found is None:
+            pending.append((spec, fp))
+            continue
+        source, donor, marker = found
+        placed = place_step(donor, marker, step, cfg, f"{POINTS}/{source}/seed-{seed}/{spec.name}")
+        _record_shared(sweep.root, point.name, seed, spec.name,
+                       {"fingerprint": fp, "from": source, **placed})
+        log(f"[sweep] {point.name} seed-{seed}: {spec.name} reused from {source} ({placed['how']}, "
+            f"{placed['files']} files)")
+    return pending
+
+
+def _stages_through(stage, only) -> list[str]:
+    wanted = None if only is None else {find_stage(s) for s in only}
+    return [s.number for s in STAGES if s.number <= stage.number and (wanted is None or s in wanted)]
+
+
+def run_point_seed(sweep: Sweep, point: Point, seed: int, *, engine: str = "papermill", only=None, log=print,
+                   shared_only: bool = False) -> Path:
+    """One point with one seed: its shared steps placed from another point or computed under their claims, stage by
+    stage, then (unless `shared_only`) the rest of the study by the runner, which skips what is done."""
+    cfg = sweep.config(point, seed)
+    run_dir = sweep.run_dir(point, seed)
+    overrides = sweep.overrides_for(point, seed)
+    sharing = sweep.sharing(seed, only)
+    mine = [(spec, fp) for spec in selected_steps(cfg, only)
+            if (spec.name, fp := step_fingerprint(cfg, spec)) in sharing]
+    with run_lock(run_dir):
+        if (run_dir / STAGING).exists():
+            shutil.rmtree(run_dir / STAGING)  # left by a kill while placing: nothing in it was in place yet
+        for stage in dict.fromkeys(spec.stage for spec, _ in mine):
+            group = [(spec, fp) for spec, fp in mine if spec.stage == stage]
+            with claims(sweep.root, seed, [(spec.name, fp) for spec, fp in group]):
+                pending = _place_shared(sweep, point, seed, cfg, group, sharing, log)
+                if not pending:
+                    continue
+                log(f"[sweep] {point.name} seed-{seed}: computing shared {', '.join(s.name for s, _ in pending)}")
+                run_study(sweep.preset, run_dir.name, overrides, runs_root=run_dir.parent, engine=engine,
+                          only=_stages_through(stage, only), log=log)
+                for spec, fp in pending:
+                    if Step(run_dir, spec.stage, spec.variant).done:
+                        _record_shared(sweep.root, point.name, seed, spec.name,
+                                       {"fingerprint": fp, "from": None, "how": "computed"})
+        if not shared_only:
+            run_study(sweep.preset, run_dir.name, overrides, runs_root=run_dir.parent, engine=engine, only=only,
+                      log=log)
+    return run_dir
+
+
+def run_point(sweep: Sweep, point: Point | str, *, engine: str = "papermill", only=None, log=print) -> Path:
+    """Every seed of one point, in order (the unit of the local executor and of a per-point job); then the
+    point's cross-seed tables when every seed has evaluated."""
+    point = sweep.point(point) if isinstance(point, str) else point
+    point_dir = sweep.point_dir(point)
+    with run_lock(point_dir):  # one process per point (a job resubmitted while the first still runs fails fast)
+        for k, seed in enumerate(sweep.seeds, 1):
+            log(f"[sweep] point {point.name}, seed {seed} ({k}/{len(sweep.seeds)})")
+            run_point_seed(sweep, point, seed, engine=engine, only=only, log=log)
+        summarize_point(sweep, point, log=log)
+    return point_dir
+
+
+def summarize_point(sweep: Sweep, point: Point, log=print) -> bool:
+    """The point's cross-seed tables and findings into ``points/<point>/seeds/`` when every seed has evaluated
+    every model (:func:`synthflaw.reporting.aggregate.summarize`); False when they have not yet."""
+    from synthflaw.reporting.aggregate import seed_runs, summarize
+
+    point_dir = sweep.point_dir(point)
+    if not point_dir.is_dir() or len(seed_runs(point_dir)) != len(sweep.seeds):
+        return False
+    summarize(point_dir)
+    log(f"[sweep] point {point.name}: across seeds in {point_dir / 'seeds'}")
+    return True
+
+
+def run_seed(sweep: Sweep, seed: int, *, engine: str = "papermill", only=None, log=print) -> None:
+    """Every point of one seed (the unit of a per-seed job): the shared steps of every point first (computed once,
+    placed in the others), then each point's own steps."""
+    for point in sweep.points:
+        run_point_seed(sweep, point, seed, engine=engine, only=only, log=log, shared_only=True)
+    for point in sweep.points:
+        log(f"[sweep] point {point.name}, seed {seed}")
+        run_point_seed(sweep, point, seed, engine=engine, only=only, log=log)
