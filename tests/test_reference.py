@@ -1,6 +1,6 @@
 """The committed reference result (runs/reference/): stage 08 regenerates its tables exactly from its JSON/CSV files.
 
-The reference is the default study (seeds 0, 1 and 2) exported with `synthflaw export` (no weights, no data sets).
+The reference is the default study (seeds 0-4) exported with `synthflaw export` (no weights, no data sets).
 `synthflaw figures` on a copy must rewrite every table and the cross-seed intervals and findings byte for byte.
 """
 
@@ -27,7 +27,7 @@ def tables(root: Path) -> dict[str, bytes]:
 def test_reference_exists_with_seeds_and_no_weights():
     assert (REFERENCE / "seeds" / "findings.md").exists(), "runs/reference is committed with the repository"
     seed_dirs = sorted(p.name for p in REFERENCE.glob("seed-*"))
-    assert seed_dirs == ["seed-0", "seed-1", "seed-2"]  # the default preset's seeds
+    assert seed_dirs == [f"seed-{k}" for k in range(5)]  # the default preset's seeds
     assert not [p for p in REFERENCE.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt") or p.name == "model"]
     assert (REFERENCE / "notebooks" / "07_evaluate.html").exists()
 
