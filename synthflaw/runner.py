@@ -87,7 +87,9 @@ def _run_papermill(stage: Stage, variants: list[str], run_dir: Path, preset: str
     out = Path(run_dir) / stage.name / "notebook.ipynb"
     if variants and out.exists():  # an earlier execution ran other variants: keep its record
         out.rename(out.with_name(f"notebook-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(out.stat().st_mtime))}.ipynb"))
-    params = {"run_dir": str(Path(run_dir).resolve()), "preset": preset, "overrides": overrides}
+    # papermill writes the parameters as Python source and has no translator for tuples (it writes their str()):
+    # list-valued settings such as unlearn.methods go in as JSON lists, which config.coerce turns back into tuples
+    params = {"run_dir": str(Path(run_dir).resolve()), "preset": preset, "overrides": json.loads(json.dumps(overrides))}
     if variants:
         params["variants"] = list(variants)
     name = f"{stage.name}/{{{','.join(variants)}}}" if variants else stage.name

@@ -84,3 +84,17 @@ def test_default_preset_runs_five_seeds_unless_told(tmp_path, monkeypatch):
     calls.clear()
     assert cli.main(["run", "--preset", "smoke", "--run-id", "s", "--runs-root", str(tmp_path)]) == 0
     assert calls == [("s", {})]
+
+
+def test_list_valued_overrides_reach_the_notebooks_as_lists(tmp_path):
+    # `--set unlearn.methods=a,b` resolves to a tuple; papermill writes values it has no translator for (tuples) as
+    # their str(), so the notebook read "('npo', 'simnpo')" and split it into "('npo'" and "'simnpo')".
+    overrides = config.parse_overrides(["unlearn.methods=npo,simnpo", "cpt.branches=natural,synthetic"])
+    run_study("smoke", "t", overrides, runs_root=tmp_path, engine="papermill", only=["01"], log=lambda _: None)
+    notebook = json.loads((tmp_path / "t" / "01_generate_data" / "notebook.ipynb").read_text())
+    injected = next("".join(c["source"]) for c in notebook["cells"]
+                    if "injected-parameters" in c["metadata"].get("tags", []))
+    namespace = {}
+    exec(injected, namespace)  # the cell papermill wrote: plain assignments
+    assert namespace["overrides"]["unlearn.methods"] == ["npo", "simnpo"]
+    assert config.resolve("smoke", namespace["overrides"]) == config.resolve("smoke", overrides)
