@@ -484,10 +484,14 @@ def test_a_line_per_step_as_its_done_json_appears(tmp_path):
 
 
 @pytest.mark.slow
-def test_papermill_runs_log_each_variant_as_it_finishes(tmp_path):
+def test_papermill_runs_log_each_variant_as_it_finishes(tmp_path, capfd):
     run_study("smoke", "p", runs_root=tmp_path, engine="inprocess", only=["01", "03"], log=lambda _: None)
+    capfd.readouterr()
     lines = []
     run_study("smoke", "p", runs_root=tmp_path, engine="papermill", only=["04"], log=lines.append)
+    # the kernel listens on local sockets (IPC), so IPKernelApp has no TCP-without-encryption warning to print
+    console = "".join(capfd.readouterr())
+    assert "encryption" not in console and "IPKernelApp" not in console, console
     branches = config.resolve("smoke").cpt.branches
     labels = [re.search(r"\] (\S+)", line).group(1) for line in lines if "done in" in line]
     assert labels == [f"04_continued_pretraining/{b}" for b in branches] + ["04_continued_pretraining"]
