@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one parameter, e.g. --set cpt.synthetic_fraction=0.3 (see `synthflaw config`)")
     run.add_argument("--seeds", type=int, nargs="+", default=None,
                      help="run the study once per seed, into runs/<run_id>/seed-<k>/, then the intervals across "
-                          "seeds into runs/<run_id>/seeds/ (default: 0 1 2 for the default preset, else the config's "
-                          "seed); one seed runs into runs/<run_id>/")
+                          "seeds into runs/<run_id>/seeds/ (default: 0 1 2 3 4 for the default preset, else the "
+                          "config's seed); one seed runs into runs/<run_id>/")
     run.add_argument("--stages", nargs="+", default=None, help="only these stages, e.g. 01 02 08")
     run.add_argument("--overwrite", action="store_true",
                      help="re-run steps whose configuration changed or that are stale, and every step downstream")
