@@ -144,8 +144,9 @@ class CPTConfig:
 
     branches: tuple[str, ...] = _f(BRANCHES, "branches to train: " + " | ".join(BRANCHES))
     max_tokens: int = _f(200_000, "CPT token budget per branch", low=1)
+    # open at 0 as the branches need it (training.pretraining): at 0 the synthetic branch would be `natural` again
     synthetic_fraction: float = _f(0.3, "share of CPT tokens that are SynthQA (synthetic) or rewritten (rewritten)",
-                                   low=0, high=1, high_open=True)
+                                   low=0, low_open=True, high=1, high_open=True)
     more_natural_ratio: float = _f(1.0, "more_natural trains this many CPT budgets of extra natural data",
                                    low=0, low_open=True)
     more_natural_from: str = _f("synthetic", "branch more_natural continues from: synthetic (the paper's alternative "

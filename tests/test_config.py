@@ -145,7 +145,9 @@ def test_a_config_saved_before_the_compute_section_still_loads():
     ("seed=-1", "seed", "an integer >= 0"),
     ("figures.dpi=0", "figures.dpi", "an integer in [10, 1200]"),
     ("data.nonsynth_docs=-10", "data.nonsynth_docs", "an integer >= 1"),
-    ("cpt.synthetic_fraction=1", "cpt.synthetic_fraction", "a finite number in [0, 1)"),
+    ("cpt.synthetic_fraction=1", "cpt.synthetic_fraction", "a finite number in (0, 1)"),
+    # at 0 the synthetic and rewritten branches have nothing to mix in: refused at once, not minutes into stage 04
+    ("cpt.synthetic_fraction=0", "cpt.synthetic_fraction", "a finite number in (0, 1)"),
     ("unlearn.token_fraction=0", "unlearn.token_fraction", "a finite number in (0, 1]"),
 ])
 def test_every_number_is_checked_against_its_domain_naming_the_key(override, key, domain, tmp_path, capsys):
