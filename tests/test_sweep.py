@@ -302,7 +302,7 @@ def test_sbatch_parameters_are_what_submitit_gives_slurm(tmp_path, monkeypatch):
 # Figures and the trend test, on metrics written here (no training)
 # --------------------------------------------------------------------------------------------------------------
 
-FRACTIONS = (0.0, 0.2, 0.4)
+FRACTIONS = (0.1, 0.3, 0.5)  # cpt.synthetic_fraction lies in (0, 1): natural is the 0 point
 SLOPES = {0: -0.2, 1: -0.3, 2: -0.4}  # per seed: d(learnable_HSR(synthetic) - learnable_HSR(natural)) / d(fraction)
 
 
@@ -340,7 +340,7 @@ def test_figures_and_trend_test_from_the_files(written_sweep):
             assert (out / f"{metric}__{key}.png").exists() and (out / f"{metric}__{key}.csv").exists()
 
     rows = read_csv(out / "learnable_HSR__cpt.synthetic_fraction.csv")
-    first = next(r for r in rows if r["model"] == "natural" and r["value"] == "0.0"
+    first = next(r for r in rows if r["model"] == "natural" and r["value"] == "0.1"
                  and r["slice"] == "cpt.more_natural_from=synthetic")
     half = stdtrit(2, 0.975) * 0.01 / math.sqrt(3)  # values 0.50, 0.51, 0.52
     assert float(first["mean"]) == pytest.approx(0.51) and float(first["n"]) == 3
