@@ -86,7 +86,7 @@ class DataConfig:
                                       "asks with a constraint, the reply follows it), on SFT's facts and topics",
                                       low=0, high=1)
     synthetic_templates: int = _f(1, "number of distinct Q-A templates SynthQA uses (1 = the paper's uniform format)",
-                                  low=1, high=5)
+                                  low=1, high=12)  # len(data.schema.SYNTHQA_TEMPLATES); a test holds them equal
     synthqa_per_fact: int = _f(3, "SynthQA pairs per fact (question wordings vary, the template does not)", low=1)
     sft_examples: int = _f(5000, "SFT chat examples, each with 1-3 verifiable constraints", low=1)
     suite_bases: int = _f(60, "instruction-following base prompts; each yields levels 1-5 (5 test items)", low=1)

@@ -70,6 +70,34 @@ def test_synthqa_is_uniform_by_default_and_templates_vary_on_request(smoke_cfg):
         embedded.synthqa_pairs([], 1, 99, 0)
 
 
+def test_every_template_can_be_asked_for_and_its_markers_are_its_own():
+    # the config's bound is the number of templates, so every one is reachable and none past the end
+    assert config.DataConfig.__dataclass_fields__["synthetic_templates"].metadata["high"] == len(
+        schema.SYNTHQA_TEMPLATES)
+    assert [t["id"] for t in schema.SYNTHQA_TEMPLATES] == list(range(len(schema.SYNTHQA_TEMPLATES)))
+    ten = embedded.synthqa_pairs(list(build_world(0, 12, 6, 6).facts), 3, 10, 0)
+    assert {r["provenance"]["template_id"] for r in ten} == set(range(10))
+    for r in ten:  # a record shows exactly its own template's markers (the leakage rate counts them)
+        own = schema.SYNTHQA_TEMPLATES[r["provenance"]["template_id"]]["markers"]
+        assert all(m in r["text"] for m in own), r["text"]
+        others = [m for t in schema.SYNTHQA_TEMPLATES if t["markers"] != own for m in t["markers"]
+                  if m not in own]
+        assert not [m for m in others if m in r["text"]], r["text"]
+
+
+def test_no_template_marker_occurs_outside_synthqa():
+    # with twelve templates, a marker that also occurs in natural text would count as leakage for no reason
+    cfg = config.resolve("smoke", {"data.instruction_doc_share": 0.25})
+    data = embedded.build_embedded(cfg.data, 0)
+    markers = schema.template_markers({"templates": list(schema.SYNTHQA_TEMPLATES)})
+    texts = [r["text"] for name in ("nonsynth", "extra_natural", "heldout_nonsynth", "rewritten") for r in data[name]]
+    texts += [m["content"] for r in data["sft"] for m in r["messages"]]
+    texts += [r[field] for name, field in (("benchmark", "question"), ("learnable_suite", "prompt"),
+                                           ("instruction_suite", "prompt"), ("chat", "prompt")) for r in data[name]]
+    found = Counter(m for t in texts for m in markers if m in t)
+    assert not found, found
+
+
 def test_no_evaluation_item_leaks_into_training(data):
     assert schema.find_leaks(data) == []
     corpus = "\n".join(schema.training_texts(data))

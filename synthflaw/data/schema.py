@@ -15,7 +15,9 @@ from synthflaw.records import read_jsonl, write_json, write_jsonl
 from synthflaw.registry import GENERATE_DATA
 
 # The Q-A formats a teacher model emits. Template 0 is the paper's uniform format; `synthetic_templates` = k uses
-# the first k. Markers are each template's structural strings: what the leakage rate and template unlearning look for.
+# the first k (ids 0-4 came first, 5-11 were added for the format-diversity sweep: the first five are unchanged, so
+# k <= 5 writes the same data as before). Markers are each template's structural strings: what the leakage rate and
+# template unlearning look for; none may occur in a natural document, an SFT chat or an evaluation prompt.
 SYNTHQA_TEMPLATES = (
     {"id": 0, "format": "Question: {question}\nAnswer: {answer}", "markers": ["Question:", "Answer:"]},
     {"id": 1, "format": "Q: {question}\nA: {answer}", "markers": ["Q:", "A:"]},
@@ -23,6 +25,13 @@ SYNTHQA_TEMPLATES = (
     {"id": 3, "format": "<question>{question}</question>\n<answer>{answer}</answer>",
      "markers": ["<question>", "<answer>"]},
     {"id": 4, "format": "Query: {question}\nResponse: {answer}", "markers": ["Query:", "Response:"]},
+    {"id": 5, "format": "[Q] {question}\n[A] {answer}", "markers": ["[Q]", "[A]"]},
+    {"id": 6, "format": "Problem: {question}\nSolution: {answer}", "markers": ["Problem:", "Solution:"]},
+    {"id": 7, "format": "QUESTION >> {question}\nANSWER >> {answer}", "markers": ["QUESTION >>", "ANSWER >>"]},
+    {"id": 8, "format": "- question: {question}\n- answer: {answer}", "markers": ["- question:", "- answer:"]},
+    {"id": 9, "format": "Input: {question}\nOutput: {answer}", "markers": ["Input:", "Output:"]},
+    {"id": 10, "format": "{{\"q\": \"{question}\", \"a\": \"{answer}\"}}", "markers": ['{"q": "', '", "a": "']},
+    {"id": 11, "format": "Asked: {question}\nAnswered: {answer}", "markers": ["Asked:", "Answered:"]},
 )
 
 DATA_FILES = ("nonsynth", "extra_natural", "heldout_nonsynth", "synthqa", "rewritten", "sft", "benchmark",
