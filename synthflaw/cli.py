@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--engine", default="papermill", choices=("papermill", "inprocess"))
 
     exp = sub.add_parser("export", help="copy a finished run's small outputs (no weights, no data) and its notebooks "
-                                        "as HTML into a folder to commit, e.g. runs/reference")
+                                        "as HTML into a folder to commit, e.g. runs/reference; a sweep's id exports "
+                                        "every point, the manifest and the sweep's figures")
     exp.add_argument("--run-id", required=True)
     exp.add_argument("--to", required=True, help="output folder inside --runs-root, e.g. runs/reference; must not "
                                                  "exist")
@@ -156,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Every command checks its run id (and where it writes) before it writes or deletes anything.
         if args.command == "export":
-            from synthflaw.export import export_run
+            from synthflaw.export import export_run, export_sweep, is_sweep
             run_dir = run_folder(args.runs_root, args.run_id)
-            written = export_run(run_dir, args.to, runs_root=args.runs_root, allow_unfinished=args.allow_unfinished)
+            written = (export_sweep if is_sweep(run_dir) else export_run)(
+                run_dir, args.to, runs_root=args.runs_root, allow_unfinished=args.allow_unfinished)
             print(f"wrote {len(written)} files to {args.to}")
             return 0
         if args.command == "figures":

@@ -12,6 +12,11 @@ An export is a run of its own: paths are written relative to it (the machine's a
 rewritten in every copied text file), and each step's ``done.json`` is sealed again over the files the export keeps,
 so a later edit of an exported file makes its step stale, as in any run. A run with unfinished or stale steps is
 refused unless asked for (``--allow-unfinished``).
+
+A sweep (a folder with ``sweep.json``) is exported as a set of such runs: every point's runs by the rules above
+(``points/<point>/``, without its notebooks), the manifest and the sweep's figures and trend tests (``figures/``,
+without the executed notebook). ``synthflaw sweep --run-id <export> --figures-only`` redraws the figures and every
+point's cross-seed tables from the export alone (tested against the committed ones).
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from pathlib import Path
 from synthflaw.config import from_dict
 from synthflaw.registry import study_steps
 from synthflaw.reporting.aggregate import seed_runs
+from synthflaw.reporting.sweep_figures import FOLDER as FIGURES
 from synthflaw.runs import (
     Freshness,
     Step,
+    check_run_id,
     combined_digest,
     inside,
     load_marker,
@@ -36,6 +43,7 @@ from synthflaw.runs import (
     run_lock,
     write_json_atomic,
 )
+from synthflaw.sweep.definition import MANIFEST, read_manifest
 
 KEEP_SUFFIXES = (".json", ".csv", ".png", ".md")
 TEXT_SUFFIXES = (".json", ".csv", ".md", ".html")
@@ -115,7 +123,67 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True, r
         return _export(run_dir, out_dir, html)
 
 
-def _export(run_dir: Path, out_dir: Path, html: bool) -> list[Path]:
+def is_sweep(folder: str | Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def export_sweep(sweep_dir: str | Path, out_dir: str | Path, *, runs_root: str | Path | None = None,
+                 allow_unfinished: bool = False) -> list[Path]:
+    """Export a sweep: each point's runs as :func:`export_run` exports a run (no notebooks), its ``sweep.json`` and
+    its ``figures/`` (CSV, PNG, Markdown), into `out_dir` (which must not exist). Paths that point into the sweep are
+    written relative to it (into a point's run, relative to that run). Refuses a sweep with a missing, unfinished or
+    stale point unless `allow_unfinished`; writes into a temporary sibling renamed at the end."""
+    sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
+    if not is_sweep(sweep_dir):
+        raise ValueError(f"{sweep_dir} is not a sweep (no {MANIFEST}); export a run with synthflaw export")
+    if runs_root is not None:
+        check_target(out_dir, runs_root)
+    elif out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; remove it first (git keeps the committed version) or pick another")
+    if out_dir.resolve().is_relative_to(sweep_dir.resolve()):
+        raise ValueError(f"{out_dir} is inside the sweep {sweep_dir} it would copy; export next to it instead")
+    manifest = read_manifest(sweep_dir)
+    for point in manifest["points"]:
+        check_run_id(point["name"])  # a manifest's point names become folders of the export
+    problems = []
+    for point in manifest["points"]:
+        point_dir = sweep_dir / point["run"]
+        found = sorted(p.parent.name for p in point_dir.glob("seed-*/study.json"))
+        problems += [f"{point['name']}/seed-{seed}: not started" for seed in manifest["seeds"]
+                     if f"seed-{seed}" not in found]
+        problems += [f"{point['name']}/{line}" for line in unfinished_steps(point_dir)] if found else []
+    if problems and not allow_unfinished:
+        shown = "\n  - ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
+                                                else "")
+        raise ValueError(f"the sweep {sweep_dir} is not finished:\n  - {shown}\nFinish it (synthflaw sweep --run-id "
+                         f"{sweep_dir.name}), or export it as it is with --allow-unfinished")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    written = []
+    for point in manifest["points"]:
+        point_dir = sweep_dir / point["run"]
+        if not any(point_dir.glob("seed-*/study.json")):
+            continue  # an unstarted point of an --allow-unfinished export
+        (tmp / point["run"]).parent.mkdir(parents=True, exist_ok=True)
+        with run_lock(point_dir):  # no step of the point changes while it is copied
+            made = _export(point_dir, tmp / point["run"], html=False, outer=sweep_dir)
+        written += [out_dir / point["run"] / p.relative_to(tmp / point["run"]) for p in made]
+    shutil.copy2(sweep_dir / MANIFEST, tmp / MANIFEST)
+    written.append(out_dir / MANIFEST)
+    figures = sweep_dir / FIGURES
+    for path in sorted(figures.iterdir()) if figures.is_dir() else []:
+        if path.is_file() and path.suffix in KEEP_SUFFIXES and not path.name.startswith("."):
+            (tmp / FIGURES).mkdir(exist_ok=True)
+            shutil.copy2(path, tmp / FIGURES / path.name)
+            written.append(out_dir / FIGURES / path.name)
+    relative_paths(tmp, sweep_dir)  # the manifest's job logs; the points' files hold no such path any more
+    tmp.rename(out_dir)
+    return written
+
+
+def _export(run_dir: Path, out_dir: Path, html: bool, outer: Path | None = None) -> list[Path]:
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -144,6 +212,8 @@ def _export(run_dir: Path, out_dir: Path, html: bool) -> list[Path]:
                 staged_notebook.unlink()
                 written.append(out_dir / "notebooks" / f"{staged_notebook.stem}.html")
     relative_paths(tmp, run_dir)
+    if outer is not None:  # a sweep's point: paths into other points of the sweep, relative to the sweep
+        relative_paths(tmp, outer)
     reseal(tmp)
     tmp.rename(out_dir)
     return written

@@ -1,11 +1,13 @@
 """Fixtures shared by the test modules: a tiny random Llama, a chat tokenizer trained on given texts, one torch
-thread for tiny models, and the guard that fails a test on any connection beyond this machine.
+thread for tiny models, the guard that fails a test on any connection beyond this machine, and what a sweep's
+regenerable tables are.
 
 The fixtures give the machinery, not the numbers: each module passes the vocabulary size, the training texts and the
 config fields (initializer_range, max_position_embeddings) its assertions rely on.
 """
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +91,18 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "getaddrinfo", lookup)
+
+
+def _sweep_tables(root: Path) -> dict[str, bytes]:
+    """The tables `synthflaw sweep --figures-only` writes: the sweep's figures' CSV and Markdown, and every point's
+    cross-seed tables and findings, by path relative to the sweep."""
+    paths = [p for p in root.rglob("*") if p.is_file() and p.suffix in (".csv", ".md")
+             and (p.relative_to(root).parts[0] == "figures" or "seeds" in p.parts)]
+    paths += sorted(root.glob("points/*/seeds/findings.json"))
+    return {str(p.relative_to(root)): p.read_bytes() for p in paths}
+
+
+@pytest.fixture(scope="session")
+def sweep_tables():
+    """A sweep's regenerable tables (test_sweep's export test and test_reference's committed sweeps compare them)."""
+    return _sweep_tables

@@ -16,6 +16,7 @@ from scipy.special import stdtrit
 from synthflaw import cli
 from synthflaw import sweep as sweeps
 from synthflaw.config import ConfigError
+from synthflaw.export import export_sweep, unfinished_steps
 from synthflaw.records import read_csv
 from synthflaw.reporting import sweep_figures
 from synthflaw.runs import Step
@@ -386,3 +387,56 @@ def test_notebook_09_renders_the_sweep(written_sweep, capsys):
     source = json.loads((REPO / "notebooks" / "09_sweep.ipynb").read_text())
     assert all(not c.get("outputs") for c in source["cells"] if c["cell_type"] == "code")
     assert not any("def " in "".join(c["source"]) for c in source["cells"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exporting a finished sweep, and redrawing it from the export
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_an_exported_sweep_redraws_its_figures_and_tables_byte_for_byte(tmp_path, capsys, sweep_tables):
+    started = time.time()
+    sweep = sweeps.run_sweep("smoke", "whole", ["cpt.synthetic_fraction=0.1,0.5"], seeds=[0, 1], runs_root=tmp_path,
+                             overrides={"cpt.branches": ("natural", "synthetic"), "unlearn.methods": ()}, **QUIET)
+    wall = time.time() - started
+    assert all(row["state"] == "done" for row in sweeps.sweep_status(sweep))
+    exported = tmp_path / "exported"
+    with pytest.raises(ValueError, match="outside the runs folder"):
+        export_sweep(sweep.root, tmp_path.parent / "elsewhere", runs_root=tmp_path)
+    cli_export = ["export", "--run-id", "whole", "--runs-root", str(tmp_path)]
+    assert cli.main([*cli_export, "--to", str(exported)]) == 0
+    assert cli.main([*cli_export, "--to", str(exported)]) == 2 and "exists" in capsys.readouterr().err
+
+    files = [p for p in exported.rglob("*") if p.is_file()]
+    assert (exported / "sweep.json").exists() and (exported / "figures" / "trend_tests.md").exists()
+    assert not [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".jsonl", ".ipynb")]
+    assert not [p for p in files if p.suffix in (".json", ".csv", ".md") and str(tmp_path) in p.read_text()]
+    assert sorted(p.name for p in (exported / "points").iterdir()) == sorted(p.name for p in sweep.points)
+    # the export is a sweep of its own: every step finished and current, so nothing would run again
+    again = sweeps.load_sweep("exported", tmp_path)
+    assert all(row["state"] == "done" for row in sweeps.sweep_status(again))
+    assert all(unfinished_steps(again.point_dir(point)) == [] for point in again.points)
+
+    before = sweep_tables(exported)
+    assert any(k.startswith("figures/learnable_HSR__") for k in before) and "figures/trend_tests.csv" in before
+    assert sum(k.endswith("seeds/findings.md") for k in before) == 2
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(exported), str(copy)], check=True)
+    for gone in [copy / "figures", *copy.glob("points/*/seeds")]:
+        subprocess.run(["rm", "-r", str(gone)], check=True)
+    assert cli.main(["sweep", "--run-id", "copy", "--runs-root", str(tmp_path), "--figures-only",
+                     "--engine", "inprocess"]) == 0
+    after = sweep_tables(copy)
+    assert sorted(after) == sorted(before)
+    assert not [name for name in before if after[name] != before[name]]
+    print(f"smoke sweep, 2 points x 2 seeds, every stage: {wall:.1f} s")
+
+
+def test_an_unfinished_sweep_is_not_exported(tmp_path, capsys):
+    sweeps.open_sweep(sweeps.define_sweep("smoke", "half", ["cpt.synthetic_fraction=0.1,0.5"], seeds=[0],
+                                          runs_root=tmp_path), log=lambda _: None)
+    assert cli.main(["export", "--run-id", "half", "--runs-root", str(tmp_path), "--to",
+                     str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cpt.synthetic_fraction=0.1/seed-0: not started" in err and "--allow-unfinished" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
