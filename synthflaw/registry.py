@@ -36,6 +36,13 @@ def unlearned_method(model: str) -> str | None:
     return model[len(UNLEARNED_PREFIX):] if model.startswith(UNLEARNED_PREFIX) else None
 
 
+# Keys a CPT branch never reads: training.pretraining.branch_mixture trains `natural` on NonSynth whatever the
+# synthetic share. Its steps' fingerprints take the key at its default, so a sweep over the share trains, fine-tunes
+# and evaluates the natural control once per seed, and a run given another share keeps its natural steps.
+# (`more_natural` reads no share either, but it starts from `cpt.more_natural_from`, by default the synthetic model.)
+UNREAD_BY_BRANCH = {"natural": ("cpt.synthetic_fraction",)}
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the study.
@@ -70,6 +77,11 @@ class Stage:
         if variant and unlearned_method(variant) and "unlearn" not in self.sections:
             return (*self.sections, "unlearn")
         return self.sections
+
+    def unread_for(self, variant: str | None) -> tuple[str, ...]:
+        """Keys of those sections that the step's model never reads (`UNREAD_BY_BRANCH`), for the stages that
+        train or evaluate one model (04, 06, 07): its fingerprint takes them at their defaults."""
+        return UNREAD_BY_BRANCH.get(variant, ()) if self.variants is not None and self.number != "05" else ()
 
     def variants_of(self, cfg: StudyConfig) -> list[str]:
         return self.variants(cfg) if self.variants else []

@@ -72,9 +72,15 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def step_config(cfg: StudyConfig, stage: str | Stage, variant: str | None) -> dict:
-    """The part of the study configuration a step depends on, plus the seed and the variant."""
-    full = cfg.to_dict()
-    return {"seed": cfg.seed, "variant": variant, **{s: full[s] for s in find_stage(stage).sections_for(variant)}}
+    """The part of the study configuration a step depends on, plus the seed and the variant. A key the step's model
+    never reads (`registry.UNREAD_BY_BRANCH`) is taken at its library default, not left out, so that a run made at
+    the default has the fingerprint it had before the key was known to be unread."""
+    full, defaults = cfg.to_dict(), StudyConfig().to_dict()
+    stage = find_stage(stage)
+    for key in stage.unread_for(variant):
+        section, name = key.split(".")
+        full[section] = {**full[section], name: defaults[section][name]}
+    return {"seed": cfg.seed, "variant": variant, **{s: full[s] for s in stage.sections_for(variant)}}
 
 
 def fingerprint(config: dict) -> str:
@@ -592,7 +598,8 @@ def config_difference(step: Step, cfg: StudyConfig, limit: int = 3) -> str:
     old = _flatten({"seed": saved.get("seed"), **{s: saved.get(s, {}) for s in sections}})
     new = _flatten({"seed": now["seed"], **{s: now[s] for s in sections}})
     absent = object()
-    keys = [k for k in sorted(set(old) | set(new)) if old.get(k, absent) != new.get(k, absent)]
+    unread = step.stage.unread_for(step.variant)
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k, absent) != new.get(k, absent) and k not in unread]
     shown = [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in keys[:limit]]
     return "; ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "") or "the fingerprint"
 

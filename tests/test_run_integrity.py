@@ -180,6 +180,21 @@ def test_changed_upstream_configuration_outside_the_stages_asked_is_refused(tmp_
     assert (run_dir / "07_evaluate" / "natural" / "result.json").read_text() != before
 
 
+def test_another_synthetic_share_runs_again_only_what_reads_it(tmp_path, fake_stages):
+    # natural and more_natural never read cpt.synthetic_fraction: their steps stay current when it changes
+    run_dir = fake_run(tmp_path)
+    natural = {name: marker(run_dir, name) for name in ("04_continued_pretraining/natural", "06_sft/natural",
+                                                        "07_evaluate/natural")}
+    fake_stages.clear()
+    fake_run(tmp_path, overrides={"cpt.synthetic_fraction": 0.1}, overwrite=True)
+    cfg = config.resolve("smoke")
+    assert cfg.cpt.more_natural_from == "synthetic"  # so more_natural's upstream runs again, and so does it
+    assert set(fake_stages) == {s.name for s in study_steps(cfg) if s.stage.number >= "04" and s.variant != "natural"}
+    assert {name: marker(run_dir, name) for name in natural} == natural  # not touched
+    saved = json.loads((run_dir / "04_continued_pretraining" / "synthetic" / "config.json").read_text())
+    assert saved["study"]["cpt"]["synthetic_fraction"] == 0.1
+
+
 def test_a_cut_data_file_is_refused_then_redone_with_everything_downstream(tmp_path, fake_stages):
     run_dir = fake_run(tmp_path)
     suite = run_dir / "01_generate_data" / "data" / "instruction_suite.jsonl"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from scipy.special import stdtrit
 
-from synthflaw import cli
+from synthflaw import cli, config, runs
 from synthflaw import sweep as sweeps
 from synthflaw.config import ConfigError
 from synthflaw.export import export_sweep, unfinished_steps
@@ -140,6 +140,20 @@ def test_fraction_sweep_computes_stages_01_to_03_once_per_seed(tmp_path):
     assert not [line for line in lines if "done in" in line or "reused" in line]
     assert all(row["state"] == "done" for row in sweeps.sweep_status(sweep, CHEAP))
     print(f"fraction sweep, 2 points x 2 seeds, stages 01-03: {wall:.1f} s")
+
+
+def test_a_fraction_sweep_plans_the_natural_control_once_per_seed():
+    # the natural branch never reads cpt.synthetic_fraction: its CPT, SFT and evaluation are shared by every point
+    sweep = sweeps.define_sweep("smoke", "plan", ["cpt.synthetic_fraction=0.1,0.3,0.5"], seeds=[0])
+    shared = {name for name, _ in sweep.sharing(0)}
+    assert {"04_continued_pretraining/natural", "06_sft/natural", "07_evaluate/natural"} <= shared
+    assert not {name for name in shared if name.endswith(("/synthetic", "/rewritten", "/more_natural"))
+                or name.startswith(("05_", "08_"))}
+    cfg = sweep.config(sweep.points[0], 0)  # at the default share, a natural step's fingerprint is what it was
+    spec = next(s for s in sweeps.definition.selected_steps(cfg) if s.name == "04_continued_pretraining/natural")
+    default = config.resolve("smoke", {"cpt.synthetic_fraction": config.StudyConfig().cpt.synthetic_fraction})
+    plain = {"seed": 0, "variant": "natural", **{k: default.to_dict()[k] for k in ("data", "base", "cpt")}}
+    assert runs.step_config(cfg, spec.stage, "natural") == plain
 
 
 CLAIMANT = textwrap.dedent("""
