@@ -83,6 +83,10 @@ def _add_sweep_parser(sub) -> None:
                          "point or per seed")
     sw.add_argument("--engine", default="papermill", choices=("papermill", "inprocess"))
     sw.add_argument("--runs-root", default="runs")
+    sw.add_argument("--reuse-from", action="append", default=[], metavar="SWEEP_ID",
+                    help="another sweep under --runs-root whose finished steps the points take where their "
+                         "fingerprint and upstreams are the same (e.g. a templates sweep's default point from a "
+                         "fraction sweep); repeatable")
     sw.add_argument("--trend-treated", default="synthetic", help="the trend test's treated model")
     sw.add_argument("--trend-control", default="natural", help="the trend test's control model")
     sw.add_argument("--status", action="store_true", help="report each point and seed (and the last job of each), "
@@ -113,10 +117,13 @@ def _sweep(args) -> int:
             raise config.ConfigError("without --grid a sweep continues as its sweep.json defines it: leave out "
                                      "--preset/--seeds/--set, or give the whole definition with --grid")
         sweep = sweeps.load_sweep(args.run_id, args.runs_root)
+        if args.reuse_from:
+            sweep.reuse_from = sweeps.check_reuse_from(args.runs_root, args.run_id, args.reuse_from)
     else:
         sweep = sweeps.define_sweep(args.preset or "default", args.run_id, args.grid, args.seeds,
                                     config.parse_overrides(args.overrides), runs_root=args.runs_root,
-                                    treated=args.trend_treated, control=args.trend_control)
+                                    treated=args.trend_treated, control=args.trend_control,
+                                    reuse_from=args.reuse_from)
     if args.status:
         print(sweeps.status_text(sweeps.sweep_status(sweep, only)))
         return 0

@@ -93,10 +93,14 @@ def test_manifest_states_the_trend_test_and_refuses_another_definition(tmp_path)
     trend = manifest["trend_test"]
     assert trend["keys"] == ["cpt.synthetic_fraction"] and "cpt.more_natural_from" in trend["not_tested"]
     assert trend["metrics"][:6] == trend["primary"] and (trend["treated"], trend["control"]) == ("synthetic", "natural")
-    # stages 01-03 do not read cpt: one step per seed for all four points
+    # stages 01-03 do not read cpt: one step per seed for all four points; the natural branch does not read the
+    # share: one step per value of cpt.more_natural_from (which it does read, as part of cpt), for two points each
     shared = manifest["planned_sharing"]["seed-0"]
-    assert sorted(k.split("@")[0] for k in shared) == ["01_generate_data", "02_data_flaws", "03_base_model"]
-    assert all(len(points) == 4 for points in shared.values())
+    assert {k.split("@")[0]: len(points) for k, points in shared.items() if k.split("@")[0] < "04"} == dict.fromkeys(
+        ["01_generate_data", "02_data_flaws", "03_base_model"], 4)
+    natural = sorted((k.split("@")[0], len(points)) for k, points in shared.items() if k.split("@")[0] >= "04")
+    assert natural == sorted(2 * [(f"{stage}/natural", 2) for stage in ("04_continued_pretraining", "06_sft",
+                                                                        "07_evaluate")])
 
     sweeps.open_sweep(sweeps.define_sweep("smoke", "s", ["cpt.synthetic_fraction=0.1,0.3",
                                                          "cpt.more_natural_from=synthetic,natural"],
@@ -154,6 +158,38 @@ def test_a_fraction_sweep_plans_the_natural_control_once_per_seed():
     default = config.resolve("smoke", {"cpt.synthetic_fraction": config.StudyConfig().cpt.synthetic_fraction})
     plain = {"seed": 0, "variant": "natural", **{k: default.to_dict()[k] for k in ("data", "base", "cpt")}}
     assert runs.step_config(cfg, spec.stage, "natural") == plain
+
+
+def test_a_sweep_takes_the_steps_another_sweep_finished(tmp_path, capsys):
+    fraction = sweeps.run_sweep("smoke", "fraction", ["cpt.synthetic_fraction=0.1,0.5"], seeds=[0],
+                                runs_root=tmp_path, only=CHEAP, **QUIET)
+    lines, log = quiet_lines()
+    templates = sweeps.run_sweep("smoke", "templates", ["data.synthetic_templates=1,2"], seeds=[0], runs_root=tmp_path,
+                                 only=CHEAP, reuse_from=["fraction"], engine="inprocess", log=log)
+    one, two = templates.points  # templates=1 is the default: its 01-03 are those of the fraction sweep's points
+    shared = json.loads((templates.root / "sweep.json").read_text())
+    assert shared["reuse_from"] == ["fraction"]
+    donor = f"fraction:{fraction.points[0].name}"
+    assert {s: (r["how"], r["from"]) for s, r in shared["shared"][one.name]["seed-0"].items()} == dict.fromkeys(
+        ["01_generate_data", "02_data_flaws", "03_base_model"], ("hardlink", donor))
+    assert two.name not in shared["shared"]  # another data set: nothing to take, everything computed
+    weights = "03_base_model/model/model.safetensors"
+    assert os.stat(templates.run_dir(one, 0) / weights).st_ino == os.stat(fraction.run_dir(fraction.points[0], 0)
+                                                                           / weights).st_ino
+    assert json.loads((templates.run_dir(one, 0) / "03_base_model" / "meta.json").read_text())["reused_from"] == \
+        f"../fraction/points/{fraction.points[0].name}/seed-0/03_base_model"
+    assert not [line for line in lines if "done in" in line and one.name in line]
+    assert all(row["state"] == "done" for row in sweeps.sweep_status(templates, CHEAP))
+    # an exported sweep is no donor: its steps were sealed again without their weights
+    export_sweep(fraction.root, tmp_path / "exported", allow_unfinished=True)
+    again = sweeps.run_sweep("smoke", "again", ["data.synthetic_templates=1"], seeds=[0], runs_root=tmp_path,
+                             only=["01"], reuse_from=["exported"], **QUIET)
+    assert json.loads((again.root / "sweep.json").read_text())["shared"] == {}
+    # what cannot be a donor is refused before anything is written
+    for ids, expected in ((["templates2"], "templates2"), (["self"], "its own steps")):
+        assert cli.main(["sweep", "--preset", "smoke", "--run-id", "self", "--runs-root", str(tmp_path), "--grid",
+                         "sft.epochs=1,2", "--reuse-from", *ids, "--stages", "01"]) == 2
+        assert expected in capsys.readouterr().err and not (tmp_path / "self").exists()
 
 
 CLAIMANT = textwrap.dedent("""

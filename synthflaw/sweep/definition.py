@@ -128,6 +128,9 @@ class Sweep:
     seeds: list[int]
     trend_test: dict
     points: list[Point] = field(default_factory=list)
+    # other sweeps of the same runs folder whose finished steps this one may place (not part of its definition:
+    # where a step comes from changes nothing in it)
+    reuse_from: list[str] = field(default_factory=list)
     _sharing: dict = field(default_factory=dict, repr=False)
 
     def point(self, name: str) -> Point:
@@ -207,10 +210,13 @@ def trend_statement(grid: dict, treated: str = "synthetic", control: str = "natu
 
 
 def define_sweep(preset: str, sweep_id: str, grid: dict | list[str], seeds=None, overrides: dict | None = None, *,
-                 runs_root: str | Path = "runs", treated: str = "synthetic", control: str = "natural") -> Sweep:
+                 runs_root: str | Path = "runs", treated: str = "synthetic", control: str = "natural",
+                 reuse_from=None) -> Sweep:
     """Check everything and build the sweep, writing nothing: the id, the grid (a dict, or ``key=v1,v2`` strings),
-    the overrides, the seeds and every point's configuration (ConfigError naming the key or the point)."""
+    the overrides, the seeds, every point's configuration (ConfigError naming the key or the point) and the sweeps
+    it may reuse steps from (`reuse_from`: ids of sweeps in `runs_root`)."""
     root = run_folder(runs_root, sweep_id)
+    reuse_from = check_reuse_from(runs_root, sweep_id, reuse_from)
     if isinstance(grid, (list, tuple)):
         grid = parse_grid(list(grid))
     else:
@@ -240,13 +246,25 @@ def define_sweep(preset: str, sweep_id: str, grid: dict | list[str], seeds=None,
         raise ConfigError(f"the trend test contrasts two models; treated and control are both {treated!r}")
     values = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     points = [Point(name, v) for name, v in zip(point_names(values), values)]
-    sweep = Sweep(root, preset, overrides, grid, list(seeds), trend_statement(grid, treated, control), points)
+    sweep = Sweep(root, preset, overrides, grid, list(seeds), trend_statement(grid, treated, control), points,
+                  reuse_from)
     for point in points:
         try:
             stages.check(sweep.config(point, seeds[0]))
         except ConfigError as error:
             raise ConfigError(f"point {point.name}: {error}") from None
     return sweep
+
+
+def check_reuse_from(runs_root: str | Path, sweep_id: str, ids) -> list[str]:
+    """The sweeps a sweep may reuse steps from, each an existing sweep of the same runs folder other than itself."""
+    found = []
+    for other in ids or []:
+        if other == sweep_id:
+            raise ConfigError(f"--reuse-from {other}: a sweep reuses its own steps anyway; name another sweep")
+        read_manifest(run_folder(runs_root, other))  # SweepRefused when it is not a sweep
+        found += [other] if other not in found else []
+    return found
 
 
 def _manifest_lock(root: Path):
@@ -292,13 +310,17 @@ def open_sweep(sweep: Sweep, log=print) -> Sweep:
                 raise SweepRefused(f"{sweep.root} holds a sweep with another definition ({shown}). A sweep's points "
                                    "are only comparable under one definition: use another --run-id, or run without "
                                    "--grid/--seeds/--set to continue the existing one")
+            if sweep.reuse_from:  # where steps may come from is not part of the definition: the latest holds
+                manifest = read_manifest(sweep.root)
+                write_json_atomic(path, {**manifest, "reuse_from": sweep.reuse_from})
             log(f"[sweep] {sweep.root}: continuing ({len(sweep.points)} points x {len(sweep.seeds)} seeds)")
             return sweep
         manifest = {**sweep.definition(),
                     "stated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     "points": [{"name": p.name, "values": _json_normal(p.values),
                                 "run": f"{POINTS}/{p.name}"} for p in sweep.points],
-                    "planned_sharing": _planned_sharing(sweep), "shared": {}, "jobs": {}}
+                    "planned_sharing": _planned_sharing(sweep), "reuse_from": sweep.reuse_from, "shared": {},
+                    "jobs": {}}
         write_json_atomic(path, manifest)
     log(f"[sweep] {sweep.root}: {len(sweep.points)} points x {len(sweep.seeds)} seeds; manifest {path}")
     return sweep
@@ -323,4 +345,4 @@ def load_sweep(sweep_id: str, runs_root: str | Path = "runs") -> Sweep:
     manifest = read_manifest(root)
     points = [Point(p["name"], p["values"]) for p in manifest["points"]]
     return Sweep(root, manifest["preset"], manifest["overrides"], manifest["grid"], manifest["seeds"],
-                 manifest["trend_test"], points)
+                 manifest["trend_test"], points, list(manifest.get("reuse_from", [])))

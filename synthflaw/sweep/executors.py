@@ -246,15 +246,16 @@ def sbatch_script(sweep: Sweep, options: SlurmOptions, jobs: int) -> str:
 def run_sweep(preset: str, sweep_id: str, grid: dict | list[str], seeds=None, overrides: dict | None = None, *,
               runs_root: str | Path = "runs", executor: str = "local", engine: str = "papermill", only=None,
               slurm: SlurmOptions | None = None, treated: str = "synthetic", control: str = "natural",
-              log=print) -> Sweep:
+              reuse_from=None, log=print) -> Sweep:
     """Define the sweep (everything checked before anything is written), write or check its manifest, run it with
-    `executor` (local | slurm), and with the local executor draw its figures when evaluations exist."""
+    `executor` (local | slurm), and with the local executor draw its figures when evaluations exist. `reuse_from`:
+    other sweeps whose finished steps the points take where the fingerprint and the upstreams are the same."""
     if executor not in ("local", "slurm"):
         raise ValueError(f"executor must be local or slurm, got {executor!r}")
     if engine not in ("papermill", "inprocess"):
         raise ValueError(f"engine must be papermill or inprocess, got {engine!r}")
     sweep = open_sweep(define_sweep(preset, sweep_id, grid, seeds, overrides, runs_root=runs_root,
-                                    treated=treated, control=control), log=log)
+                                    treated=treated, control=control, reuse_from=reuse_from), log=log)
     return execute(sweep, executor=executor, engine=engine, only=only, slurm=slurm, log=log)
 
 

@@ -1,5 +1,5 @@
-"""Steps shared by content between the points of one seed: claims, donors, placing; and running a point, a seed,
-and a point's cross-seed tables."""
+"""Steps shared by content between the points of one seed (and taken from the finished points of other sweeps):
+claims, donors, placing; and running a point, a seed, and a point's cross-seed tables."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ from synthflaw.registry import STAGES, StepSpec
 from synthflaw.registry import stage as find_stage
 from synthflaw.runner import run_study
 from synthflaw.runs import UNHASHED_DIRS, Freshness, Step, finished_steps, run_lock, step_named, write_json_atomic
-from synthflaw.sweep.definition import POINTS, Point, Sweep, selected_steps, step_fingerprint, update_manifest
+from synthflaw.sweep.definition import (
+    POINTS,
+    Point,
+    Sweep,
+    read_manifest,
+    selected_steps,
+    step_fingerprint,
+    update_manifest,
+)
 
 CLAIMS = ".claims"
 STAGING = ".placing"  # inside a seed's run folder: a step being placed is assembled here, then renamed into place
@@ -44,15 +52,17 @@ def _fresh(run_dir: Path, name: str) -> bool:
     return not Freshness(run_dir).causes(name)
 
 
-def find_donor(sweep: Sweep, seed: int, spec: StepSpec, fp: str, candidates: list[str], here: Path):
-    """(point, step, marker) of a finished, current step of another point with this fingerprint whose upstreams
-    are placed in `here` with the digests it read; None when there is none."""
-    for name in candidates:
-        donor = Step(sweep.run_dir(name, seed), spec.stage, spec.variant)
+def find_donor(spec: StepSpec, fp: str, candidates: list[tuple[str, Path]], here: Path):
+    """(label, step, marker) of a finished, current step with this fingerprint in one of the `candidates` (label,
+    run folder), whose upstreams are placed in `here` with the digests it read; None when there is none. An
+    exported step is never a donor: its digests were sealed again over files without the weights."""
+    for label, run_dir in candidates:
+        donor = Step(run_dir, spec.stage, spec.variant)
         if donor.run_dir == here:
             continue
         marker = donor.marker()
-        if marker is None or marker.get("fingerprint") != fp or not _fresh(donor.run_dir, spec.name):
+        if (marker is None or marker.get("fingerprint") != fp or "exported_from" in marker
+                or not _fresh(donor.run_dir, spec.name)):
             continue
         upstream_ok = all((step_named(here, up).marker() or {}).get("digest") == digest
                           for up, digest in marker.get("upstream", {}).items())
@@ -60,7 +70,7 @@ def find_donor(sweep: Sweep, seed: int, spec: StepSpec, fp: str, candidates: lis
             upstream_ok = upstream_ok and ({s.name for s in finished_steps(here, before=spec.stage)}
                                            == set(marker.get("upstream", {})))
         if upstream_ok:
-            return name, donor, marker
+            return label, donor, marker
     return None
 
 
@@ -131,7 +141,8 @@ def _place_shared(sweep: Sweep, point: Point, seed: int, cfg, group, sharing, lo
             continue  # this folder ran with another configuration: the runner refuses it, naming the fix
         if step.done:
             continue
-        found = find_donor(sweep, seed, spec, fp, sharing[(spec.name, fp)], run_dir)
+        candidates = [(name, sweep.run_dir(name, seed)) for name in sharing[(spec.name, fp)]]
+        found = find_donor(spec, fp, candidates, run_dir)
         if found is None:
             pending.append((spec, fp))
             continue
@@ -142,6 +153,29 @@ def _place_shared(sweep: Sweep, point: Point, seed: int, cfg, group, sharing, lo
         log(f"[sweep] {point.name} seed-{seed}: {spec.name} reused from {source} ({placed['how']}, "
             f"{placed['files']} files)")
     return pending
+
+
+def _place_from_other_sweeps(sweep: Sweep, point: Point, seed: int, cfg, only, log) -> None:
+    """Place, stage by stage, every step of this point and seed that a point of a `reuse_from` sweep finished with
+    the same fingerprint and the same upstreams (the other sweep's files are only read: no claim is needed)."""
+    if not sweep.reuse_from:
+        return
+    run_dir = sweep.run_dir(point, seed)
+    candidates = [(f"{other}:{p['name']}", sweep.root.parent / other / p["run"] / f"seed-{seed}")
+                  for other in sweep.reuse_from for p in read_manifest(sweep.root.parent / other)["points"]]
+    for spec in selected_steps(cfg, only):
+        step, fp = Step(run_dir, spec.stage, spec.variant), step_fingerprint(cfg, spec)
+        saved = step.saved_fingerprint()
+        if step.done or (saved is not None and saved != fp):
+            continue
+        found = find_donor(spec, fp, candidates, run_dir)
+        if found is None:
+            continue
+        source, donor, marker = found
+        placed = place_step(donor, marker, step, cfg, os.path.relpath(donor.path, sweep.root))
+        _record_shared(sweep.root, point.name, seed, spec.name, {"fingerprint": fp, "from": source, **placed})
+        log(f"[sweep] {point.name} seed-{seed}: {spec.name} reused from {source} ({placed['how']}, "
+            f"{placed['files']} files)")
 
 
 def _stages_through(stage, only) -> list[str]:
@@ -162,6 +196,7 @@ def run_point_seed(sweep: Sweep, point: Point, seed: int, *, engine: str = "pape
     with run_lock(run_dir):
         if (run_dir / STAGING).exists():
             shutil.rmtree(run_dir / STAGING)  # left by a kill while placing: nothing in it was in place yet
+        _place_from_other_sweeps(sweep, point, seed, cfg, only, log)
         for stage in dict.fromkeys(spec.stage for spec, _ in mine):
             group = [(spec, fp) for spec, fp in mine if spec.stage == stage]
             with claims(sweep.root, seed, [(spec.name, fp) for spec, fp in group]):
