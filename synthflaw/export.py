@@ -73,6 +73,16 @@ def check_target(out_dir: str | Path, runs_root: str | Path) -> Path:
     return out_dir
 
 
+def _check_out_dir(source: Path, out_dir: Path, runs_root, what: str) -> None:
+    """An export's folder: new, inside the runs folder when one is given, and not inside what it copies."""
+    if runs_root is not None:
+        check_target(out_dir, runs_root)
+    elif out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; remove it first (git keeps the committed version) or pick another")
+    if out_dir.resolve().is_relative_to(source.resolve()):
+        raise ValueError(f"{out_dir} is inside the {what} {source} it would copy; export next to it instead")
+
+
 def unfinished_steps(run_dir: Path) -> list[str]:
     """What keeps a run (single- or multi-seed) from being finished: each step its configuration lists that has not
     finished, or is stale, as "<seed>/<step>: why"."""
@@ -107,12 +117,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True, r
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "study.json").exists() and not any(run_dir.glob("seed-*/study.json")):
         raise ValueError(f"{run_dir} is not a finished run (no study.json, no seed-*/study.json)")
-    if runs_root is not None:
-        check_target(out_dir, runs_root)
-    elif out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists; remove it first (git keeps the committed version) or pick another")
-    if out_dir.resolve().is_relative_to(run_dir.resolve()):
-        raise ValueError(f"{out_dir} is inside the run {run_dir} it would copy; export next to it instead")
+    _check_out_dir(run_dir, out_dir, runs_root, "run")
     with run_lock(run_dir):  # no step changes while it is copied
         problems = unfinished_steps(run_dir)
         if problems and not allow_unfinished:
@@ -136,12 +141,7 @@ def export_sweep(sweep_dir: str | Path, out_dir: str | Path, *, runs_root: str |
     sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
     if not is_sweep(sweep_dir):
         raise ValueError(f"{sweep_dir} is not a sweep (no {MANIFEST}); export a run with synthflaw export")
-    if runs_root is not None:
-        check_target(out_dir, runs_root)
-    elif out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists; remove it first (git keeps the committed version) or pick another")
-    if out_dir.resolve().is_relative_to(sweep_dir.resolve()):
-        raise ValueError(f"{out_dir} is inside the sweep {sweep_dir} it would copy; export next to it instead")
+    _check_out_dir(sweep_dir, out_dir, runs_root, "sweep")
     manifest = read_manifest(sweep_dir)
     for point in manifest["points"]:
         check_run_id(point["name"])  # a manifest's point names become folders of the export

@@ -1,19 +1,29 @@
-"""The committed reference result (runs/reference/): stage 08 regenerates its tables exactly from its JSON/CSV files.
+"""The committed reference results: stage 08 and the sweeps' figures regenerate their tables exactly from the files.
 
-The reference is the default study (seeds 0-4) exported with `synthflaw export` (no weights, no data sets).
-`synthflaw figures` on a copy must rewrite every table and the cross-seed intervals and findings byte for byte.
+The reference (runs/reference/) is the default study (seeds 0-4) exported with `synthflaw export` (no weights, no
+data sets). `synthflaw figures` on a copy must rewrite every table and the cross-seed intervals and findings byte for
+byte. The reference sweeps (runs/reference-fraction/, runs/reference-templates/) are sweeps on the default preset
+exported the same way; `synthflaw sweep --figures-only` on a copy must rewrite the sweep's figures' tables, its trend
+tests and every point's cross-seed tables and findings byte for byte.
 """
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from synthflaw import cli
+from synthflaw.reporting.findings import PRIMARY
 from synthflaw.runner import regenerate
 
 pytestmark = pytest.mark.slow  # end to end
 
-REFERENCE = Path(__file__).resolve().parent.parent / "runs" / "reference"
+RUNS = Path(__file__).resolve().parent.parent / "runs"
+REFERENCE = RUNS / "reference"
+# each committed sweep: its swept key and the values the issue asked for (natural is the fraction's 0 point)
+SWEEPS = {"reference-fraction": ("cpt.synthetic_fraction", [0.02, 0.1, 0.3, 0.5]),
+          "reference-templates": ("data.synthetic_templates", [1, 3, 10])}
 
 
 def tables(root: Path) -> dict[str, bytes]:
@@ -43,4 +53,36 @@ def test_figures_regenerate_the_reference_tables_exactly(tmp_path):
     after = tables(tmp_path / "reference")
     assert sorted(after) == sorted(before)
     different = [name for name in before if after[name] != before[name]]
+    assert not different, f"regenerated tables differ from the committed ones: {different}"
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_reference_sweep_has_its_grid_every_point_and_no_weights(name):
+    root = RUNS / name
+    manifest = json.loads((root / "sweep.json").read_text())
+    key, values = SWEEPS[name]
+    assert manifest["grid"] == {key: values} and manifest["preset"] == "default"
+    assert len(manifest["seeds"]) >= 3
+    for point in manifest["points"]:
+        assert sorted(p.name for p in (root / point["run"]).glob("seed-*")) == [f"seed-{s}" for s in manifest["seeds"]]
+        assert (root / point["run"] / "seeds" / "findings.md").exists()
+    assert not [p for p in root.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".jsonl")
+                or p.name == "model"]
+    drawn = {p.stem.split("__")[0] for p in (root / "figures").glob("*.png")}
+    assert set(PRIMARY) <= drawn and (root / "figures" / "trend_tests.md").exists()
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_reference_sweep_tables_regenerate_exactly(name, tmp_path, sweep_tables):
+    before = sweep_tables(RUNS / name)
+    assert "figures/trend_tests.csv" in before and "figures/values.csv" in before
+    shutil.copytree(RUNS / name, tmp_path / name)
+    shutil.rmtree(tmp_path / name / "figures")
+    for path in (tmp_path / name).glob("points/*/seeds"):
+        shutil.rmtree(path)
+    assert cli.main(["sweep", "--run-id", name, "--runs-root", str(tmp_path), "--figures-only",
+                     "--engine", "inprocess"]) == 0
+    after = sweep_tables(tmp_path / name)
+    assert sorted(after) == sorted(before)
+    different = [k for k in before if after[k] != before[k]]
     assert not different, f"regenerated tables differ from the committed ones: {different}"
