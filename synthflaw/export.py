@@ -143,10 +143,9 @@ def export_sweep(sweep_dir: str | Path, out_dir: str | Path, *, runs_root: str |
         raise ValueError(f"{sweep_dir} is not a sweep (no {MANIFEST}); export a run with synthflaw export")
     _check_out_dir(sweep_dir, out_dir, runs_root, "sweep")
     manifest = read_manifest(sweep_dir)
-    for point in manifest["points"]:
-        check_run_id(point["name"])  # a manifest's point names become folders of the export
     problems = []
     for point in manifest["points"]:
+        check_run_id(point["name"])  # a manifest's point names become folders of the export
         point_dir = sweep_dir / point["run"]
         found = sorted(p.parent.name for p in point_dir.glob("seed-*/study.json"))
         problems += [f"{point['name']}/seed-{seed}: not started" for seed in manifest["seeds"]

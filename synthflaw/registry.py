@@ -79,9 +79,9 @@ class Stage:
         return self.sections
 
     def unread_for(self, variant: str | None) -> tuple[str, ...]:
-        """Keys of those sections that the step's model never reads (`UNREAD_BY_BRANCH`), for the stages that
-        train or evaluate one model (04, 06, 07): its fingerprint takes them at their defaults."""
-        return UNREAD_BY_BRANCH.get(variant, ()) if self.variants is not None and self.number != "05" else ()
+        """Keys of those sections that the step's model never reads (`UNREAD_BY_BRANCH`; a branch is the variant
+        of the stages that train or evaluate one model: 04, 06, 07): its fingerprint takes them at their defaults."""
+        return UNREAD_BY_BRANCH.get(variant, ())
 
     def variants_of(self, cfg: StudyConfig) -> list[str]:
         return self.variants(cfg) if self.variants else []

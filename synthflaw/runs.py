@@ -75,9 +75,10 @@ def step_config(cfg: StudyConfig, stage: str | Stage, variant: str | None) -> di
     """The part of the study configuration a step depends on, plus the seed and the variant. A key the step's model
     never reads (`registry.UNREAD_BY_BRANCH`) is taken at its library default, not left out, so that a run made at
     the default has the fingerprint it had before the key was known to be unread."""
-    full, defaults = cfg.to_dict(), StudyConfig().to_dict()
-    stage = find_stage(stage)
-    for key in stage.unread_for(variant):
+    full, stage = cfg.to_dict(), find_stage(stage)
+    unread = stage.unread_for(variant)
+    defaults = StudyConfig().to_dict() if unread else {}
+    for key in unread:
         section, name = key.split(".")
         full[section] = {**full[section], name: defaults[section][name]}
     return {"seed": cfg.seed, "variant": variant, **{s: full[s] for s in stage.sections_for(variant)}}

@@ -302,7 +302,8 @@ def open_sweep(sweep: Sweep, log=print) -> Sweep:
     with _manifest_lock(sweep.root):
         path = sweep.root / MANIFEST
         if path.exists():
-            old, new = _identity(read_manifest(sweep.root)), _identity(sweep.definition())
+            manifest = read_manifest(sweep.root)
+            old, new = _identity(manifest), _identity(sweep.definition())
             differ = [k for k in DEFINITION_KEYS if old.get(k) != new[k]]
             if differ:
                 shown = "; ".join(f"{k}: {json.dumps(old.get(k), sort_keys=True)[:200]} -> "
@@ -311,7 +312,6 @@ def open_sweep(sweep: Sweep, log=print) -> Sweep:
                                    "are only comparable under one definition: use another --run-id, or run without "
                                    "--grid/--seeds/--set to continue the existing one")
             if sweep.reuse_from:  # where steps may come from is not part of the definition: the latest holds
-                manifest = read_manifest(sweep.root)
                 write_json_atomic(path, {**manifest, "reuse_from": sweep.reuse_from})
             log(f"[sweep] {sweep.root}: continuing ({len(sweep.points)} points x {len(sweep.seeds)} seeds)")
             return sweep

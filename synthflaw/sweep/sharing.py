@@ -15,7 +15,6 @@ from synthflaw.registry import stage as find_stage
 from synthflaw.runner import run_study
 from synthflaw.runs import UNHASHED_DIRS, Freshness, Step, finished_steps, run_lock, step_named, write_json_atomic
 from synthflaw.sweep.definition import (
-    POINTS,
     Point,
     Sweep,
     read_manifest,
@@ -130,29 +129,32 @@ def _record_shared(root: Path, point: str, seed: int, step: str, record: dict) -
     update_manifest(root, change)
 
 
+def _place_from(sweep: Sweep, point: Point, seed: int, cfg, spec: StepSpec, fp: str, candidates, log) -> bool | None:
+    """Place one step of this point and seed from the first donor among `candidates` ((label, run folder) pairs):
+    True when placed, False when no donor has it, None when the step needs no placing (done, or it ran with another
+    configuration, which the runner refuses, naming the fix)."""
+    run_dir = sweep.run_dir(point, seed)
+    step = Step(run_dir, spec.stage, spec.variant)
+    saved = step.saved_fingerprint()
+    if step.done or (saved is not None and saved != fp):
+        return None
+    found = find_donor(spec, fp, candidates, run_dir)
+    if found is None:
+        return False
+    source, donor, marker = found
+    placed = place_step(donor, marker, step, cfg, os.path.relpath(donor.path, sweep.root))
+    _record_shared(sweep.root, point.name, seed, spec.name, {"fingerprint": fp, "from": source, **placed})
+    log(f"[sweep] {point.name} seed-{seed}: {spec.name} reused from {source} ({placed['how']}, "
+        f"{placed['files']} files)")
+    return True
+
+
 def _place_shared(sweep: Sweep, point: Point, seed: int, cfg, group, sharing, log) -> list:
     """Place every step of `group` (one stage's shared steps, their claims held) that another point has finished;
     returns those this point must compute."""
-    run_dir, pending = sweep.run_dir(point, seed), []
-    for spec, fp in group:
-        step = Step(run_dir, spec.stage, spec.variant)
-        saved = step.saved_fingerprint()
-        if saved is not None and saved != fp:
-            continue  # this folder ran with another configuration: the runner refuses it, naming the fix
-        if step.done:
-            continue
-        candidates = [(name, sweep.run_dir(name, seed)) for name in sharing[(spec.name, fp)]]
-        found = find_donor(spec, fp, candidates, run_dir)
-        if found is None:
-            pending.append((spec, fp))
-            continue
-        source, donor, marker = found
-        placed = place_step(donor, marker, step, cfg, f"{POINTS}/{source}/seed-{seed}/{spec.name}")
-        _record_shared(sweep.root, point.name, seed, spec.name,
-                       {"fingerprint": fp, "from": source, **placed})
-        log(f"[sweep] {point.name} seed-{seed}: {spec.name} reused from {source} ({placed['how']}, "
-            f"{placed['files']} files)")
-    return pending
+    return [(spec, fp) for spec, fp in group
+            if _place_from(sweep, point, seed, cfg, spec, fp,
+                           [(name, sweep.run_dir(name, seed)) for name in sharing[(spec.name, fp)]], log) is False]
 
 
 def _place_from_other_sweeps(sweep: Sweep, point: Point, seed: int, cfg, only, log) -> None:
@@ -160,22 +162,10 @@ def _place_from_other_sweeps(sweep: Sweep, point: Point, seed: int, cfg, only, l
     the same fingerprint and the same upstreams (the other sweep's files are only read: no claim is needed)."""
     if not sweep.reuse_from:
         return
-    run_dir = sweep.run_dir(point, seed)
     candidates = [(f"{other}:{p['name']}", sweep.root.parent / other / p["run"] / f"seed-{seed}")
                   for other in sweep.reuse_from for p in read_manifest(sweep.root.parent / other)["points"]]
     for spec in selected_steps(cfg, only):
-        step, fp = Step(run_dir, spec.stage, spec.variant), step_fingerprint(cfg, spec)
-        saved = step.saved_fingerprint()
-        if step.done or (saved is not None and saved != fp):
-            continue
-        found = find_donor(spec, fp, candidates, run_dir)
-        if found is None:
-            continue
-        source, donor, marker = found
-        placed = place_step(donor, marker, step, cfg, os.path.relpath(donor.path, sweep.root))
-        _record_shared(sweep.root, point.name, seed, spec.name, {"fingerprint": fp, "from": source, **placed})
-        log(f"[sweep] {point.name} seed-{seed}: {spec.name} reused from {source} ({placed['how']}, "
-            f"{placed['files']} files)")
+        _place_from(sweep, point, seed, cfg, spec, step_fingerprint(cfg, spec), candidates, log)
 
 
 def _stages_through(stage, only) -> list[str]:
