@@ -190,6 +190,12 @@ class SFTConfig:
     curve_points: int = _f(4, "points of the SFT curve: the model is saved and evaluated k/N of the way through SFT "
                                 "for k = 1..N (N = 1: the final model only)", low=1)
     save_steps: int = _f(50, "checkpoint every N steps", low=1)
+    # The positive control (synthflaw.data.positive_control): the instrument counts as able to see a harm only where
+    # it detects this one. harm_fraction: fixed on natural pilot seeds (benchmarks/calibrate_positive_control.py).
+    positive_control: bool = _f(True, "also fine-tune natural's CPT model on a harmed SFT set (model `harmed`), "
+                                      "the positive control of the instruction-following endpoints")
+    harm_fraction: float = _f(0.3, "share of the harmed SFT set's replies with one constraint's edit undone",
+                              low=0, high=1, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -293,6 +299,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unlearn.token_fraction": 1 / 300, "unlearn.learning_rate": 1e-5, "unlearn.save_steps": 50,
         "sft.epochs": 1.0, "sft.learning_rate": 2e-5, "sft.max_length": 1024, "sft.batch_size": 16,
         "sft.save_steps": 500,
+        "sft.positive_control": False,  # a public SFT set carries no checkable constraints to undo
         "evaluate.max_new_tokens": 512,
         # each task's own few-shot setting (MMLU 0-shot, IFEval 0-shot: IFEval has no few-shot split)
         "evaluate.harness_tasks": ("mmlu", "ifeval"), "evaluate.harness_num_fewshot": -1,

@@ -18,17 +18,28 @@ from dataclasses import dataclass
 from synthflaw.config import BRANCHES, StudyConfig
 
 UNLEARNED_PREFIX = "unlearn-"
+# The positive control: natural's CPT model fine-tuned on the SFT set with a share of its replies harmed
+# (synthflaw.data.positive_control). It runs beside the natural control (`sft.positive_control`).
+POSITIVE_CONTROL = "harmed"
+
+
+def has_positive_control(cfg: StudyConfig) -> bool:
+    return cfg.sft.positive_control and "natural" in cfg.cpt.branches
 
 
 def models_of(cfg: StudyConfig) -> list[str]:
-    """Every model that is fine-tuned and evaluated: the CPT branches, then one per unlearning method."""
-    return list(cfg.cpt.branches) + [UNLEARNED_PREFIX + m for m in cfg.unlearn.methods]
+    """Every model that is fine-tuned and evaluated: the CPT branches, the positive control, then one per unlearning
+    method."""
+    control = [POSITIVE_CONTROL] if has_positive_control(cfg) else []
+    return list(cfg.cpt.branches) + control + [UNLEARNED_PREFIX + m for m in cfg.unlearn.methods]
 
 
 def model_order(names) -> list[str]:
-    """`names` in the study's order: the branches in `BRANCHES` order (control first), then the rest by name."""
+    """`names` in the study's order: the branches in `BRANCHES` order (control first), the positive control, then
+    the rest by name."""
     names = list(dict.fromkeys(names))
-    return [b for b in BRANCHES if b in names] + sorted(n for n in names if n not in BRANCHES)
+    first = [b for b in (*BRANCHES, POSITIVE_CONTROL) if b in names]
+    return first + sorted(n for n in names if n not in first)
 
 
 def unlearned_method(model: str) -> str | None:
@@ -40,7 +51,11 @@ def unlearned_method(model: str) -> str | None:
 # synthetic share. Its steps' fingerprints take the key at its default, so a sweep over the share trains, fine-tunes
 # and evaluates the natural control once per seed, and a run given another share keeps its natural steps.
 # (`more_natural` reads no share either, but it starts from `cpt.more_natural_from`, by default the synthetic model.)
-UNREAD_BY_BRANCH = {"natural": ("cpt.synthetic_fraction",)}
+# The positive control trains on natural's CPT model, so it reads no share either.
+UNREAD_BY_BRANCH = {"natural": ("cpt.synthetic_fraction",), POSITIVE_CONTROL: ("cpt.synthetic_fraction",)}
+# The positive control's keys, read by the `harmed` model only: every other model keeps its fingerprint whatever
+# the control's settings (a sweep over the harm trains the other models once per seed).
+CONTROL_KEYS = ("sft.positive_control", "sft.harm_fraction")
 
 
 @dataclass(frozen=True)
@@ -79,9 +94,12 @@ class Stage:
         return self.sections
 
     def unread_for(self, variant: str | None) -> tuple[str, ...]:
-        """Keys of those sections that the step's model never reads (`UNREAD_BY_BRANCH`; a branch is the variant
-        of the stages that train or evaluate one model: 04, 06, 07): its fingerprint takes them at their defaults."""
-        return UNREAD_BY_BRANCH.get(variant, ())
+        """Keys of those sections that the step's model never reads (`UNREAD_BY_BRANCH`, and `CONTROL_KEYS` for
+        every model but the control; a model is the variant of the stages that train or evaluate one: 04-07): its
+        fingerprint takes them at their defaults."""
+        if variant is None:
+            return ()
+        return UNREAD_BY_BRANCH.get(variant, ()) + (() if variant == POSITIVE_CONTROL else CONTROL_KEYS)
 
     def variants_of(self, cfg: StudyConfig) -> list[str]:
         return self.variants(cfg) if self.variants else []

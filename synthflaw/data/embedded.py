@@ -4,8 +4,9 @@ Everything comes from a seeded :mod:`synthflaw.data.world`. Facts are split once
 - *stated* facts appear in NonSynth (natural text, many styles and wordings) and in SynthQA;
 - *SynthQA-only* facts appear only in SynthQA -- the teacher knows more than the corpus, which is where the
   benchmark gain of synthetic data comes from;
-and the stated facts are split again into facts the SFT set may ask about and facts reserved for evaluation, so no
-evaluation item is taught by SFT. Every record carries its provenance (fact ids, template or style, seed).
+and the stated facts are split again: a small share (`SFT_FACT_SHARE`) the SFT set may ask about, the rest for the
+benchmark and the evaluation suites, so no evaluation item is taught by SFT. Topics are split per seed the same way
+(`phrasebook.topic_split`). Every record carries its provenance (fact ids, template or style, seed).
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import random
 from synthflaw.data import constraints as cons
 from synthflaw.data.phrasebook import (
     EVAL_TASKS,
-    EVAL_TOPICS,
     FILLERS,
     GENERAL_FRAMES,
-    SFT_TOPICS,
     SPEAKERS,
     TASKS,
     TOPICS,
+    topic_split,
 )
 from synthflaw.data.schema import SYNTHQA_TEMPLATES, training_texts
 from synthflaw.data.world import RELATIONS, Fact, World, build_world
@@ -132,6 +132,11 @@ def rewritten_documents(facts: list[Fact], per_fact: int, seed: int) -> list[dic
     return records
 
 
+# Share of the stated facts SFT may ask about; the other stated facts are the benchmark's and the suites' pool, so
+# the learnable tier draws its >= 150 base prompts from ~100 facts per seed, not from a handful.
+SFT_FACT_SHARE = 0.15
+
+
 def _fact_task(rng: random.Random, fact: Fact, heldout: bool) -> tuple[str, str]:
     rel = RELATIONS[fact.relation]
     prompt = rng.choice(rel.questions).format(s=fact.subject)
@@ -173,48 +178,90 @@ def _binding_task(rng: random.Random, facts: list[Fact], topics: tuple[str, ...]
             return base_prompt, base, chosen, prov
 
 
-def sft_examples(facts: list[Fact], n: int, seed: int, forbidden: set[frozenset[str]] | None = None) -> list[dict]:
+def sft_examples(facts: list[Fact], topics: tuple[str, ...], n: int, seed: int,
+                 forbidden: set[frozenset[str]] | None = None) -> list[dict]:
     """Chat SFT examples with 1-3 binding constraints each (`cons.sample_binding_constraints`: the plain answer
     breaks every one of them, so each example teaches a change), about SFT facts and fact-free SFT topics."""
     rng = random.Random(f"sft-{seed}")
     records = []
     for i in range(n):
-        base_prompt, base, chosen, prov = _binding_task(rng, facts, SFT_TOPICS, rng.randint(1, 3), forbidden)
+        base_prompt, base, chosen, prov = _binding_task(rng, facts, topics, rng.randint(1, 3), forbidden)
         prompt = f"{base_prompt} {cons.describe_all(chosen, rng, heldout=False)}"
         records.append({"id": f"sft-{i:06d}",
                         "messages": [{"role": "user", "content": prompt},
                                      {"role": "assistant", "content": cons.compose(base, chosen)}],
-                        "constraints": chosen,
+                        "constraints": chosen, "plain": base,
                         "provenance": {"source": "embedded", **prov, "seed": seed}})
     return records
 
 
-def learnable_suite(facts: list[Fact], n_items: int, seed: int) -> list[dict]:
+def _learnable_bases(rng: random.Random, facts: list[Fact], topics: tuple[str, ...]):
+    """Distinct base prompts in SFT's wordings, in a seeded order: every question wording of every fact and every
+    task wording of every topic, fact and topic tasks alternating while both last. A fact's plain answer uses one of
+    NonSynth's non-canonical wordings, so no templated form of it is a SynthQA text."""
+    fact_bases = [(q.format(s=f.subject), f, None) for f in facts for q in RELATIONS[f.relation].questions]
+    topic_bases = [(t.format(topic=topic), None, topic) for topic in topics for t in TASKS]
+    rng.shuffle(fact_bases)
+    rng.shuffle(topic_bases)
+    for k in range(max(len(fact_bases), len(topic_bases))):
+        for bases in (fact_bases, topic_bases):
+            if k < len(bases):
+                yield bases[k]
+
+
+def learnable_suite(facts: list[Fact], topics: tuple[str, ...], n_items: int, seed: int,
+                    avoid: set[str] = frozenset()) -> list[dict]:
     """The learnable tier of instruction following, the primary one: what SFT teaches, asked about held-out facts
     and topics.
 
-    Each item is one task in SFT's wordings (fact questions, topic tasks) with 1-3 binding constraints (levels
-    1-3 in equal thirds; `cons.sample_binding_constraints`) worded with SFT's phrasings, negation traps left out.
-    Items are independent (no item extends another). Beside the prompt each item keeps what the likelihood
-    endpoints need: the base prompt and each constraint's sentence (to rebuild the prompt without one), the plain
-    answer, the compliant reply (`reference`) and, per constraint, the reply with that constraint's edit undone.
+    Items come in threes: one base prompt in SFT's wordings (a fact question or a topic task) at levels 1, 2 and 3
+    (that many binding constraints; `cons.sample_binding_constraints`) worded with SFT's phrasings, negation traps
+    left out; every base prompt is distinct, so a seed's n items stand on n/3 subjects (`base_id` names the base:
+    the cluster of its items' standard errors). Beside the prompt each item keeps what the likelihood endpoints
+    need: the base prompt and each constraint's sentence (to rebuild the prompt without one), the plain answer, the
+    compliant reply (`reference`) and, per constraint, the reply with that constraint's edit undone. A base whose
+    replies would equal a text in `avoid` (the training texts) is passed over: no scored string is trained on.
     """
     rng = random.Random(f"learnable-{seed}")
-    items = []
-    for i in range(n_items):
-        level = 1 + i % 3
-        base_prompt, base, chosen, prov = _binding_task(rng, facts, EVAL_TOPICS, level)
-        sentences = cons.describe_each(chosen, rng, heldout=False, avoid_traps=True)
-        items.append({"id": f"learnable-{i:05d}", "level": level,
-                      "prompt": " ".join([base_prompt, *sentences]), "base_prompt": base_prompt,
-                      "instructions": sentences, "constraints": chosen, "plain": base,
-                      "reference": cons.compose(base, chosen),
-                      "undone": [cons.compose(base, chosen[:k] + chosen[k + 1:]) for k in range(len(chosen))],
-                      "provenance": {"source": "embedded", **prov, "seed": seed}})
+    n_bases = -(-n_items // 3)
+    items: list[dict] = []
+    for base_prompt, fact, topic in _learnable_bases(rng, facts, topics):
+        if len(items) >= n_items:
+            break
+        if fact is not None:
+            plain = fact.statement(rng.choice(RELATIONS[fact.relation].natural[1:]))
+            prov = {"fact_ids": [fact.id], "task": "fact"}
+        else:
+            plain = " ".join(rng.sample(TOPICS[topic], rng.randint(2, 3)))
+            prov = {"fact_ids": [], "task": f"topic:{topic}"}
+        drawn = []
+        for level in range(1, 4):
+            chosen = cons.sample_binding_constraints(rng, plain, level)
+            if chosen is None:
+                break
+            undone = [cons.compose(plain, chosen[:k] + chosen[k + 1:]) for k in range(len(chosen))]
+            reference = cons.compose(plain, chosen)
+            if {plain, reference, *undone} & avoid:
+                break
+            drawn.append((level, chosen, reference, undone))
+        if len(drawn) < 3:
+            continue
+        base_id = f"learnable-base-{len(items) // 3:04d}"
+        for level, chosen, reference, undone in drawn[: n_items - len(items)]:
+            sentences = cons.describe_each(chosen, rng, heldout=False, avoid_traps=True)
+            items.append({"id": f"learnable-{len(items):05d}", "base_id": base_id, "level": level,
+                          "prompt": " ".join([base_prompt, *sentences]), "base_prompt": base_prompt,
+                          "instructions": sentences, "constraints": chosen, "plain": plain,
+                          "reference": reference, "undone": undone,
+                          "provenance": {"source": "embedded", **prov, "seed": seed}})
+    if len(items) < n_items:
+        raise ValueError(f"data.learnable_items={n_items} needs {n_bases} distinct base prompts; the world's held-out "
+                         f"facts and topics gave {len(items) // 3}: lower learnable_items or grow the world")
     return items
 
 
-def instruction_documents(facts: list[Fact], n: int, seed: int, stream: str) -> list[dict]:
+def instruction_documents(facts: list[Fact], topics: tuple[str, ...], n: int, seed: int,
+                          stream: str) -> list[dict]:
     """NonSynth's request-and-reply documents: everyday text in which someone asks for something with a
     constraint or two and the reply follows them (a chat log, letters, a help forum), as a web corpus holds.
 
@@ -225,7 +272,7 @@ def instruction_documents(facts: list[Fact], n: int, seed: int, stream: str) -> 
     rng = random.Random(f"{stream}-requests-{seed}")
     docs = []
     for i in range(n):
-        base_prompt, base, chosen, prov = _binding_task(rng, facts, SFT_TOPICS, rng.randint(1, 2))
+        base_prompt, base, chosen, prov = _binding_task(rng, facts, topics, rng.randint(1, 2))
         request = f"{base_prompt} {cons.describe_all(chosen, rng, heldout=False)}"
         reply = cons.compose(base, chosen)
         a, b = rng.sample(SPEAKERS, 2)
@@ -242,7 +289,8 @@ def instruction_documents(facts: list[Fact], n: int, seed: int, stream: str) -> 
     return docs
 
 
-def instruction_suite(facts: list[Fact], n_bases: int, unseen_pairs: set[frozenset[str]], seed: int) -> list[dict]:
+def instruction_suite(facts: list[Fact], topics: tuple[str, ...], n_bases: int, unseen_pairs: set[frozenset[str]],
+                      seed: int) -> list[dict]:
     """FollowBench-like suite: each base prompt gets levels 1-5, level k carrying the first k of 5 constraints.
 
     Wordings are the held-out phrasings, and the first two constraints always form a pair SFT never combined
@@ -257,7 +305,7 @@ def instruction_suite(facts: list[Fact], n_bases: int, unseen_pairs: set[frozens
             base_prompt, base = _fact_task(rng, fact, heldout=True)
             prov = {"fact_ids": [fact.id], "task": "fact"}
         else:
-            topic, base_prompt, base = _topic_task(rng, EVAL_TOPICS, EVAL_TASKS)
+            topic, base_prompt, base = _topic_task(rng, topics, EVAL_TASKS)
             prov = {"fact_ids": [], "task": f"topic:{topic}"}
         chosen = None
         for _ in range(200):
@@ -298,10 +346,13 @@ def benchmark_items(world: World, stated: list[Fact], synth_only: list[Fact], n:
     return items
 
 
-def chat_items(world: World, stated: list[Fact], n: int, seed: int) -> list[dict]:
-    """Open instructions with references: people the model should know (stated facts) and held-out topics."""
+def chat_items(world: World, stated: list[Fact], topics: tuple[str, ...], n: int, seed: int,
+               avoid: set[str] = frozenset()) -> list[dict]:
+    """Open instructions with references: people the model should know (stated facts) and held-out topics. A person
+    whose reference would equal a text in `avoid` (the training texts) is passed over."""
     rng = random.Random(f"chat-{seed}")
     people = sorted({f.subject for f in stated if RELATIONS[f.relation].subject_kind == "person"})
+    people = [p for p in people if " ".join(f.statement() for f in stated if f.subject == p) not in avoid]
     items = []
     for i in range(n):
         if i % 2 == 0 and people:
@@ -311,7 +362,7 @@ def chat_items(world: World, stated: list[Fact], n: int, seed: int) -> list[dict
                           "reference": " ".join(f.statement() for f in known),
                           "provenance": {"source": "embedded", "fact_ids": [f.id for f in known], "seed": seed}})
         else:
-            topic = EVAL_TOPICS[(i // 2) % len(EVAL_TOPICS)]
+            topic = topics[(i // 2) % len(topics)]
             items.append({"id": f"chat-{i:04d}", "prompt": f"In a few sentences, what should I know about {topic}?",
                           "reference": " ".join(rng.sample(TOPICS[topic], 3)),
                           "provenance": {"source": "embedded", "fact_ids": [], "task": f"topic:{topic}",
@@ -327,19 +378,19 @@ def build_embedded(cfg, seed: int) -> dict[str, object]:
     rng.shuffle(facts)
     n_stated = round(len(facts) * cfg.nonsynth_fact_share)
     stated, synth_only = facts[:n_stated], facts[n_stated:]
-    # Stated facts the benchmark and the evaluation suites use are never SFT targets.
-    bench = benchmark_items(world, stated, synth_only, cfg.benchmark_items, seed)
-    bench_ids = {fid for item in bench for fid in item["provenance"]["fact_ids"]}
-    free = [f for f in stated if f.id not in bench_ids]
-    eval_facts, sft_facts = free[: max(1, len(free) // 4)], free[max(1, len(free) // 4):]
+    # SFT's facts first; the benchmark and the evaluation suites use the other stated facts, never an SFT target.
+    n_sft = max(1, round(len(stated) * SFT_FACT_SHARE))
+    sft_facts, eval_facts = stated[:n_sft], stated[n_sft:]
+    sft_topics, eval_topics = topic_split(seed)
+    bench = benchmark_items(world, eval_facts, synth_only, cfg.benchmark_items, seed)
     unseen = heldout_pairs(seed)
-    sft = sft_examples(sft_facts, cfg.sft_examples, seed, forbidden=unseen)
+    sft = sft_examples(sft_facts, sft_topics, cfg.sft_examples, seed, forbidden=unseen)
 
     def corpus(n: int, stream: str) -> list[dict]:
         """`n` NonSynth documents, `data.instruction_doc_share` of them request-and-reply documents."""
         requests = round(n * cfg.instruction_doc_share)
         docs = (natural_documents(world, stated, n - requests, cfg.general_text_share, seed, stream)
-                + instruction_documents(sft_facts, requests, seed, stream))
+                + instruction_documents(sft_facts, sft_topics, requests, seed, stream))
         random.Random(f"{stream}-mix-{seed}").shuffle(docs)
         return docs
 
@@ -353,17 +404,19 @@ def build_embedded(cfg, seed: int) -> dict[str, object]:
         "rewritten": rewritten_documents(sorted(facts, key=lambda f: f.id), cfg.synthqa_per_fact, seed),
         "sft": sft,
         "benchmark": bench,
-        "instruction_suite": instruction_suite(eval_facts, cfg.suite_bases, unseen, seed),
-        "learnable_suite": learnable_suite(eval_facts, cfg.learnable_items, seed),
-        "chat": chat_items(world, eval_facts, cfg.chat_items, seed),
     }
+    trained = set(training_texts(data))  # no scored reply may be a text a model trained on (`schema.find_leaks`)
+    data.update({"instruction_suite": instruction_suite(eval_facts, eval_topics, cfg.suite_bases, unseen, seed),
+                 "learnable_suite": learnable_suite(eval_facts, eval_topics, cfg.learnable_items, seed, trained),
+                 "chat": chat_items(world, eval_facts, eval_topics, cfg.chat_items, seed, trained)})
     # A short held-out document can repeat training text by chance (a one-fact note); perplexity on it would not
     # be held out, so such documents are dropped here rather than counted as leaks.
     corpus = "\n\x00".join(training_texts(data))
     data["heldout_nonsynth"] = [r for r in data["heldout_nonsynth"] if r["text"] not in corpus]
     data["world"] = {**world.to_dict(), "stated_fact_ids": sorted(f.id for f in stated),
                      "synthqa_only_fact_ids": sorted(f.id for f in synth_only),
-                     "sft_fact_ids": sorted(f.id for f in sft_facts), "eval_fact_ids": sorted(f.id for f in eval_facts)}
+                     "sft_fact_ids": sorted(f.id for f in sft_facts), "eval_fact_ids": sorted(f.id for f in eval_facts),
+                     "sft_topics": list(sft_topics), "eval_topics": list(eval_topics)}
     data["synthqa_templates"] = {"templates": list(SYNTHQA_TEMPLATES[: cfg.synthetic_templates])}
     return data
 

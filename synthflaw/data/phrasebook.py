@@ -1,8 +1,10 @@
 """Fixed wordings the generated corpora draw on: fillers, fact-free topics, document frames.
 
-Topics are split in two: SFT uses the first part, the evaluation suites the held-out rest (`EVAL_TOPICS`), so no
+Topics are split in two per seed (`topic_split`): SFT uses one part, the evaluation suites the held-out rest, so no
 evaluation prompt asks about a topic the SFT set taught.
 """
+
+import random
 
 FILLERS = (
     "The weather that season was mild.", "Few people noticed at the time.", "It was a busy year for everyone.",
@@ -72,9 +74,70 @@ TOPICS = {
     "islands": ("Islands are surrounded by water.", "Ferries connect many islands to the mainland.",
                 "Some islands were formed by volcanoes.", "Island birds are often found nowhere else.",
                 "Fresh water can be scarce on small islands.", "Beaches ring many tropical islands."),
+    "owls": ("Owls hunt mostly at night.", "An owl can turn its head a long way round.",
+             "Owls fly almost without a sound.", "Many owls nest in hollow trees.",
+             "Owls swallow small prey whole.", "The call of an owl carries far in the dark."),
+    "volcanoes": ("Volcanoes form where melted rock reaches the surface.", "Lava cools into hard black rock.",
+                  "Some volcanoes have been quiet for centuries.", "Ash from an eruption can travel far.",
+                  "Scientists watch volcanoes for small earthquakes.", "Soil near old volcanoes is often rich."),
+    "deserts": ("Deserts get very little rain.", "Nights in the desert can be cold.",
+                "Camels can go days without water.", "Cacti store water in their thick stems.",
+                "Sand dunes move slowly with the wind.", "An oasis is a green spot with water."),
+    "violins": ("A violin has four strings.", "The bow is strung with horsehair.",
+                "Violins are made from carefully shaped wood.", "Players tune the strings before each concert.",
+                "A violin sits under the player's chin.", "Learning the violin takes years of practice."),
+    "glaciers": ("Glaciers are rivers of slow-moving ice.", "A glacier carves deep valleys over time.",
+                 "Many glaciers are shrinking.", "Glacier ice can look blue.",
+                 "Meltwater from glaciers feeds rivers in summer.", "Rocks carried by glaciers are left far away."),
+    "pottery": ("Pottery is shaped from wet clay.", "A kiln fires clay until it is hard.",
+                "Glaze gives pottery a glassy surface.", "A potter's wheel spins the clay.",
+                "Old pottery tells us how people lived.", "Cracked pots were often mended with care."),
+    "whales": ("Whales breathe air through a blowhole.", "Some whales sing long songs.",
+               "The blue whale is the largest animal alive.", "Whales travel far between seasons.",
+               "Young whales stay close to their mothers.", "Many whales feed on tiny krill."),
+    "chess": ("Chess is played on a board of 64 squares.", "Each player starts with sixteen pieces.",
+              "The game ends when a king is trapped.", "Knights move in the shape of an L.",
+              "Good players think several moves ahead.", "Chess clocks limit the time for moves."),
+    "forests": ("Forests are home to many animals.", "Tall trees shade the forest floor.",
+                "Fallen leaves feed the soil.", "Forests store a great deal of carbon.",
+                "Paths in a forest can be hard to follow.", "Mushrooms grow in damp forest corners."),
+    "bridges": ("Bridges carry roads over rivers and valleys.", "Some bridges hang from strong cables.",
+                "Stone bridges can last for centuries.", "Engineers test bridges for heavy loads.",
+                "A drawbridge lifts to let ships pass.", "Wind can make a long bridge sway."),
+    "honey": ("Honey keeps for a very long time.", "The taste of honey depends on the flowers.",
+              "Honey can be runny or set.", "Warm water loosens honey that has set.",
+              "Honey was used to sweeten food long before sugar.", "A spoon of honey soothes a sore throat."),
+    "comets": ("Comets are balls of ice and dust.", "A comet grows a tail near the sun.",
+               "Some comets return every few decades.", "The tail of a comet points away from the sun.",
+               "Bright comets can be seen without a telescope.", "Comets travel on long oval paths."),
+    "puzzles": ("Puzzles train patience and focus.", "A jigsaw is easier if you start with the edges.",
+                "Crosswords test words and spelling.", "Some puzzles have only one solution.",
+                "Families often solve puzzles together.", "A hard puzzle can take days to finish."),
+    "ferries": ("Ferries carry people and cars across water.", "Ferry timetables change with the seasons.",
+                "Rough seas can cancel a ferry.", "Many ferries have a cafe on board.",
+                "Passengers often watch the coast from the deck.", "Night ferries have cabins for sleeping."),
+    "orchards": ("Orchards are planted with fruit trees.", "Apple trees blossom in spring.",
+                 "Fruit is picked by hand in many orchards.", "Bees help orchards bear fruit.",
+                 "Old orchards are home to many birds.", "Pruning keeps fruit trees healthy."),
+    "lanterns": ("Lanterns carry a light from place to place.", "Paper lanterns glow softly at festivals.",
+                 "Old lanterns burned oil or candles.", "A lantern protects its flame from the wind.",
+                 "Hikers carry small lanterns at night.", "Floating lanterns are set on rivers in some towns."),
+    "snails": ("Snails carry their shells on their backs.", "A snail leaves a trail of slime.",
+               "Snails come out after rain.", "Some snails live in the sea.",
+               "Snails eat soft leaves in gardens.", "A snail can pull itself into its shell."),
+    "harbours": ("Harbours shelter boats from storms.", "Fishing boats unload their catch at the harbour.",
+                 "Cranes lift containers off ships.", "A harbour wall breaks the force of the waves.",
+                 "Harbour towns often smell of salt and fish.", "Boats are tied up along the quay."),
 }
-EVAL_TOPICS = ("kites", "clocks", "islands", "lighthouses", "bees", "museums")
-SFT_TOPICS = tuple(t for t in TOPICS if t not in EVAL_TOPICS)
+# Topics the evaluation suites draw on per seed; the rest are SFT's (see `topic_split`).
+EVAL_TOPIC_COUNT = 12
+
+
+def topic_split(seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(SFT topics, evaluation topics) of a seed: `EVAL_TOPIC_COUNT` topics drawn per seed from the whole pool are
+    held out for evaluation, so no evaluation topic is an SFT topic and the evaluated subjects change with the seed."""
+    held = set(random.Random(f"topics-{seed}").sample(sorted(TOPICS), EVAL_TOPIC_COUNT))
+    return tuple(t for t in TOPICS if t not in held), tuple(t for t in TOPICS if t in held)
 
 # Fact-free tasks for SFT and the instruction-following suite; {topic} is filled in.
 TASKS = ("Write a short note about {topic}.", "Tell me something about {topic}.",

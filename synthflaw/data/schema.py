@@ -58,13 +58,40 @@ def training_texts(data: dict) -> Iterable[str]:
             yield m["content"]
 
 
+def tokenizer_texts(data: dict) -> list[str]:
+    """What the embedded tokenizer is trained on: NonSynth, the SFT chats and every template's markers (each 200
+    times, so each becomes the same few tokens whatever SynthQA holds). No SynthQA or rewritten text: a sweep of a
+    `data.*` key that changes only those (the templates, the pairs per fact) then trains every natural-side model on
+    the same tokens, and compares like with like."""
+    texts = [r["text"] for r in data["nonsynth"]]
+    texts += [m["content"] for r in data["sft"] for m in r["messages"]]
+    texts += [marker for t in SYNTHQA_TEMPLATES for marker in t["markers"]] * 200
+    return texts
+
+
+def scored_replies(data: dict) -> Iterable[tuple[str, str]]:
+    """("<set>:<id>", text) of every reply the likelihood endpoints score: the learnable tier's plain answer,
+    compliant reply and undone replies, its SynthQA-templated forms (the template pull), and the chat references."""
+    templates = data["synthqa_templates"]["templates"]
+    for r in data["learnable_suite"]:
+        for text in (r["plain"], r["reference"], *r["undone"]):
+            yield f"learnable_suite:{r['id']}", text
+        for t in templates:
+            yield f"learnable_suite:{r['id']}", t["format"].format(question=r["base_prompt"], answer=r["plain"])
+    for r in data["chat"]:
+        yield f"chat:{r['id']}", r["reference"]
+
+
 def find_leaks(data: dict) -> list[str]:
-    """Evaluation items whose prompt (or held-out document) occurs verbatim in any training text."""
-    corpus = "\n\x00".join(training_texts(data))
-    return [f"{name}:{r['id']}" for name, field in (("benchmark", "question"), ("learnable_suite", "prompt"),
-                                                    ("instruction_suite", "prompt"), ("chat", "prompt"),
-                                                    ("heldout_nonsynth", "text"))
-            for r in data[name] if r[field] in corpus]
+    """Evaluation items whose prompt (or held-out document) occurs verbatim in any training text, or one of whose
+    scored replies (`scored_replies`) is a training text."""
+    texts = list(training_texts(data))
+    corpus, trained = "\n\x00".join(texts), set(texts)
+    leaks = [f"{name}:{r['id']}" for name, field in (("benchmark", "question"), ("learnable_suite", "prompt"),
+                                                     ("instruction_suite", "prompt"), ("chat", "prompt"),
+                                                     ("heldout_nonsynth", "text"))
+             for r in data[name] if r[field] in corpus]
+    return leaks + sorted({key for key, text in scored_replies(data) if text in trained})
 
 
 def load_data(data_dir: Path) -> dict[str, list[dict]]:

@@ -195,7 +195,9 @@ def _learnable(model, tokenizer, items, template, max_new_tokens, batch_size, pr
                   "template_pull": pull[k]}
         if pre_pull is not None:
             values["pre_sft_template_pull"] = pre_pull[k]
-        rows += [{"set": "learnable_suite", "id": r["id"], "metric": m, "value": v} for m, v in values.items()]
+        # the cluster: items on one base prompt share a subject, so standard errors are clustered by it
+        rows += [{"set": "learnable_suite", "id": r["id"], "metric": m, "value": v,
+                  "cluster": r.get("base_id", r["id"])} for m, v in values.items()]
     return metrics, samples, rows
 
 

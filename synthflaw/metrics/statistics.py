@@ -77,15 +77,37 @@ def minimum_detectable_difference(se: float, df: int, confidence: float = 0.95, 
     return float(stdtrit(df, (1.0 + confidence) / 2.0) + stdtrit(df, power)) * se
 
 
-def seed_item_contrast(values: dict[str, dict], terms: list[tuple[str, float]]) -> tuple[float, float, int] | None:
+def clustered_variance_of_mean(d: np.ndarray, clusters: list[str]) -> float:
+    """The variance of mean(d) when items come in clusters that share a subject (items built on one base prompt):
+    the cluster-robust (sandwich) estimate G / (G - 1) * sum_g (sum_{i in g} (d_i - mean))^2 / n^2 over G clusters.
+    With every item its own cluster it is the usual var(d, ddof=1) / n; items of one cluster that move together
+    widen it, as they should (they are fewer independent observations than items). NaN with fewer than 2 clusters."""
+    n = len(d)
+    if len(set(clusters)) == n:  # no clustering: numpy's own formula, so earlier results regenerate to the bit
+        return float(d.var(ddof=1) / n) if n > 1 else float("nan")
+    residual = d - d.mean()
+    sums: dict[str, float] = {}
+    for c, r in zip(clusters, residual):
+        sums[c] = sums.get(c, 0.0) + float(r)
+    g = len(sums)
+    if g < 2:
+        return float("nan")
+    return g / (g - 1) * float(np.sum(np.square(list(sums.values())))) / n ** 2
+
+
+def seed_item_contrast(values: dict[str, dict], terms: list[tuple[str, float]],
+                       clusters: dict[str, str] | None = None) -> tuple[float, float, int] | None:
     """One seed's item-level paired contrast: (mean, variance of the mean, items) of sum_m w_m * value_m(item)
-    over the items every model of `terms` has. `values`: model -> {item key: value}. None when no item is shared."""
+    over the items every model of `terms` has. `values`: model -> {item key: value}; `clusters`: item key -> its
+    cluster (items without one are their own), the variance is clustered (`clustered_variance_of_mean`). None when
+    no item is shared."""
     common = set.intersection(*(set(values.get(model, {})) for model, _ in terms))
     if not common:
         return None
     keys = sorted(common)
     d = np.array([sum(w * values[model][key] for model, w in terms) for key in keys], dtype=np.float64)
-    var = float(d.var(ddof=1) / len(d)) if len(d) > 1 else float("nan")
+    clusters = clusters or {}
+    var = clustered_variance_of_mean(d, [clusters.get(k, k) for k in keys])
     return float(d.mean()), var, len(d)
 
 
@@ -146,13 +168,14 @@ def combine_seeds(per_seed: dict[str, tuple[float, float, int]], confidence: flo
 
 
 def item_contrast(by_seed: dict[str, dict[str, dict]], terms: list[tuple[str, float]],
-                  confidence: float = 0.95) -> dict | None:
-    """`seed_item_contrast` in every seed (`by_seed`: seed -> model -> {item key: value}), combined over the seeds
-    that have every model (`combine_seeds`); each seed's own estimate is kept under "per_seed"."""
+                  confidence: float = 0.95, clusters: dict[str, dict[str, str]] | None = None) -> dict | None:
+    """`seed_item_contrast` in every seed (`by_seed`: seed -> model -> {item key: value}; `clusters`: seed -> item
+    key -> cluster), combined over the seeds that have every model (`combine_seeds`); each seed's own estimate is
+    kept under "per_seed"."""
     per_seed = {}
     for seed, values in by_seed.items():
         if all(model in values for model, _ in terms):
-            found = seed_item_contrast(values, terms)
+            found = seed_item_contrast(values, terms, (clusters or {}).get(seed))
             if found is not None:
                 per_seed[seed] = found
     combined = combine_seeds(per_seed, confidence)

@@ -118,13 +118,18 @@ def _null_values(metrics: dict) -> dict[str, dict[str, float]]:
             for kind, v in (metrics.get("nulls") or {}).items()}
 
 
-def _item_values(path: Path) -> dict[str, dict[str, float]]:
-    """A model's per-item values (items.csv): metric -> {"<set>/<item id>": value}."""
+def _item_values(path: Path) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """A model's per-item values (items.csv): (metric -> {"<set>/<item id>": value}, {item key: cluster} for the
+    items whose row names a cluster (files written before clusters existed name none: each item its own)."""
     out: dict[str, dict[str, float]] = {}
+    clusters: dict[str, str] = {}
     if (path / "items.csv").exists():
         for row in read_csv(path / "items.csv", required=("set", "id", "metric", "value")):
-            out.setdefault(row["metric"], {})[f"{row['set']}/{row['id']}"] = float(row["value"])
-    return out
+            key = f"{row['set']}/{row['id']}"
+            out.setdefault(row["metric"], {})[key] = float(row["value"])
+            if row.get("cluster"):
+                clusters[key] = f"{row['set']}/{row['cluster']}"
+    return out, clusters
 
 
 def _unlearning_costs(run: Path) -> dict[str, float]:
@@ -168,6 +173,7 @@ def aggregate(run_dirs, out_dir, confidence: float = 0.95) -> dict:
         raise ValueError("no seed runs to aggregate; run `synthflaw run --seeds 0 1 2 --run-id ID` and let 07 finish")
     per_seed: dict[str, dict[str, dict[str, float]]] = {}
     items: dict[str, dict[str, dict[str, dict]]] = {}  # metric -> seed -> model -> {item key: value}
+    clusters: dict[str, dict[str, str]] = {}  # seed -> {item key: cluster}: the items are the seed's, not a model's
     curve_rows, costs, seeds = [], {}, []
     for position, run in enumerate(run_dirs):
         models = _done_models(run)
@@ -187,8 +193,10 @@ def aggregate(run_dirs, out_dir, confidence: float = 0.95) -> dict:
             for name, named in values_by_model.items():
                 for metric, value in named.items():
                     per_seed.setdefault(name, {}).setdefault(metric, {})[seed] = value
-            for metric, by_item in _item_values(path).items():
+            by_metric, item_clusters = _item_values(path)
+            for metric, by_item in by_metric.items():
                 items.setdefault(metric, {}).setdefault(seed, {})[model] = by_item
+            clusters.setdefault(seed, {}).update(item_clusters)
             curve_rows += [{"seed": seed, "model": model, "point": k, **point}
                            for k, point in enumerate(metrics.get("sft_curve") or [])]
         for method, fraction in _unlearning_costs(run).items():
@@ -212,6 +220,7 @@ def aggregate(run_dirs, out_dir, confidence: float = 0.95) -> dict:
     # Per-item values stay in memory for the findings' item-level contrasts; on disk they are each model's
     # items.csv, which the export keeps.
     aggregated["items"] = items
+    aggregated["clusters"] = clusters
     return aggregated
 
 

@@ -100,6 +100,7 @@ class Contrasts:
     def __init__(self, aggregated: dict):
         self.per_seed, self.confidence = aggregated["per_seed"], aggregated["confidence"]
         self.items = aggregated.get("items") or {}
+        self.clusters = aggregated.get("clusters") or {}
 
     def __call__(self, metric: str, terms: list[tuple[str, float]]) -> dict | None:
         if metric in ITEM_METRICS and ITEM_METRICS[metric][0] in self.items:
@@ -107,7 +108,7 @@ class Contrasts:
             by_seed = {seed: {model: {k: v for k, v in values.items() if k.startswith(prefix)}
                               for model, values in models.items()}
                        for seed, models in self.items[item_metric].items()}
-            return item_contrast(by_seed, terms, self.confidence)
+            return item_contrast(by_seed, terms, self.confidence, self.clusters)
         found = contrast(self.per_seed, [(model, metric, w) for model, w in terms], self.confidence)
         if found is not None and not found["single_seed"]:
             found["mdd"] = minimum_detectable_difference(found["std"] / np.sqrt(found["n"]), found["n"] - 1,

@@ -1,11 +1,11 @@
-"""Stage 03: the base model. Embedded default: a tokenizer trained on the generated corpus and a small Llama
+"""Stage 03: the base model. Embedded default: a tokenizer trained on NonSynth and the SFT chats and a small Llama
 pre-trained from scratch on NonSynth. Paper preset: a hub model, recorded into the run."""
 
 from __future__ import annotations
 
 import shutil
 
-from synthflaw.data.schema import load_data, training_texts
+from synthflaw.data.schema import load_data, tokenizer_texts
 from synthflaw.hub import require_hub
 from synthflaw.models.build import build_model, embedded_model_config, load_model, stop_at_end_of_turn
 from synthflaw.models.tokenizer import load_tokenizer, train_tokenizer
@@ -16,7 +16,7 @@ from synthflaw.training.launch import run_training
 def run(cfg, step) -> dict:
     """The base model in ``<step>/model``.
 
-    Embedded default: a tokenizer trained on the generated corpus and a Llama-style model pre-trained from scratch on
+    Embedded default: a tokenizer trained on NonSynth and the SFT chats and a Llama-style model pre-trained from scratch on
     NonSynth. With `base.model_name_or_path`: that model (hub id or local folder), saved into the run so every later
     stage reads its base from the same place, with generation set to stop at its chat template's end of turn.
     Pre-training runs in this process, or on `compute.num_processes` processes under `accelerate launch`.
@@ -33,8 +33,8 @@ def run(cfg, step) -> dict:
         return {"source": b.model_name_or_path, "parameters": sum(p.numel() for p in model.parameters()),
                 "dtype": str(model.dtype).removeprefix("torch."), "stop_token_ids": stop_ids, "trained": False}
     data_dir = step.upstream(GENERATE_DATA) / "data"
-    # the tokenizer covers every text a model of the study trains on: the corpora and the SFT chats
-    tokenizer = train_tokenizer(list(training_texts(load_data(data_dir))), b.vocab_size, step.path / "tokenizer")
+    # NonSynth, the SFT chats and the templates' markers: nothing a swept data key changes alone (`tokenizer_texts`)
+    tokenizer = train_tokenizer(tokenizer_texts(load_data(data_dir)), b.vocab_size, step.path / "tokenizer")
     model = build_model(tokenizer, embedded_model_config(b), cfg.seed)
     parameters = sum(p.numel() for p in model.parameters())
     # The job loads its model from a folder (in this process or in each launched one): the seeded initialisation.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from synthflaw.data.positive_control import harmed_sft
+from synthflaw.records import read_jsonl, write_jsonl
 from synthflaw.registry import (
     CONTINUED_PRETRAINING,
     GENERATE_DATA,
+    POSITIVE_CONTROL,
     SFT,
     UNLEARNING,
     unlearned_method,
@@ -13,15 +16,23 @@ from synthflaw.training.launch import run_training
 
 
 def run(cfg, step) -> dict:
-    """The same SFT for the model named by the step's variant (a CPT branch or ``unlearn-<method>``)."""
+    """The same SFT for the model named by the step's variant (a CPT branch or ``unlearn-<method>``); the positive
+    control (`harmed`) starts from natural's CPT model and reads the harmed SFT set, written into its step."""
     name, s = step.variant, cfg.sft
     if not name:
-        raise ValueError(f"{SFT.name} needs a variant: a CPT branch or unlearn-<method>")
+        raise ValueError(f"{SFT.name} needs a variant: a CPT branch, {POSITIVE_CONTROL} or unlearn-<method>")
     method = unlearned_method(name)
-    start = (step.upstream(UNLEARNING, method) if method else step.upstream(CONTINUED_PRETRAINING, name)) / "model"
+    records = step.upstream(GENERATE_DATA) / "data" / "sft.jsonl"
+    if name == POSITIVE_CONTROL:
+        start = step.upstream(CONTINUED_PRETRAINING, "natural") / "model"
+        harmed = harmed_sft(read_jsonl(records), s.harm_fraction, cfg.seed)
+        records = step.path / "sft_harmed.jsonl"
+        write_jsonl(records, harmed)
+    else:
+        start = (step.upstream(UNLEARNING, method) if method else step.upstream(CONTINUED_PRETRAINING, name)) / "model"
     job = {"task": "supervised_finetune", "model_name_or_path": str(start), "out_dir": str(step.path),
            "trust_remote_code": cfg.base.trust_remote_code,
-           "records": str(step.upstream(GENERATE_DATA) / "data" / "sft.jsonl"), "max_length": s.max_length,
+           "records": str(records), "max_length": s.max_length,
            "epochs": s.epochs, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
            "warmup_steps": s.warmup_steps, "seed": cfg.seed, "save_steps": s.save_steps,
            "curve_points": s.curve_points}
