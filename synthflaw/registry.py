@@ -108,6 +108,15 @@ class Stage:
         return self.name
 
 
+def sft_start(model: str) -> tuple[Stage, str]:
+    """The step whose model SFT fine-tunes for `model`: its unlearning step, natural's CPT for the positive control,
+    else its own CPT branch."""
+    method = unlearned_method(model)
+    if method:
+        return UNLEARNING, method
+    return CONTINUED_PRETRAINING, "natural" if model == POSITIVE_CONTROL else model
+
+
 GENERATE_DATA = Stage("01", "generate_data", "Generate the data", ("data",))
 DATA_FLAWS = Stage("02", "data_flaws", "The data's flaws", ("data", "flaws"))
 BASE_MODEL = Stage("03", "base_model", "Base model", ("data", "base"), trains=True)

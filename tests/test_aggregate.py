@@ -21,7 +21,7 @@ MODELS = ("natural", "synthetic", "rewritten", "more_natural", "unlearn-lower_bo
 def metrics_json(benchmark=0.4, stated=0.3, synthqa_only=0.5, hsr=0.3, ssr=0.5, chat=3.0, ppl_mean=300.0,
                  ppl_std=20.0, leakage=0.0, kl=0.0, pre_ppl_mean=30.0, pre_ppl_std=2.0, pre_leakage=0.0,
                  levels=(0.6, 0.4, 0.3, 0.2, 0.1), learnable_hsr=0.5, margin=0.3, pull=-5.0, pre_pull=-3.0,
-                 nulls=False) -> dict:
+                 preference=0.2, nulls=False) -> dict:
     """A metrics.json with the layout evaluate_model writes (keys the aggregation does not read trimmed); `nulls`:
     with the nulls' block (a constant reply at learnable HSR 0.05, the plain answer at 0)."""
     return {"pre_sft_benchmark_accuracy": benchmark,  # base capability: the checkpoint before SFT
@@ -39,7 +39,7 @@ def metrics_json(benchmark=0.4, stated=0.3, synthqa_only=0.5, hsr=0.3, ssr=0.5, 
             "benchmark_count_by_split": {"stated": 12, "synthqa_only": 12},
             "hard_satisfaction_rate": hsr, "soft_satisfaction_rate": ssr,
             "hsr_by_level": {str(k + 1): v for k, v in enumerate(levels)},
-            "ifeval_prompt_strict": hsr, "chat_score": chat,
+            "ifeval_prompt_strict": hsr, "chat_score": chat, "chat_preference": preference,
             "chat_score_method": "10 x ROUGE-L F1 on lower-cased word tokens against the reference",
             "chat_judge_score": None, "perplexity": {"mean": ppl_mean, "std": ppl_std, "median": ppl_mean},
             "template_leakage_rate": leakage, "next_token_kl": kl,
@@ -56,9 +56,10 @@ def write_model(run, model, metrics, done=True):
         (path / "done.json").write_text('{"fingerprint": "x", "finished": 0}')
 
 
-def write_study(run, branches, methods):
+def write_study(run, branches, methods, control=False):
     cfg = config.resolve("smoke").to_dict()
     cfg["cpt"]["branches"], cfg["unlearn"]["methods"] = list(branches), list(methods)
+    cfg["sft"]["positive_control"] = control
     run.mkdir(parents=True, exist_ok=True)
     (run / "study.json").write_text(json.dumps({"preset": "smoke", "overrides": {}, "config": cfg}))
 
@@ -69,19 +70,21 @@ CLEAR = {
     "synthetic": {"benchmark": 0.10, "stated": 0.02, "synthqa_only": 0.18, "hsr": -0.10, "chat": -0.5,
                   "leakage": 0.2, "ppl_mean": 20.0, "ppl_std": -5.0, "kl": 0.3,
                   "pre_leakage": 0.3, "pre_ppl_mean": 3.0, "pre_ppl_std": -1.0,
-                  "learnable_hsr": -0.10, "margin": -0.1, "pull": 2.0, "pre_pull": 2.0},
+                  "learnable_hsr": -0.10, "margin": -0.1, "pull": 2.0, "pre_pull": 2.0, "preference": -0.1},
+    # the positive control: natural's CPT, harmed SFT
+    "harmed": {"hsr": -0.05, "learnable_hsr": -0.08, "margin": -0.08, "preference": -0.05, "kl": 0.05},
     "rewritten": {"benchmark": 0.08, "stated": 0.01, "synthqa_only": 0.15, "ppl_mean": 2.0, "kl": 0.05},
-    "more_natural": {"hsr": -0.05, "chat": -0.2, "kl": 0.1, "learnable_hsr": -0.05},
+    "more_natural": {"hsr": -0.05, "chat": -0.2, "kl": 0.1, "learnable_hsr": -0.05, "preference": -0.05},
     "unlearn-lower_bounded": {"benchmark": 0.09, "stated": 0.02, "synthqa_only": 0.16, "hsr": 0.01, "chat": 0.1,
                               "kl": 0.05, "learnable_hsr": 0.01},
 }
 BASE = {"benchmark": 0.4, "stated": 0.3, "synthqa_only": 0.5, "hsr": 0.3, "ssr": 0.5, "chat": 3.0, "ppl_mean": 300.0,
         "ppl_std": 20.0, "leakage": 0.0, "kl": 0.0, "pre_leakage": 0.0, "pre_ppl_mean": 30.0, "pre_ppl_std": 2.0,
-        "learnable_hsr": 0.5, "margin": 0.3, "pull": -5.0, "pre_pull": -3.0}
+        "learnable_hsr": 0.5, "margin": 0.3, "pull": -5.0, "pre_pull": -3.0, "preference": 0.2}
 NOISE_UNIT = {"chat": 10.0, "ppl_mean": 100.0, "ppl_std": 100.0, "pre_ppl_mean": 10.0, "pre_ppl_std": 10.0,
               "pull": 10.0, "pre_pull": 10.0}  # rates move by `scale`, these by `scale * unit`
 MODEL_NOISE = {"natural": 1.0, "synthetic": -1.0, "rewritten": 0.5, "more_natural": -0.5,
-               "unlearn-lower_bounded": 1.5}
+               "unlearn-lower_bounded": 1.5, "harmed": 0.7}
 
 
 def study(tmp_path, effects, *, scale=0.005, effect_size=1.0, n_seeds=3, seed_shift=0.05):
@@ -92,8 +95,8 @@ def study(tmp_path, effects, *, scale=0.005, effect_size=1.0, n_seeds=3, seed_sh
     names = list(BASE)
     for s in range(n_seeds):
         run = run_dir / f"seed-{s}"
-        write_study(run, [m for m in effects if not m.startswith("unlearn-")],
-                    [m[len("unlearn-"):] for m in effects if m.startswith("unlearn-")])
+        write_study(run, [m for m in effects if not m.startswith("unlearn-") and m != "harmed"],
+                    [m[len("unlearn-"):] for m in effects if m.startswith("unlearn-")], control="harmed" in effects)
         for model, effect in effects.items():
             values = {}
             for k, name in enumerate(names):
@@ -109,7 +112,7 @@ def study(tmp_path, effects, *, scale=0.005, effect_size=1.0, n_seeds=3, seed_sh
                 ppl_std=values["ppl_std"], leakage=values["leakage"], kl=values["kl"],
                 pre_ppl_mean=values["pre_ppl_mean"], pre_ppl_std=values["pre_ppl_std"],
                 pre_leakage=values["pre_leakage"], learnable_hsr=values["learnable_hsr"], margin=values["margin"],
-                pull=values["pull"], pre_pull=values["pre_pull"], nulls=True))
+                pull=values["pull"], pre_pull=values["pre_pull"], preference=values["preference"], nulls=True))
     return run_dir
 
 
@@ -201,11 +204,15 @@ def test_aggregate_refuses_duplicate_or_unfinished_seeds(tmp_path):
         aggregate.aggregate([], tmp_path / "out")
 
 
+def agg_of(run_dir, tmp_path):
+    return aggregate.aggregate(aggregate.seed_runs(run_dir), tmp_path / "agg")
+
+
 def verdicts(found):
     return {f["id"]: f["reproduces"] for f in found}
 
 
-IDS = ["1", "2", "3", "3b", "4", "5", "6"]
+IDS = ["C", "1", "2", "3", "3b", "4", "5", "6"]
 
 
 def by_id(found, fid):
@@ -217,10 +224,11 @@ def test_clear_effects_reproduce_every_finding(tmp_path):
     found = findings.findings(agg)
     assert [f["id"] for f in found] == IDS
     assert verdicts(found) == dict.fromkeys(IDS, True), json.dumps(found, indent=1)
-    one = found[0]
+    assert {f["verdict"] for f in found} == {"reproduces"}
+    one = by_id(found, "1")
     assert one["metric"] == "benchmark: synthetic - natural" and one["value"] == pytest.approx(0.10)
     assert one["ci"][0] > 0 and one["rule"].startswith("d(benchmark; synthetic - natural) > 0")
-    retention = by_id(found, "4")["checks"][4]["retention"]
+    retention = next(c for c in by_id(found, "4")["checks"] if c["check"].startswith("benchmark:"))["retention"]
     assert retention == pytest.approx(0.9)  # (0.09 - 0) / (0.10 - 0)
     # findings are a function of aggregate.json alone
     reread = json.loads((tmp_path / "out" / "aggregate.json").read_text())
@@ -231,9 +239,14 @@ def test_reversed_effects_are_reported_as_not_reproducing(tmp_path):
     reversed_effects = {m: {k: -v for k, v in e.items()} for m, e in CLEAR.items()}
     reversed_effects["natural"] = {}
     found = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path, reversed_effects)), tmp_path / "out"))
-    assert verdicts(found) == dict.fromkeys(IDS, False)
-    two = found[1]["checks"]
-    assert [c["reproduces"] for c in two] == [False, False, False] and two[0]["value"] == pytest.approx(0.10)
+    # finding 4's primary family is non-inferiority to natural (-0.01 holds within the margin) and retention (no gain
+    # to retain): neither is reversed, and the reversed exploratory checks do not decide the finding
+    assert verdicts(found) == {**dict.fromkeys(IDS, False), "4": None}
+    assert {c["check"]: c["reproduces"] for c in by_id(found, "4")["checks"]}[
+        "learnable_HSR: unlearn-lower_bounded - synthetic"] is False
+    two = by_id(found, "2")["checks"]
+    assert [c["reproduces"] for c in two] == [False] * 4 and two[0]["value"] == pytest.approx(0.10)
+    assert by_id(found, "2")["verdict"] == "reversed"
 
 
 def test_noisy_effects_are_inconclusive(tmp_path):
@@ -243,6 +256,7 @@ def test_noisy_effects_are_inconclusive(tmp_path):
     # non-inferiority holds exactly when the interval's lower bound clears -delta; the recovery is not shown
     four = {c["check"]: c for c in by_id(found, "4")["checks"]}
     ni, delta = four["learnable_HSR: unlearn-lower_bounded - natural"], found[0]["ni_margin"]["delta"]
+    assert found[0]["margins"] == {"values": findings.run_margins(agg_of(run_dir, tmp_path)), "registered": False}
     # natural's learnable HSR averages 0.55 over the seeds (0.5 + a 0.05 seed shift), the best null is 0.05
     assert delta == pytest.approx(findings.PAPER_RELATIVE_EFFECT * (0.55 - 0.05))
     assert ni["reproduces"] is (True if ni["ci"][0] > -delta else None)
@@ -250,6 +264,7 @@ def test_noisy_effects_are_inconclusive(tmp_path):
     wide = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path / "wide", CLEAR, effect_size=0.02,
                                                                            scale=0.5)), tmp_path / "out2"))
     wide_ni = by_id(wide, "4")["checks"][0]
+    assert wide_ni["check"] == "learnable_HSR: unlearn-lower_bounded - natural"
     assert wide_ni["ci"][0] < -delta and wide_ni["reproduces"] is None  # "not significantly below" is not enough
 
 
@@ -258,7 +273,9 @@ def test_single_seed_and_missing_branch_stay_inconclusive(tmp_path):
     found = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path, effects, n_seeds=1)), tmp_path / "out"))
     assert verdicts(found) == dict.fromkeys(IDS, None)
     assert by_id(found, "6")["note"] == "not run: rewritten" and by_id(found, "6")["value"] is None
-    assert by_id(found, "3")["checks"][1]["check"] == "kl_from_natural: synthetic - natural"  # falls back without rewritten
+    # the KL is measured from natural: without another reference (rewritten) its check is not run at all
+    assert [c["check"] for c in by_id(found, "3")["checks"]] == ["template_pull: synthetic - natural"]
+    assert by_id(found, "3")["note"] == "KL check not run: needs the rewritten branch"
     md = (tmp_path / "out" / "tables" / "headline_ci.md").read_text()
     table = md.split("\n\n")[0]
     assert "| synthetic | 1 | 0.500 |" in table and "±" not in table  # one seed: a value, no interval
@@ -277,7 +294,8 @@ def test_summarize_writes_every_file_and_plots_render(tmp_path):
     assert result["figures"] == ["headline_ci.png", "hsr_by_level_ci.png"]
     md = (out / "findings.md").read_text()
     assert "| 2 | after identical SFT" in md and "reproduces" in md
-    assert "d(learnable_HSR; synthetic - natural) < 0" in md and "Non-inferiority margin delta" in md
+    assert "d(learnable_HSR; synthetic - natural) < 0" in md and "Paper-sized effects" in md
+    assert "Holm" in md and "paper-sized effect excluded" in md and "Positive control (harmed - natural): detected" in md
     assert by_id(json.loads((out / "findings.json").read_text()), "5")["reproduces"] is True
     # the figures are drawn from the CSVs alone
     (out / "headline_ci.png").unlink()

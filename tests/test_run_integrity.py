@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from synthflaw import cli, config, runner, runs, stages
-from synthflaw.registry import models_of, study_steps, unlearned_method
+from synthflaw.registry import models_of, sft_start, study_steps
 from synthflaw.runner import StepFailed, regenerate, run_study
 from synthflaw.runs import Step, StepConfigChanged
 
@@ -69,8 +69,7 @@ class FakeStage:
             # like a diverged unlearning run, the result names a folder by its absolute path
             extra["message"] = f"kept the last good checkpoint, {step.path.resolve()}/checkpoints/checkpoint-2"
         elif n == "06":
-            method = unlearned_method(v)
-            start = (step.upstream("05", method) if method else step.upstream("04", v)) / "model"
+            start = step.upstream(*sft_start(v)) / "model"
             inputs = [step.upstream("01") / "data", start]
             extra["started_from"] = str(start.relative_to(step.run_dir))
         elif n == "07":
@@ -189,7 +188,7 @@ def test_another_synthetic_share_runs_again_only_what_reads_it(tmp_path, fake_st
     fake_run(tmp_path, overrides={"cpt.synthetic_fraction": 0.1}, overwrite=True)
     cfg = config.resolve("smoke")
     assert cfg.cpt.more_natural_from == "synthetic"  # so more_natural's upstream runs again, and so does it
-    assert set(fake_stages) == {s.name for s in study_steps(cfg) if s.stage.number >= "04" and s.variant != "natural"}
+    assert set(fake_stages) == {s.name for s in study_steps(cfg) if s.stage.number >= "04" and s.variant not in ("natural", "harmed")}
     assert {name: marker(run_dir, name) for name in natural} == natural  # not touched
     saved = json.loads((run_dir / "04_continued_pretraining" / "synthetic" / "config.json").read_text())
     assert saved["study"]["cpt"]["synthetic_fraction"] == 0.1

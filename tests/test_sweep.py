@@ -94,13 +94,15 @@ def test_manifest_states_the_trend_test_and_refuses_another_definition(tmp_path)
     assert trend["keys"] == ["cpt.synthetic_fraction"] and "cpt.more_natural_from" in trend["not_tested"]
     assert trend["metrics"][:6] == trend["primary"] and (trend["treated"], trend["control"]) == ("synthetic", "natural")
     # stages 01-03 do not read cpt: one step per seed for all four points; the natural branch does not read the
-    # share: one step per value of cpt.more_natural_from (which it does read, as part of cpt), for two points each
+    # share: one step per value of cpt.more_natural_from (which it does read, as part of cpt), for two points each;
+    # nor does the positive control, fine-tuned from natural's CPT model
     shared = manifest["planned_sharing"]["seed-0"]
     assert {k.split("@")[0]: len(points) for k, points in shared.items() if k.split("@")[0] < "04"} == dict.fromkeys(
         ["01_generate_data", "02_data_flaws", "03_base_model"], 4)
     natural = sorted((k.split("@")[0], len(points)) for k, points in shared.items() if k.split("@")[0] >= "04")
-    assert natural == sorted(2 * [(f"{stage}/natural", 2) for stage in ("04_continued_pretraining", "06_sft",
-                                                                        "07_evaluate")])
+    assert natural == sorted(2 * [(f"{stage}/{model}", 2) for stage, model in (
+        ("04_continued_pretraining", "natural"), ("06_sft", "natural"), ("07_evaluate", "natural"),
+        ("06_sft", "harmed"), ("07_evaluate", "harmed"))])
 
     sweeps.open_sweep(sweeps.define_sweep("smoke", "s", ["cpt.synthetic_fraction=0.1,0.3",
                                                          "cpt.more_natural_from=synthetic,natural"],

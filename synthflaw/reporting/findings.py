@@ -1,9 +1,9 @@
-"""The paper's findings, each tested with its rule written down before the data.
+"""The paper's findings, each tested with its rule written down before the data (docs/preregistration.md; the
+constants in :mod:`synthflaw.reporting.preregistration`, the labels in :mod:`synthflaw.reporting.verdicts`).
 
-Primary endpoints (`PRIMARY`): instruction following on the learnable tier, read two ways, by greedy generation
-(`learnable_HSR`) and by likelihood (`compliance_margin`); the output shift read by likelihood where greedy leakage
-reads 0 (`template_pull`, after and before SFT); the knowledge benchmark before SFT (`benchmark`); chat quality
-(`chat_score`). The out-of-distribution suite's HSR and the rest are secondary and reported.
+Each finding has a primary family of at most two checks (`preregistration.PRIMARY`), Holm-adjusted within it; every
+other check is exploratory. The positive control (finding C, `harmed - natural`) comes first: a "paper-sized effect
+excluded" verdict on an endpoint needs the control detected on it.
 
 How a contrast is estimated. An endpoint measured per item (`ITEM_METRICS`) is contrasted item by item within each
 seed (paired: both models answered the same items), and the seeds' estimates are combined by a random-effects
@@ -11,12 +11,13 @@ meta-analysis with a Student t interval on k - 1 degrees of freedom (:func:`synt
 combine_seeds`); other metrics (perplexity spread, KL) by the Student t interval of the per-seed differences. Every
 check also states its minimum detectable difference at this many seeds (two-sided 5%, power 80%).
 
-Verdicts. A directional check reproduces (True) when its interval excludes 0 on the claimed side, is False when it
-excludes 0 on the other side, None (inconclusive) otherwise or with one seed. "Not worse than natural" is a
-non-inferiority check with a margin fixed in advance, never "not significantly below": its lower bound must lie
-above -delta, delta = 13% (the paper's relative HSR loss, 27.58 -> 24.00) of natural's learnable HSR above the best
-null, computed from the natural branch and the nulls only; it is False when the whole interval lies below -delta.
-A finding's verdict is the three-valued AND of its checks.
+Verdicts. Each check keeps `reproduces` (True when its unadjusted interval excludes 0 on the claimed side, False on
+the other side, None otherwise or with one seed) and gets `verdict`, the pre-registered label after Holm.
+"Not worse than natural" is a non-inferiority check with a margin fixed in advance, never "not significantly
+below": its lower bound must lie above -delta. The margins (the paper-sized effect in each endpoint's units) are the
+pre-registered ones (`preregistration.MARGINS`) for the preset they were registered on; for any other preset
+they are derived from the run's natural model and nulls only (13% of natural above its null) and say so. A
+finding's `reproduces` is the three-valued AND of its primary checks, its `verdict` their combined label.
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ from synthflaw.metrics.statistics import (
     minimum_detectable_difference,
 )
 from synthflaw.records import write_json, write_text_atomic
+from synthflaw.reporting import verdicts
+from synthflaw.reporting.preregistration import (
+    CONTROL,
+    PAPER_RELATIVE_EFFECT,
+    PRIMARY,
+    PRIMARY_ENDPOINTS,
+)
 from synthflaw.reporting.tables import NULL_PREFIX
 
 # Bounds closer to 0 than this count as 0: equal metrics read from two files can differ by float rounding only.
 ZERO = 1e-12
-# The paper's instruction-following loss, relative: FollowBench HSR 27.58 (natural) -> 24.00 (2% SynthQA).
-PAPER_RELATIVE_EFFECT = (27.58 - 24.00) / 27.58
-
-PRIMARY = ("learnable_HSR", "compliance_margin", "template_pull", "pre_sft_template_pull", "benchmark", "chat_score")
 # Headline metric -> (items.csv metric, item key prefix): endpoints contrasted item by item within seeds.
 ITEM_METRICS = {
     "benchmark": ("pre_sft_correct", "benchmark/"),
@@ -79,19 +83,41 @@ def _all(verdicts) -> bool | None:
     return False if False in verdicts else True if verdicts and all(v is True for v in verdicts) else None
 
 
-def _check(name: str, rule: str, stats: dict | None, verdict: bool | None, **extra) -> dict:
+def _check(name: str, rule: str, stats: dict | None, verdict: bool | None, *, kind: str = "directional",
+           sign: int = 1, delta: float | None = None, **extra) -> dict:
+    p_claim = verdicts.one_sided_p(stats, 1, -delta) if kind == "non_inferior" and delta is not None else \
+        None if kind == "non_inferior" else verdicts.one_sided_p(stats, sign)
+    p_reverse = None if kind == "non_inferior" or sign == 0 else verdicts.one_sided_p(stats, -sign)
     return {"check": name, "value": None if stats is None else stats["mean"],
             "ci": None if stats is None else [stats["low"], stats["high"]], "n": None if stats is None else stats["n"],
             "items": None if stats is None else stats.get("items"), "mdd": None if stats is None else stats.get("mdd"),
             "method": None if stats is None else ("items" if "items" in stats else "seeds"),
-            "reproduces": verdict, "rule": rule, **extra}
+            "reproduces": verdict, "rule": rule, "kind": kind, "sign": sign, "delta": delta, "p": p_claim,
+            "p_reverse": p_reverse, "_stats": stats, **extra}
 
 
-def _finding(fid: str, claim: str, checks: list[dict], note: str | None = None) -> dict:
-    primary = checks[0]
-    return {"id": fid, "claim": claim, "metric": primary["check"], "value": primary["value"], "ci": primary["ci"],
-            "n": primary["n"], "reproduces": _all(c["reproduces"] for c in checks),
-            "rule": "; AND ".join(c["rule"] for c in checks), "checks": checks, "note": note}
+def _finding(fid: str, claim: str, checks: list[dict], note: str | None = None,
+             detected: dict[str, bool | None] | None = None) -> dict:
+    """A finding from its checks: the primary family (`PRIMARY[fid]`) Holm-adjusted and labelled, the others
+    labelled exploratory on their unadjusted p; `detected`: endpoint -> whether the positive control was."""
+    family = PRIMARY.get(fid, ())
+    primary = [c for c in checks if c["check"] in family]
+    for key in ("p", "p_reverse"):
+        for c, adjusted in zip(primary, verdicts.holm([c[key] for c in primary])):
+            c[f"{key}_holm"] = adjusted
+    for c in checks:
+        c["primary"] = adjusted = c["check"] in family
+        endpoint = c["check"].split(":")[0]
+        c["verdict"] = verdicts.label(c["kind"], c.pop("_stats"), c["sign"], c["delta"],
+                                      c["p_holm"] if adjusted else c["p"],
+                                      c["p_reverse_holm"] if adjusted else c["p_reverse"],
+                                      (detected or {}).get(endpoint))
+    checks = primary + [c for c in checks if not c["primary"]]
+    head = checks[0]
+    return {"id": fid, "claim": claim, "metric": head["check"], "value": head["value"], "ci": head["ci"],
+            "n": head["n"], "reproduces": _all(c["reproduces"] for c in primary),
+            "verdict": verdicts.combine([c["verdict"] for c in primary]) if primary else verdicts.INCONCLUSIVE,
+            "rule": "; AND ".join(c["rule"] for c in primary), "checks": checks, "note": note}
 
 
 class Contrasts:
@@ -120,8 +146,8 @@ class Contrasts:
 
 
 def ni_margin(aggregated: dict) -> dict | None:
-    """delta, the non-inferiority margin of instruction following: `PAPER_RELATIVE_EFFECT` of natural's learnable
-    HSR above the best null, means over seeds (natural and nulls only: never a contrast under test)."""
+    """Natural's learnable HSR above the best null (means over seeds; natural and nulls only, never a contrast under
+    test) and `PAPER_RELATIVE_EFFECT` of it: the margin a run derives for itself when none is pre-registered."""
     per_seed = aggregated["per_seed"]
     natural = per_seed.get("natural", {}).get("learnable_HSR")
     nulls = [v["learnable_HSR"] for m, v in per_seed.items() if m.startswith(NULL_PREFIX) and "learnable_HSR" in v]
@@ -134,13 +160,39 @@ def ni_margin(aggregated: dict) -> dict | None:
             "delta": PAPER_RELATIVE_EFFECT * above if above > 0 else None}
 
 
-def findings(aggregated: dict, unlearning_method: str = "lower_bounded") -> list[dict]:
-    """The five findings of PAPER.md and the rewritten branch (rules in the module docstring and each check's rule
-    string; d(X; a - b) is the paired contrast of metric X between models a and b)."""
+def run_margins(aggregated: dict) -> dict[str, float]:
+    """Paper-sized effects derived from the run itself (natural and nulls only): learnable HSR and compliance margin
+    13% of natural's value above its null, chat preference 13% of natural's (already measured against the better of
+    two trivial replies)."""
+    natural = aggregated["per_seed"].get("natural", {})
+
+    def mean(metric):
+        values = natural.get(metric)
+        return float(np.mean(list(values.values()))) if values else None
+
+    out = {}
+    hsr = ni_margin(aggregated)
+    if hsr and hsr["delta"]:
+        out["learnable_HSR"] = hsr["delta"]
+    margin, null = mean("compliance_margin"), mean("compliance_margin_null")
+    if margin is not None and null is not None and margin > null:
+        out["compliance_margin"] = PAPER_RELATIVE_EFFECT * (margin - null)
+    preference = mean("chat_preference")
+    if preference is not None and preference > 0:
+        out["chat_preference"] = PAPER_RELATIVE_EFFECT * preference
+    return out
+
+
+def findings(aggregated: dict, unlearning_method: str = "lower_bounded",
+             margins: dict[str, float] | None = None) -> list[dict]:
+    """The positive control and the paper's findings (rules in the module docstring, docs/preregistration.md and
+    each check's rule string; d(X; a - b) is the paired contrast of metric X between models a and b). `margins`:
+    the pre-registered paper-sized effects per endpoint; None derives them from the run (`run_margins`)."""
     d = Contrasts(aggregated)
     per_seed = aggregated["per_seed"]
     margin = ni_margin(aggregated)
-    delta = margin["delta"] if margin else None
+    registered = margins is not None
+    margins = dict(margins) if registered else run_margins(aggregated)
 
     def missing(*models):
         absent = [m for m in models if m not in per_seed]
@@ -149,15 +201,29 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded") -> list
     def directional(metric: str, a: str, b: str, sign: int) -> dict:
         stats = d.diff(metric, a, b)
         rule = f"d({metric}; {a} - {b}) {'> 0' if sign > 0 else '< 0' if sign < 0 else '!= 0 (two-sided)'}"
-        return _check(f"{metric}: {a} - {b}", rule, stats, _directional(stats, sign))
+        return _check(f"{metric}: {a} - {b}", rule, stats, _directional(stats, sign), sign=sign,
+                      delta=margins.get(metric))
 
     def non_inferior(metric: str, a: str, b: str) -> dict:
+        delta = margins.get(metric)
         stats = d.diff(metric, a, b)
         rule = (f"d({metric}; {a} - {b}) > -delta (non-inferior; delta = "
                 f"{'none' if delta is None else f'{delta:.4f}'})")
-        return _check(f"{metric}: {a} - {b}", rule, stats, _non_inferior(stats, delta))
+        return _check(f"{metric}: {a} - {b}", rule, stats, _non_inferior(stats, delta), kind="non_inferior",
+                      delta=delta)
 
     out = []
+    control = [directional(m, CONTROL, "natural", -1) for m in ("learnable_HSR", "compliance_margin", "HSR",
+                                                                   "chat_preference")]
+    detected = {c["check"].split(":")[0]: (c["reproduces"] is True) for c in control} if CONTROL in per_seed else {}
+    out.append(_finding("C", "positive control: SFT with a share of its replies ignoring one instruction "
+                             "(harmed) follows instructions worse than natural; the instrument can see a harm",
+                        control, missing("natural", CONTROL)))
+    hsr_effect, margin_effect = (d.diff(m, CONTROL, "natural") for m in ("learnable_HSR", "compliance_margin"))
+    if hsr_effect is not None and margin_effect is not None and abs(hsr_effect["mean"]) > ZERO:
+        out[-1]["exchange_rate"] = margin_effect["mean"] / hsr_effect["mean"]  # margin (nats/token) per unit HSR
+    out[-1]["detected"] = detected
+
     gain = d.diff("benchmark", "synthetic", "natural")
     did = contrast(per_seed, [("synthetic", "benchmark_synthqa_only", 1), ("natural", "benchmark_synthqa_only", -1),
                               ("synthetic", "benchmark_stated", -1), ("natural", "benchmark_stated", 1)],
@@ -167,33 +233,37 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded") -> list
         directional("benchmark", "synthetic", "natural", 1),
         directional("benchmark_synthqa_only", "synthetic", "natural", 1),
         _check("gain on synthqa_only - gain on stated", "d(synthqa_only; syn - nat) - d(stated; syn - nat) > 0",
-               did, _directional(did, 1))], missing("natural", "synthetic")))
+               did, _directional(did, 1))], missing("natural", "synthetic"), detected))
     out[-1]["reported"] = {"sft_benchmark: synthetic - natural": d.diff("sft_benchmark", "synthetic", "natural")}
 
-    out.append(_finding("2", "after identical SFT, synthetic follows instructions worse (learnable tier, by greedy "
-                             "generation and by likelihood) and chats worse than natural", [
+    out.append(_finding("2", "after identical SFT, synthetic follows instructions worse (learnable tier) and chats "
+                             "worse than natural", [
         directional("learnable_HSR", "synthetic", "natural", -1),
+        directional("chat_preference", "synthetic", "natural", -1),
         directional("compliance_margin", "synthetic", "natural", -1),
-        directional("chat_score", "synthetic", "natural", -1)], missing("natural", "synthetic")))
+        directional("chat_score", "synthetic", "natural", -1)], missing("natural", "synthetic"), detected))
     out[-1]["reported"] = {
         "HSR (out-of-distribution suite): synthetic - natural": d.diff("HSR", "synthetic", "natural"),
-        "chat_preference: synthetic - natural": d.diff("chat_preference", "synthetic", "natural"),
         "learnable_HSR: synthetic - rewritten (format beyond displacement)":
             d.diff("learnable_HSR", "synthetic", "rewritten")}
 
-    kl_ref = "rewritten" if "rewritten" in per_seed else "natural"
+    # The KL is measured from natural's SFT model: natural's own is 0 by construction, so the check needs another
+    # model as its reference (rewritten) and is left out where none ran.
+    shift = [directional("template_pull", "synthetic", "natural", 1)]
+    if "rewritten" in per_seed:
+        shift.append(directional("kl_from_natural", "synthetic", "rewritten", 1))
     out.append(_finding("3", "after SFT, the output distribution shifts toward the SynthQA template (template pull, "
-                             "next-token KL)", [
-        directional("template_pull", "synthetic", "natural", 1),
-        directional("kl_from_natural", "synthetic", kl_ref, 1)], missing("natural", "synthetic")))
+                             "next-token KL)", shift,
+                        missing("natural", "synthetic") or (None if "rewritten" in per_seed else
+                                                            "KL check not run: needs the rewritten branch")))
     out[-1]["reported"] = {f"{m}: synthetic - natural": d.diff(m, "synthetic", "natural")
-                           for m in ("leakage", "ppl_mean", "ppl_std")}
+                           for m in ("leakage", "ppl_mean", "ppl_std", "kl_from_natural")}
     out.append(_finding("3b", "before SFT, the CPT model's output shifts (template leakage and pull, perplexity "
                               "distribution narrower)", [
-        directional("pre_sft_leakage", "synthetic", "natural", 1),
         directional("pre_sft_template_pull", "synthetic", "natural", 1),
-        directional("pre_sft_ppl_mean", "synthetic", "natural", 0),
-        directional("pre_sft_ppl_std", "synthetic", "natural", -1)], missing("natural", "synthetic")))
+        directional("pre_sft_ppl_std", "synthetic", "natural", -1),
+        directional("pre_sft_leakage", "synthetic", "natural", 1),
+        directional("pre_sft_ppl_mean", "synthetic", "natural", 0)], missing("natural", "synthetic")))
 
     u = f"unlearn-{unlearning_method}"
     kept = d("benchmark", [(u, 1.0), ("synthetic", -0.5), ("natural", -0.5)])
@@ -204,27 +274,35 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded") -> list
     out.append(_finding("4", f"{u} brings instruction following back to natural's, chat above synthetic's, and keeps "
                              "most of the benchmark gain, at a small fraction of the CPT cost", [
         non_inferior("learnable_HSR", u, "natural"),
-        directional("learnable_HSR", u, "synthetic", 1),
-        directional("compliance_margin", u, "synthetic", 1),
-        directional("chat_score", u, "synthetic", 1),
         _check(f"benchmark: {u} - (synthetic + natural)/2",
                f"retention >= 0.5, i.e. d(benchmark; {u} - (synthetic + natural)/2) > 0, given a significant gain",
-               kept, _directional(kept, 1) if _directional(gain, 1) else None, retention=retention)],
-        missing("natural", "synthetic", u)))
+               kept, _directional(kept, 1) if _directional(gain, 1) else None, retention=retention),
+        directional("learnable_HSR", u, "synthetic", 1),
+        directional("compliance_margin", u, "synthetic", 1),
+        directional("chat_preference", u, "synthetic", 1)],
+        missing("natural", "synthetic", u), detected))
     out[-1]["unlearning_tokens_fraction_of_cpt"] = None if cost is None else cost["mean"]
+    if _directional(gain, 1) is not True:  # retention has no meaning without a gain to retain
+        for c in out[-1]["checks"]:
+            if c["check"].startswith("benchmark:"):
+                c["verdict"] = verdicts.INCONCLUSIVE
+        out[-1]["verdict"] = verdicts.combine([c["verdict"] for c in out[-1]["checks"] if c["primary"]])
 
     out.append(_finding("5", "more natural data recovers only part of the loss: learnable HSR of more_natural "
                              "between synthetic's and natural's", [
         directional("learnable_HSR", "more_natural", "synthetic", 1),
-        directional("learnable_HSR", "natural", "more_natural", 1)], missing("natural", "synthetic", "more_natural")))
+        directional("learnable_HSR", "natural", "more_natural", 1)], missing("natural", "synthetic", "more_natural"),
+        detected))
 
     out.append(_finding("6", "rewritten (SynthQA's facts in diverse formats) gives the benchmark gain without the "
                              "instruction-following loss", [
         directional("benchmark", "rewritten", "natural", 1),
-        non_inferior("learnable_HSR", "rewritten", "natural")], missing("natural", "rewritten")))
-    out[1]["power"] = power(aggregated, out[1])
+        non_inferior("learnable_HSR", "rewritten", "natural")], missing("natural", "rewritten"), detected))
+    two = next(f for f in out if f["id"] == "2")
+    two["power"] = power(aggregated, two)
     for f in out:
         f["ni_margin"] = margin
+        f["margins"] = {"values": margins, "registered": registered}
     return out
 
 
@@ -258,8 +336,11 @@ def power(aggregated: dict, finding: dict) -> list[dict]:
     return rows
 
 
-def _verdict(v: bool | None) -> str:
-    return {True: "reproduces", False: "does not reproduce (reversed)", None: "inconclusive"}[v]
+def _verdict(label: str, mdd=None, delta=None) -> str:
+    """A label as findings.md writes it: inconclusive ones with the MDD beside the paper-sized effect."""
+    if label != verdicts.INCONCLUSIVE or mdd is None:
+        return label
+    return f"inconclusive (MDD {mdd:.3g}" + (f" vs paper-sized {delta:.3g})" if delta else ")")
 
 
 def _interval(value, ci) -> str:
@@ -276,33 +357,63 @@ def _mdd(value) -> str:
 
 
 def write_findings(found: list[dict], out_dir, confidence: float = 0.95, seeds=()) -> None:
-    """findings.json (as returned by `findings`) and findings.md: the primary endpoints and the margin, one row per
-    finding, then one row per check with its minimum detectable difference, then what is reported untested."""
+    """findings.json (as returned by `findings`) and findings.md: the rules, the positive control, one row per
+    finding, then one row per check (primary first) with its minimum detectable difference, then what is reported
+    untested."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "findings.json", found)
     margin = found[0].get("ni_margin") if found else None
+    margins = found[0].get("margins") if found else None
     lines = [f"# Findings across seeds ({', '.join(map(str, seeds)) or '?'}; {confidence:.0%} intervals)", "",
-             f"Primary endpoints: {', '.join(PRIMARY)}. Per-item endpoints ({', '.join(ITEM_METRICS)}) are "
-             "contrasted item by item within seeds and combined over seeds (random effects, Student t on k - 1 "
-             "degrees of freedom); the others by the Student t interval of per-seed differences. MDD: the minimum "
-             "detectable difference at these seeds (two-sided 5%, power 80%)."]
+             "Rules (docs/preregistration.md): each finding has a primary family of at most two checks, "
+             "Holm-adjusted within it (one-sided at 2.5% for a directional claim); every other check is "
+             "exploratory. Verdicts: reproduces | reversed | paper-sized effect excluded (the interval lies on the "
+             "near side of the paper-sized effect, and the positive control was detected on that endpoint) | "
+             "inconclusive (with its MDD beside the paper-sized effect).",
+             "",
+             f"Primary endpoints: {', '.join(PRIMARY_ENDPOINTS)}. Per-item endpoints ({', '.join(ITEM_METRICS)}) "
+             "are contrasted item by item within seeds (standard errors clustered by base prompt where items share "
+             "one) and combined over seeds (random effects, Student t on k - 1 degrees of freedom); the others by "
+             "the Student t interval of per-seed differences. MDD: the minimum detectable difference at these seeds "
+             "(two-sided 5%, power 80%)."]
+    if margins and margins["values"]:
+        source = ("pre-registered (docs/preregistration.md)" if margins["registered"] else
+                  f"derived from this run's natural model and nulls ({PAPER_RELATIVE_EFFECT:.1%} of natural above "
+                  "its null), not pre-registered")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in margins["values"].items())
+        lines += ["", f"Paper-sized effects (the margins of 'no worse than' claims), {source}: {shown}."]
     if margin:
-        paper = margin["delta"]
-        lines += ["", f"Non-inferiority margin delta = {PAPER_RELATIVE_EFFECT:.1%} (the paper's relative HSR loss) "
-                      f"x natural's learnable HSR above the best null ({margin['natural']:.3f} - "
-                      f"{margin['best_null']:.3f} = {margin['above_null']:.3f}) = "
-                      f"{'none' if paper is None else f'{paper:.4f}'}; the paper's effect at this scale is -delta."]
+        lines += ["", f"Natural's learnable HSR above the best null: {margin['natural']:.3f} - "
+                      f"{margin['best_null']:.3f} = {margin['above_null']:.3f}."]
+    control = next((f for f in found if f["id"] == "C"), None)
+    if control and control.get("detected"):
+        seen = [e for e, v in control["detected"].items() if v]
+        lines += ["", f"Positive control (harmed - natural): detected on {', '.join(seen) or 'no endpoint'}"
+                      f"{'' if len(seen) == len(control['detected']) else '; not detected on ' + ', '.join(e for e, v in control['detected'].items() if not v)}."
+                      " Where it is not detected, this run cannot exclude a harm on that endpoint."]
+        if control.get("exchange_rate") is not None:
+            lines += [f"Exchange rate measured by the control: {control['exchange_rate']:.3g} nats/token of "
+                      "compliance margin per unit of learnable HSR."]
+    elif control:
+        lines += ["", "Positive control not run: no verdict of 'paper-sized effect excluded' is possible."]
     lines += ["", "| # | claim | primary check | mean [CI] | seeds | verdict |", "|---|---|---|---|---|---|"]
-    lines += [f"| {f['id']} | {f['claim']} | {f['metric']} | {_interval(f['value'], f['ci'])} | {f['n'] or ''} | "
-              f"{_verdict(f['reproduces'])}{' (' + f['note'] + ')' if f['note'] else ''} |" for f in found]
-    lines += ["", "## Checks", "", "| # | check | mean [CI] | seeds | MDD | verdict | rule |",
-              "|---|---|---|---|---|---|---|"]
+    for f in found:
+        head = f["checks"][0] if f["checks"] else {}
+        lines.append(f"| {f['id']} | {f['claim']} | {f['metric']} | {_interval(f['value'], f['ci'])} | "
+                     f"{f['n'] or ''} | {_verdict(f['verdict'], head.get('mdd'), head.get('delta'))}"
+                     f"{' (' + f['note'] + ')' if f['note'] else ''} |")
+    lines += ["", "## Checks", "",
+              "| # | check | family | mean [CI] | seeds | MDD | p (Holm) | verdict | rule |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for f in found:
         for ch in f["checks"]:
             extra = f" (retention {ch['retention']:.2f})" if ch.get("retention") is not None else ""
-            lines.append(f"| {f['id']} | {ch['check']} | {_interval(ch['value'], ch['ci'])}{extra} | {_size(ch)} | "
-                         f"{_mdd(ch['mdd'])} | {_verdict(ch['reproduces'])} | {ch['rule']} |")
+            p = ch.get("p_holm") if ch["primary"] else ch.get("p")
+            lines.append(f"| {f['id']} | {ch['check']} | {'primary' if ch['primary'] else 'exploratory'} | "
+                         f"{_interval(ch['value'], ch['ci'])}{extra} | {_size(ch)} | {_mdd(ch['mdd'])} | "
+                         f"{'' if p is None else f'{p:.3g}'} | {_verdict(ch['verdict'], ch['mdd'], ch['delta'])} | "
+                         f"{ch['rule']} |")
     rows = next((f.get("power") for f in found if f["id"] == "2"), None)
     if rows:
         lines += ["", "## Power: could these seeds see the paper's effect? (finding 2)", "",
@@ -321,7 +432,6 @@ def write_findings(found: list[dict], out_dir, confidence: float = 0.95, seeds=(
     if cost:
         lines += ["", f"Unlearning cost (finding 4): forget + replay tokens = {cost:.4f} of the CPT tokens "
                       f"(about 1/{1 / cost:.0f}), mean over seeds."]
-    lines += ["", "A finding reproduces when every check does; `inconclusive` means an interval contains 0 (or one "
-                  "seed only): more seeds, not a different rule, would settle it, and the MDD says how large a "
-                  "difference these seeds could have shown."]
+    lines += ["", "`inconclusive` means no rule was met: more seeds, not a different rule, would settle it, and the "
+                  "MDD says how large a difference these seeds could have shown."]
     write_text_atomic(out / "findings.md", "\n".join(lines) + "\n")

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from synthflaw.data.positive_control import harmed_sft
 from synthflaw.records import read_jsonl, write_jsonl
-from synthflaw.registry import (
-    CONTINUED_PRETRAINING,
-    GENERATE_DATA,
-    POSITIVE_CONTROL,
-    SFT,
-    UNLEARNING,
-    unlearned_method,
-)
+from synthflaw.registry import GENERATE_DATA, POSITIVE_CONTROL, SFT, sft_start
 from synthflaw.training.launch import run_training
 
 
@@ -21,15 +14,12 @@ def run(cfg, step) -> dict:
     name, s = step.variant, cfg.sft
     if not name:
         raise ValueError(f"{SFT.name} needs a variant: a CPT branch, {POSITIVE_CONTROL} or unlearn-<method>")
-    method = unlearned_method(name)
+    start = step.upstream(*sft_start(name)) / "model"
     records = step.upstream(GENERATE_DATA) / "data" / "sft.jsonl"
     if name == POSITIVE_CONTROL:
-        start = step.upstream(CONTINUED_PRETRAINING, "natural") / "model"
-        harmed = harmed_sft(read_jsonl(records), s.harm_fraction, cfg.seed)
-        records = step.path / "sft_harmed.jsonl"
-        write_jsonl(records, harmed)
-    else:
-        start = (step.upstream(UNLEARNING, method) if method else step.upstream(CONTINUED_PRETRAINING, name)) / "model"
+        records_harmed = step.path / "sft_harmed.jsonl"
+        write_jsonl(records_harmed, harmed_sft(read_jsonl(records), s.harm_fraction, cfg.seed))
+        records = records_harmed
     job = {"task": "supervised_finetune", "model_name_or_path": str(start), "out_dir": str(step.path),
            "trust_remote_code": cfg.base.trust_remote_code,
            "records": str(records), "max_length": s.max_length,

@@ -1,0 +1,30 @@
+"""The rules of docs/preregistration.md as code, in one place: `findings` and `verdicts` read them, and nothing
+else defines them. Changing a value here is a new pre-registration (docs/preregistration.md says how)."""
+
+from __future__ import annotations
+
+# Two-sided level of every interval; a directional claim is tested one-sided at ALPHA / 2.
+ALPHA = 0.05
+# The paper's instruction-following loss, relative: FollowBench HSR 27.58 (natural) -> 24.00 (2% SynthQA).
+PAPER_RELATIVE_EFFECT = (27.58 - 24.00) / 27.58
+# Power at which a minimum detectable difference is stated and the seed count is chosen.
+POWER = 0.8
+
+# The positive control's model and the endpoints its detection validates.
+CONTROL = "harmed"
+
+# Per finding, its primary family (<= 2 checks, by the check names `findings` gives them); Holm within it, every
+# other check exploratory. A check absent from a run (its model not run) leaves the family smaller.
+PRIMARY = {
+    "C": ("learnable_HSR: harmed - natural", "compliance_margin: harmed - natural"),
+    "1": ("benchmark: synthetic - natural", "benchmark_synthqa_only: synthetic - natural"),
+    "2": ("learnable_HSR: synthetic - natural", "chat_preference: synthetic - natural"),
+    "3": ("template_pull: synthetic - natural", "kl_from_natural: synthetic - rewritten"),
+    "3b": ("pre_sft_template_pull: synthetic - natural", "pre_sft_ppl_std: synthetic - natural"),
+    "4": ("learnable_HSR: unlearn-lower_bounded - natural", "benchmark: unlearn-lower_bounded - (synthetic + natural)/2"),
+    "5": ("learnable_HSR: more_natural - synthetic", "learnable_HSR: natural - more_natural"),
+    "6": ("benchmark: rewritten - natural", "learnable_HSR: rewritten - natural"),
+}
+# The endpoints a reader looks at first, in findings.md's header.
+PRIMARY_ENDPOINTS = ("learnable_HSR", "compliance_margin", "chat_preference", "template_pull", "pre_sft_template_pull",
+                     "benchmark")
