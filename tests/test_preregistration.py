@@ -43,7 +43,7 @@ def test_intervals_cover_a_known_injected_effect_when_clustered_and_undercover_w
     rng = np.random.default_rng(0)
     terms = [("treated", 1.0), ("control", -1.0)]
     covered = {"clustered": 0, "naive": 0}
-    runs = 200
+    runs = 100
     for _ in range(runs):
         by_seed, clusters = _simulated_seeds(rng, effect=0.05)
         for name, c in (("clustered", clusters), ("naive", None)):
