@@ -432,11 +432,27 @@ def resolve(preset: str = "default", overrides: dict[str, Any] | None = None) ->
     return cfg
 
 
+# Keys whose absence from a saved config means something other than their default: a run saved before the positive
+# control existed trained none, and its default (on) would make every such run look unfinished.
+ABSENT_MEANS = {("sft", "positive_control"): False}
+
+
+def absent_overrides(saved: dict) -> dict[str, Any]:
+    """The `ABSENT_MEANS` keys a saved config lacks, as overrides ("sft.positive_control": False), so a run resolved
+    again from its preset (stage 08 made again) keeps meaning what it meant when it ran."""
+    return {f"{section}.{key}": value for (section, key), value in ABSENT_MEANS.items()
+            if section in saved and key not in saved[section]}
+
+
 def from_dict(d: dict) -> StudyConfig:
     """Rebuild a StudyConfig from its saved ``to_dict()`` form (a downstream stage reads its upstream's config)."""
-    # .get: a run saved before a section existed (e.g. compute) gets that section's defaults
-    sections = {name: cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.get(name, {}).items()})
-                for name, cls in _sections().items()}
+    # .get: a run saved before a section existed (e.g. compute) gets that section's defaults, except `ABSENT_MEANS`
+    sections = {}
+    for name, cls in _sections().items():
+        saved = d.get(name, {})
+        values = {k: v for (section, k), v in ABSENT_MEANS.items() if section == name and saved and k not in saved}
+        values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()})
+        sections[name] = cls(**values)
     return StudyConfig(seed=d["seed"], preset=d["preset"], **sections)
 
 

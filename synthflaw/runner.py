@@ -445,5 +445,6 @@ def regenerate(run_id: str, runs_root: str | Path = "runs", engine: str = "paper
         raise ValueError(f"{run_dir} is not a run folder (no study.json); runs: "
                          f"{', '.join(sorted(p.name for p in Path(runs_root).glob('*'))) or 'none'}")
     saved = json.loads(study.read_text())
-    return run_study(saved["preset"], run_id, saved["overrides"], runs_root=runs_root, engine=engine,
+    overrides = {**config_mod.absent_overrides(saved["config"]), **saved["overrides"]}
+    return run_study(saved["preset"], run_id, overrides, runs_root=runs_root, engine=engine,
                      only=[FIGURES.name], redo=[FIGURES.name], check_upstream_config=False, log=log)

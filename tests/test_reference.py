@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from synthflaw import cli
-from synthflaw.reporting.findings import PRIMARY
+from synthflaw.reporting.preregistration import PRIMARY_ENDPOINTS
 from synthflaw.runner import regenerate
 
 pytestmark = pytest.mark.slow  # end to end
@@ -69,7 +69,7 @@ def test_reference_sweep_has_its_grid_every_point_and_no_weights(name):
     assert not [p for p in root.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".jsonl")
                 or p.name == "model"]
     drawn = {p.stem.split("__")[0] for p in (root / "figures").glob("*.png")}
-    assert set(PRIMARY) <= drawn and (root / "figures" / "trend_tests.md").exists()
+    assert set(PRIMARY_ENDPOINTS) <= drawn and (root / "figures" / "trend_tests.md").exists()
 
 
 @pytest.mark.parametrize("name", SWEEPS)

@@ -27,6 +27,7 @@ from synthflaw.metrics.statistics import mean_ci, paired_difference
 from synthflaw.records import read_csv, write_csv, write_json, write_text_atomic
 from synthflaw.registry import EVALUATE, UNLEARNING, model_order, models_of
 from synthflaw.reporting.findings import findings, write_findings
+from synthflaw.reporting.preregistration import MARGINS, REGISTERED_PRESET
 from synthflaw.reporting.plots import (
     plot_headline_ci,
     plot_hsr_by_level_ci,
@@ -292,7 +293,8 @@ def summarize(run_dir, out_dir=None, confidence: float = 0.95, unlearning_method
                          f"`synthflaw run --seeds 0 1 2 --run-id {run_dir.name}` first")
     out = Path(out_dir) if out_dir is not None else run_dir / "seeds"
     agg = aggregate(runs, out, confidence)
-    found = findings(agg, unlearning_method)
+    preset = json.loads((runs[0] / "study.json").read_text())["preset"] if (runs[0] / "study.json").exists() else None
+    found = findings(agg, unlearning_method, MARGINS if preset == REGISTERED_PRESET else None)
     write_findings(found, out, confidence, agg["seeds"])
     made = [plot_headline_ci(out / "tables" / "headline_ci.csv", out / "headline_ci.png", dpi)]
     if (out / "hsr_by_level_ci.csv").exists():

@@ -187,11 +187,12 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded",
              margins: dict[str, float] | None = None) -> list[dict]:
     """The positive control and the paper's findings (rules in the module docstring, docs/preregistration.md and
     each check's rule string; d(X; a - b) is the paired contrast of metric X between models a and b). `margins`:
-    the pre-registered paper-sized effects per endpoint; None derives them from the run (`run_margins`)."""
+    the pre-registered paper-sized effects per endpoint, used where the positive control ran (the registration's rules
+    need it); otherwise, or with None, they are derived from the run (`run_margins`) and said to be."""
     d = Contrasts(aggregated)
     per_seed = aggregated["per_seed"]
     margin = ni_margin(aggregated)
-    registered = margins is not None
+    registered = margins is not None and CONTROL in per_seed
     margins = dict(margins) if registered else run_margins(aggregated)
 
     def missing(*models):

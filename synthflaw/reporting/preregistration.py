@@ -26,5 +26,5 @@ PRIMARY = {
     "6": ("benchmark: rewritten - natural", "learnable_HSR: rewritten - natural"),
 }
 # The endpoints a reader looks at first, in findings.md's header.
-PRIMARY_ENDPOINTS = ("learnable_HSR", "compliance_margin", "chat_preference", "template_pull", "pre_sft_template_pull",
-                     "benchmark")
+PRIMARY_ENDPOINTS = ("learnable_HSR", "compliance_margin", "template_pull", "pre_sft_template_pull", "benchmark",
+                     "chat_preference")

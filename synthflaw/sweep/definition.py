@@ -186,15 +186,15 @@ def trend_statement(grid: dict, treated: str = "synthetic", control: str = "natu
                     confidence: float = 0.95) -> dict:
     """The trend test, stated in the manifest before any point runs: what is estimated, on which metrics and keys,
     and how it is read. The figures apply it as written here."""
-    from synthflaw.reporting.findings import PRIMARY
+    from synthflaw.reporting.preregistration import PRIMARY_ENDPOINTS
     from synthflaw.reporting.tables import HEADLINE
 
     numeric = [k for k, vs in grid.items() if all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                   for v in vs)]
     return {
         "treated": treated, "control": control, "confidence": confidence,
-        "primary": list(PRIMARY),
-        "metrics": list(dict.fromkeys([*PRIMARY, *HEADLINE.values()])),
+        "primary": list(PRIMARY_ENDPOINTS),
+        "metrics": list(dict.fromkeys([*PRIMARY_ENDPOINTS, *HEADLINE.values()])),
         "keys": numeric,
         "not_tested": {k: "its values are not numbers: no slope" for k in grid if k not in numeric},
         "statistic": (f"for each metric and each numeric swept key, the other keys held at each of their values: per "
