@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                "chat_preference": PAPER_RELATIVE_EFFECT * at["natural_chat_preference"]
                if at["natural_chat_preference"] and at["natural_chat_preference"] > 0 else None}
     power = seeds_for_power(at["_agg"], delta_hsr)
-    result = {"sweep": str(args.sweep), "target_relative_drop": PAPER_RELATIVE_EFFECT, "chosen_fraction": chosen,
+    result = {"sweep": args.sweep.name, "target_relative_drop": PAPER_RELATIVE_EFFECT, "chosen_fraction": chosen,
               "margins": margins, "power": power,
               "points": {str(f): {k: v for k, v in p.items() if k != "_agg"} for f, p in sorted(points.items())}}
     for f, p in sorted(points.items()):

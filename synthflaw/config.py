@@ -194,7 +194,7 @@ class SFTConfig:
     # it detects this one. harm_fraction: fixed on natural pilot seeds (benchmarks/calibrate_positive_control.py).
     positive_control: bool = _f(True, "also fine-tune natural's CPT model on a harmed SFT set (model `harmed`), "
                                       "the positive control of the instruction-following endpoints")
-    harm_fraction: float = _f(0.3, "share of the harmed SFT set's replies with one constraint's edit undone",
+    harm_fraction: float = _f(0.05, "share of the harmed SFT set's replies with one constraint's edit undone",
                               low=0, high=1, low_open=True)
 
 

@@ -212,7 +212,7 @@ def verdicts(found):
     return {f["id"]: f["reproduces"] for f in found}
 
 
-IDS = ["C", "1", "2", "3", "3b", "4", "5", "6"]
+IDS = ["C", "1", "2", "2c", "3", "3b", "4", "5", "6"]
 
 
 def by_id(found, fid):
@@ -245,7 +245,7 @@ def test_reversed_effects_are_reported_as_not_reproducing(tmp_path):
     assert {c["check"]: c["reproduces"] for c in by_id(found, "4")["checks"]}[
         "learnable_HSR: unlearn-lower_bounded - synthetic"] is False
     two = by_id(found, "2")["checks"]
-    assert [c["reproduces"] for c in two] == [False] * 4 and two[0]["value"] == pytest.approx(0.10)
+    assert [c["reproduces"] for c in two] == [False] * 2 and two[0]["value"] == pytest.approx(0.10)
     assert by_id(found, "2")["verdict"] == "reversed"
 
 
@@ -321,3 +321,17 @@ def test_power_sets_the_mdd_against_the_papers_effect_on_natural_above_its_null(
     assert [r["detectable"] for r in by_id(wide, "2")["power"]] == [False, False]
     findings.write_findings(found, tmp_path / "md", seeds=(0, 1, 2))
     assert "## Power: could these seeds see the paper's effect?" in (tmp_path / "md" / "findings.md").read_text()
+
+
+def test_a_null_excludes_the_paper_sized_harm_only_where_the_positive_control_was_detected(tmp_path):
+    no_harm = {m: dict(e) for m, e in CLEAR.items()}
+    no_harm["synthetic"].update(learnable_hsr=0.0, margin=0.0)
+    with_control = findings.findings(agg_of(study(tmp_path / "a", no_harm), tmp_path / "a"))
+    two = {c["check"]: c for c in by_id(with_control, "2")["checks"]}
+    assert by_id(with_control, "C")["verdict"] == "reproduces"
+    assert two["learnable_HSR: synthetic - natural"]["verdict"] == "paper-sized effect excluded"
+    assert by_id(with_control, "2")["verdict"] == "paper-sized effect excluded"
+    without = findings.findings(agg_of(study(tmp_path / "b", {m: e for m, e in no_harm.items() if m != "harmed"}),
+                                       tmp_path / "b"))
+    assert by_id(without, "2")["verdict"] == "inconclusive"  # the same null, from an instrument never shown to see
+    assert by_id(without, "C")["note"] == "not run: harmed"

@@ -108,3 +108,17 @@ def test_findings_read_the_registered_constants_and_keep_no_copy():
     for literal in ("27.58", "24.00", "0.05 ", "PRIMARY = ", "ALPHA = "):
         assert literal not in source, literal
     assert all(1 <= len(family) <= 2 for family in preregistration.PRIMARY.values())
+
+
+def test_the_registered_values_are_the_ones_the_document_states():
+    from pathlib import Path
+
+    from synthflaw import config
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "preregistration.md").read_text()
+    for endpoint, value in preregistration.MARGINS.items():
+        assert f"| {endpoint} | {value} |" in doc, endpoint
+    assert f"**{preregistration.SEEDS} seeds**" in doc
+    assert f"`sft.harm_fraction` = **{config.resolve('default').sft.harm_fraction}**" in doc
+    for fid, family in preregistration.PRIMARY.items():
+        assert f"| {fid} |" in doc and len(family) <= 2

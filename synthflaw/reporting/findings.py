@@ -216,10 +216,12 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded",
     out = []
     control = [directional(m, CONTROL, "natural", -1) for m in ("learnable_HSR", "compliance_margin", "HSR",
                                                                    "chat_preference")]
-    detected = {c["check"].split(":")[0]: (c["reproduces"] is True) for c in control} if CONTROL in per_seed else {}
     out.append(_finding("C", "positive control: SFT with a share of its replies ignoring one instruction "
                              "(harmed) follows instructions worse than natural; the instrument can see a harm",
                         control, missing("natural", CONTROL)))
+    # detected: the control's check reproduces under the rules (Holm within its primary family)
+    detected = ({c["check"].split(":")[0]: c["verdict"] == verdicts.REPRODUCES for c in out[-1]["checks"]}
+                if CONTROL in per_seed else {})
     hsr_effect, margin_effect = (d.diff(m, CONTROL, "natural") for m in ("learnable_HSR", "compliance_margin"))
     if hsr_effect is not None and margin_effect is not None and abs(hsr_effect["mean"]) > ZERO:
         out[-1]["exchange_rate"] = margin_effect["mean"] / hsr_effect["mean"]  # margin (nats/token) per unit HSR
@@ -237,16 +239,17 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded",
                did, _directional(did, 1))], missing("natural", "synthetic"), detected))
     out[-1]["reported"] = {"sft_benchmark: synthetic - natural": d.diff("sft_benchmark", "synthetic", "natural")}
 
-    out.append(_finding("2", "after identical SFT, synthetic follows instructions worse (learnable tier) and chats "
-                             "worse than natural", [
+    out.append(_finding("2", "after identical SFT, synthetic follows instructions worse than natural (learnable tier, "
+                             "by greedy generation and by likelihood)", [
         directional("learnable_HSR", "synthetic", "natural", -1),
-        directional("chat_preference", "synthetic", "natural", -1),
-        directional("compliance_margin", "synthetic", "natural", -1),
-        directional("chat_score", "synthetic", "natural", -1)], missing("natural", "synthetic"), detected))
+        directional("compliance_margin", "synthetic", "natural", -1)], missing("natural", "synthetic"), detected))
     out[-1]["reported"] = {
         "HSR (out-of-distribution suite): synthetic - natural": d.diff("HSR", "synthetic", "natural"),
         "learnable_HSR: synthetic - rewritten (format beyond displacement)":
             d.diff("learnable_HSR", "synthetic", "rewritten")}
+    out.append(_finding("2c", "after identical SFT, synthetic chats worse than natural", [
+        directional("chat_preference", "synthetic", "natural", -1),
+        directional("chat_score", "synthetic", "natural", -1)], missing("natural", "synthetic"), detected))
 
     # The KL is measured from natural's SFT model: natural's own is 0 by construction, so the check needs another
     # model as its reference (rewritten) and is left out where none ran.
