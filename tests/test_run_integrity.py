@@ -286,8 +286,10 @@ def test_the_digest_check_of_a_large_run_is_cheap(tmp_path, fake_stages):
 
 @pytest.mark.parametrize("run_id, expected", [("", "empty"), ("../../evil", "path separator"),
                                               ("/abs/dir", "path separator"), (".hidden", "starts with '.'"),
-                                              ("x" * 300, "300 characters long; at most 100"),
-                                              ("a\nb", "non-printable"), ("a\\b", "path separator")])
+                                              ("x" * 300, "300 bytes long in UTF-8 \\(300 characters\\); at most 100"),
+                                              ("a\nb", "non-printable"), ("a\\b", "path separator"),
+                                              (" ", "white space"), (" a", "white space"), ("~", "starts with '~'"),
+                                              ("研" * 100, "300 bytes long in UTF-8 \\(100 characters\\)")])
 def test_bad_run_ids_are_refused_naming_the_problem(run_id, expected):
     with pytest.raises(ValueError, match=expected):
         runs.check_run_id(run_id)
