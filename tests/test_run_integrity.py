@@ -489,7 +489,9 @@ def test_a_line_per_step_as_its_done_json_appears(tmp_path):
         for _, step in todo:
             time.sleep(0.3)
             step.path.mkdir(parents=True)
-            (step.path / "done.json").write_text('{"fingerprint": "x", "finished": 0}')
+            (step.path / "config.json").write_text('{"fingerprint": "x"}')
+            (step.path / "done.json").write_text(json.dumps({"fingerprint": "x", "finished": 0, "products": {},
+                                                             "digest": runs.combined_digest({}), "upstream": {}}))
 
     with runner.DoneWatcher(todo, lambda spec, s: f"{spec.name} done in {s:.1f} s", lines.append, interval=0.05):
         worker = threading.Thread(target=finish_all)
