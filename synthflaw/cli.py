@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the study (every step, in order) into runs/<run_id>/")
     run.add_argument("--preset", default="default", choices=sorted(config.PRESETS))
     run.add_argument("--run-id", default=None, help="folder name under runs/: a plain name (no '/', not starting "
-                                                    "with '.', at most 100 characters; default: <preset>-<UTC time>)")
+                                                    "with '.' or '~', at most 100 bytes; default: <preset>-<UTC time>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one parameter, e.g. --set cpt.synthetic_fraction=0.3 (see `synthflaw config`)")
     run.add_argument("--seeds", type=int, nargs="+", default=None,
