@@ -34,6 +34,7 @@ from synthflaw.registry import study_steps
 from synthflaw.reporting.aggregate import seed_runs
 from synthflaw.reporting.sweep_figures import FOLDER as FIGURES
 from synthflaw.runs import (
+    STUDY_FIX,
     Freshness,
     Step,
     check_run_id,
@@ -123,7 +124,7 @@ def unfinished_steps(run_dir: Path) -> list[str]:
             cfg = from_dict(json.loads((run / "study.json").read_text())["config"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             problems.append(f"{run / 'study.json'} cannot be read as a configuration ({type(error).__name__}: "
-                            f"{error}): restore it, or run the study again into this run id, which writes it")
+                            f"{error}): {STUDY_FIX}")
             continue
         fresh = Freshness(run)
         for spec in study_steps(cfg):

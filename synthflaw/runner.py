@@ -31,6 +31,7 @@ from synthflaw import stages
 from synthflaw.registry import FIGURES, STAGES, Stage, StepSpec, study_steps
 from synthflaw.registry import stage as find
 from synthflaw.runs import (
+    STUDY_FIX,
     BrokenStepFile,
     Freshness,
     Step,
@@ -77,6 +78,7 @@ def notebook_kernel(cwd: Path):
     finally:
         km.shutdown_kernel(now=True)
         km.cleanup_resources()
+        note_kernel(None)
 
 
 def _die_with_parent():
@@ -488,7 +490,6 @@ def regenerate(run_id: str, runs_root: str | Path = "runs", engine: str = "paper
     if not study.exists():
         raise ValueError(f"{run_dir} is not a run folder (no study.json); runs: "
                          f"{', '.join(sorted(p.name for p in Path(runs_root).glob('*'))) or 'none'}")
-    saved = read_run_json(study, ("preset", "overrides"), fix="restore it, or run the study again into this run id "
-                          "(synthflaw run with its preset and --set), which writes it")
+    saved = read_run_json(study, ("preset", "overrides"), STUDY_FIX)
     return run_study(saved["preset"], run_id, saved["overrides"], runs_root=runs_root, engine=engine,
                      only=[FIGURES.name], redo=[FIGURES.name], check_upstream_config=False, log=log)

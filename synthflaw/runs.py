@@ -164,6 +164,10 @@ def refuse_other_kind(folder: str | Path, kind: str) -> None:
                          f"--run-id {Path(folder).name}, or pick another --run-id for the {kind}")
 
 
+STUDY_FIX = ("restore it, or run the study again into this run id (synthflaw run with its preset and --set), which "
+             "writes it")
+
+
 def read_run_json(path: str | Path, keys=(), fix: str = "") -> dict:
     """A JSON object of a run folder (study.json, a manifest) with `keys`; ValueError naming the file, what is wrong
     with it and `fix` when it cannot be read as one (a run folder's file may be cut, emptied or edited)."""
@@ -199,11 +203,12 @@ def held_lock_fds() -> list[int]:
     return sorted(_HELD.values())
 
 
-def note_kernel(pid: int) -> None:
-    """Add a kernel's pid to the pid file of every run folder this process holds (for the message a second process
-    gets: the kernel may outlive a killed runner, holding the lock, for the moment it takes to die)."""
+def note_kernel(pid: int | None) -> None:
+    """Add a kernel's pid to the pid file of every run folder this process holds, or take it out (None): the message
+    a second process gets names it, since the kernel may outlive a killed runner, holding the lock, for the moment
+    it takes to die."""
     for run_dir in _HELD:
-        write_text_atomic(run_dir / PID_NAME, f"{os.getpid()}\n{pid}\n")
+        write_text_atomic(run_dir / PID_NAME, f"{os.getpid()}\n" + (f"{pid}\n" if pid else ""))
 
 
 @contextlib.contextmanager

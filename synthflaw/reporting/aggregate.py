@@ -27,6 +27,7 @@ from synthflaw.metrics.statistics import mean_ci, paired_difference
 from synthflaw.records import read_csv, write_csv, write_json, write_text_atomic
 from synthflaw.registry import EVALUATE, UNLEARNING, model_order, models_of
 from synthflaw.reporting.findings import findings, write_findings
+from synthflaw.runs import STUDY_FIX, read_run_json
 from synthflaw.reporting.plots import (
     plot_headline_ci,
     plot_hsr_by_level_ci,
@@ -65,7 +66,7 @@ def _expected_models(run: Path) -> list[str] | None:
     study = run / "study.json"
     if not study.exists():
         return None
-    return models_of(from_dict(json.loads(study.read_text())["config"]))
+    return models_of(from_dict(read_run_json(study, ("config",), STUDY_FIX)["config"]))
 
 
 def seed_runs(run_dir: str | Path) -> list[Path]:
@@ -96,7 +97,7 @@ def _seed_label(run: Path, position: int) -> str:
         return match.group(1)
     study = run / "study.json"
     if study.exists():
-        return str(json.loads(study.read_text())["config"]["seed"])
+        return str(read_run_json(study, ("config",), STUDY_FIX)["config"]["seed"])
     return str(position)
 
 
