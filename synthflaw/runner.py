@@ -72,7 +72,7 @@ def notebook_kernel(cwd: Path):
 
     km = KernelManager(kernel_name="python3", transport="ipc")
     km.start_kernel(cwd=str(cwd), pass_fds=held_lock_fds(), preexec_fn=_die_with_parent())
-    note_kernel(km.provisioner.process.pid)
+    note_kernel(getattr(km.provisioner, "pid", None))  # the local provisioner's; another may not say
     try:
         yield km
     finally:
