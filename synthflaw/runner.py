@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from synthflaw.runs import (
     StepConfigChanged,
     StepStale,
     config_difference,
+    die_with_parent,
     held_lock_fds,
     note_kernel,
     read_run_json,
@@ -71,7 +70,7 @@ def notebook_kernel(cwd: Path):
     from jupyter_client import KernelManager
 
     km = KernelManager(kernel_name="python3", transport="ipc")
-    km.start_kernel(cwd=str(cwd), pass_fds=held_lock_fds(), preexec_fn=_die_with_parent())
+    km.start_kernel(cwd=str(cwd), pass_fds=held_lock_fds(), preexec_fn=die_with_parent())
     note_kernel(getattr(km.provisioner, "pid", None))  # the local provisioner's; another may not say
     try:
         yield km
@@ -79,24 +78,6 @@ def notebook_kernel(cwd: Path):
         km.shutdown_kernel(now=True)
         km.cleanup_resources()
         note_kernel(None)
-
-
-def _die_with_parent():
-    """A function for Popen's `preexec_fn` that makes the child get SIGKILL when this process's starting thread ends
-    (Linux's PR_SET_PDEATHSIG, which exec keeps), or None where there is no such call. If this process died between
-    the fork and the call, the child kills itself at once."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-    import signal
-
-    libc, parent = ctypes.CDLL(None, use_errno=True), os.getpid()  # loaded here: the child only calls it
-
-    def set_death_signal():
-        libc.prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return set_death_signal
 
 
 def _reset_namespace(km) -> None:

@@ -20,7 +20,9 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -209,6 +211,34 @@ def note_kernel(pid: int | None) -> None:
     it takes to die."""
     for run_dir in _HELD:
         write_text_atomic(run_dir / PID_NAME, f"{os.getpid()}\n" + (f"{pid}\n" if pid else ""))
+
+
+def end_with_parent() -> None:
+    """Have this process killed the moment the process that started it ends, however it ends (Linux's
+    PR_SET_PDEATHSIG; nothing elsewhere). The processes that write into a run (the notebook kernel, `accelerate
+    launch` and its workers) call it, each for itself or through :func:`die_with_parent`, so that a ``kill -9`` of
+    the runner leaves none of them writing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def die_with_parent():
+    """A `preexec_fn` for Popen that makes the child end with this process (:func:`end_with_parent`, which exec
+    keeps), or None where there is no such call. If this process died between the fork and the call, the child
+    kills itself at once."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc, parent = ctypes.CDLL(None, use_errno=True), os.getpid()  # loaded here: the child only calls it
+
+    def set_death_signal():
+        libc.prctl(1, signal.SIGKILL)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return set_death_signal
 
 
 @contextlib.contextmanager

@@ -318,6 +318,38 @@ def test_a_killed_runner_leaves_no_kernel_writing_to_the_run(tmp_path):
     assert sorted(run_dir.rglob("done.json")) == markers  # nothing is written after the lock is free
 
 
+LAUNCHER = """
+import sys
+from synthflaw.training import launch
+# a stand-in for `accelerate launch` (and a worker of it): writes its pid, then trains for ten minutes
+child = "import os, sys, time, pathlib; pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); time.sleep(600)"
+launch.accelerate_command = lambda *args, **kwargs: [sys.executable, "-c", child, sys.argv[1]]
+launch.launch_job({"out_dir": sys.argv[2]}, sys.argv[2], num_processes=2, echo=lambda line: None)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_runner_leaves_no_launched_training_running(tmp_path):
+    """Stages 03, 04 and 06 run `accelerate launch` with compute.num_processes > 1: the launch writes into the run
+    too, and must end with the process that started it (the kernel, or the runner in process)."""
+    pid_file = tmp_path / "child.pid"
+    runner = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(pid_file), str(tmp_path / "job")],
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.time() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert runner.poll() is None and time.time() < deadline, "the launch did not start"
+            time.sleep(0.05)
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+    child = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while _alive(child):
+        assert time.time() < deadline, "the launched process outlived its killed runner"
+        time.sleep(0.05)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 7. No absolute path of the machine in an export
 # --------------------------------------------------------------------------------------------------------------
