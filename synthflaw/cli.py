@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 from synthflaw import config
 from synthflaw import sweep as sweeps
-from synthflaw.runner import StepFailed, run_study
+from synthflaw.registry import stage as find_stage
+from synthflaw.runner import StepFailed, run_study, study_specs
 from synthflaw.runs import (
     RunLocked,
     StepConfigChanged,
     UpstreamMissing,
+    refuse_other_kind,
     run_folder,
     run_lock,
 )
@@ -25,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the study (every step, in order) into runs/<run_id>/")
     run.add_argument("--preset", default="default", choices=sorted(config.PRESETS))
     run.add_argument("--run-id", default=None, help="folder name under runs/: a plain name (no '/', not starting "
-                                                    "with '.', at most 100 characters; default: <preset>-<UTC time>)")
+                                                    "with '.' or '~', at most 100 bytes; default: <preset>-<UTC time>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one parameter, e.g. --set cpt.synthetic_fraction=0.3 (see `synthflaw config`)")
     run.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -112,6 +117,8 @@ def _add_sweep_parser(sub) -> None:
 def _sweep(args) -> int:
     """`synthflaw sweep`: define (or continue) a sweep, then run, submit, report or draw it."""
     only = args.stages
+    for stage in only or []:
+        find_stage(stage)  # ValueError naming the stages, before the manifest or a point is written
     if not args.grid:  # an existing sweep, as its manifest defines it
         if args.preset or args.seeds or args.overrides:
             raise config.ConfigError("without --grid a sweep continues as its sweep.json defines it: leave out "
@@ -146,6 +153,27 @@ def _sweep(args) -> int:
         return 0
     sweeps.execute(sweep, executor="local", engine=args.engine, only=only)
     return 0
+
+
+def _in_runs_folder(err: OSError, args) -> bool:
+    """Whether the file an OSError names lies in the runs folder (or the export's target, or is that folder)."""
+    roots = [Path(getattr(args, "runs_root", None) or "runs")] + ([Path(args.to)] if getattr(args, "to", None) else [])
+    names = [Path(os.fsdecode(n)) for n in (err.filename, err.filename2) if n is not None]
+    return any(name.absolute() == root.absolute() or name.absolute().is_relative_to(root.absolute())
+               for name in names for root in roots)
+
+
+def _os_message(err: OSError) -> str:
+    """What went wrong with which file, and the fix."""
+    where = os.fsdecode(err.filename) + (f" -> {os.fsdecode(err.filename2)}" if err.filename2 else "")
+    fixes = {errno.EACCES: "make the runs folder writable by you, or pick another --runs-root",
+             errno.EPERM: "make the runs folder writable by you, or pick another --runs-root",
+             errno.EROFS: "the file system is read-only: pick a --runs-root on a writable one",
+             errno.ENOSPC: "free some space and run the same command again: finished steps are kept",
+             errno.EDQUOT: "free some space and run the same command again: finished steps are kept",
+             errno.ENAMETOOLONG: "use a shorter --run-id or --runs-root"}
+    fix = fixes.get(err.errno, "fix that and run the same command again: finished steps are kept")
+    return f"{err.strerror or type(err).__name__}: {where}; {fix}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds is None and "seed" not in overrides:
             args.seeds = list(config.PRESET_SEEDS.get(args.preset, ())) or None
         if args.seeds and len(args.seeds) > 1:
-            config.resolve(args.preset, overrides)  # fail before any seed's folder is written
+            if len(set(args.seeds)) != len(args.seeds):
+                raise config.ConfigError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: give each once")
+            for seed in args.seeds:  # every seed's configuration and stages, before any folder or lock is made
+                try:
+                    study_specs(args.preset, {**overrides, "seed": seed}, args.stages)
+                except config.ConfigError as error:
+                    raise config.ConfigError(f"seed {seed}: {error}") from None
+            refuse_other_kind(run_dir, "run")
             with run_lock(run_dir):  # the seeds' folders and the summary across them: one process at a time
                 for seed in args.seeds:
                     run_study(args.preset, f"seed-{seed}", {**overrides, "seed": seed}, overwrite=args.overwrite,
@@ -203,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     except (StepFailed, sweeps.SweepFailed) as err:
         print(f"synthflaw: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        # The one place an operating system's refusal becomes a message: a file of the runs folder (or the export's
+        # target) that cannot be read or written is the user's to fix, and the traceback says nothing more. Any
+        # other OSError is a fault of the program: its traceback is shown.
+        if not _in_runs_folder(err, args):
+            raise
+        print(f"synthflaw: error: {_os_message(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -242,7 +242,8 @@ class ComputeConfig:
 class StudyConfig:
     """A whole study: the seed, the preset it came from, and one section per stage."""
 
-    seed: int = _f(0, "seed of the world, the initialisations and the sampling", low=0)
+    # numpy's seeds stop at 2**32 - 1: a larger one passed every check and failed in stage 02, after 01 had run
+    seed: int = _f(0, "seed of the world, the initialisations and the sampling", low=0, high=2**32 - 1)
     preset: str = _f("default", "the preset these values started from")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "stage 01"})
     flaws: FlawsConfig = field(default_factory=FlawsConfig, metadata={"help": "stage 02"})
@@ -478,6 +479,12 @@ def check(cfg: StudyConfig) -> None:
     for b in cfg.cpt.branches:
         if b not in BRANCHES:
             problems.append(f"cpt.branches: unknown branch {b!r}; valid: {', '.join(BRANCHES)}")
+    if not cfg.cpt.branches:
+        problems.append("cpt.branches is empty: list the branches to train, e.g. cpt.branches=natural,synthetic")
+    for key, names in (("cpt.branches", cfg.cpt.branches), ("unlearn.methods", cfg.unlearn.methods)):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # one step folder per name: a second one would be the first again
+            problems.append(f"{key} lists {', '.join(twice)} more than once: list each once")
     if cfg.cpt.more_natural_from not in ("synthetic", "natural"):
         problems.append("cpt.more_natural_from must be synthetic or natural")
     elif "more_natural" in cfg.cpt.branches and (

@@ -21,6 +21,7 @@ point's cross-seed tables from the export alone (tested against the committed on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -33,6 +34,7 @@ from synthflaw.registry import study_steps
 from synthflaw.reporting.aggregate import seed_runs
 from synthflaw.reporting.sweep_figures import FOLDER as FIGURES
 from synthflaw.runs import (
+    STUDY_FIX,
     Freshness,
     Step,
     check_run_id,
@@ -48,6 +50,7 @@ from synthflaw.sweep.definition import MANIFEST, read_manifest
 KEEP_SUFFIXES = (".json", ".csv", ".png", ".md")
 TEXT_SUFFIXES = (".json", ".csv", ".md", ".html")
 SKIP_DIRS = {"model", "checkpoints", "data", "generation", "harness"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
 SKIP_NAMES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "trainer_state.json"}
 
 
@@ -74,13 +77,39 @@ def check_target(out_dir: str | Path, runs_root: str | Path) -> Path:
 
 
 def _check_out_dir(source: Path, out_dir: Path, runs_root, what: str) -> None:
-    """An export's folder: new, inside the runs folder when one is given, and not inside what it copies."""
+    """An export's folder: new, inside the runs folder when one is given, and not inside what it copies; and its
+    staging folder ``<out_dir>.partial`` new too. An existing one is not deleted: `foo.partial` is a valid run id,
+    and an export deletes nothing it did not make."""
     if runs_root is not None:
         check_target(out_dir, runs_root)
     elif out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it first (git keeps the committed version) or pick another")
+    staging = _staging_dir(out_dir)
+    if staging.exists() or staging.is_symlink():
+        raise FileExistsError(f"{staging} exists: the export writes into it before renaming it to {out_dir}, and "
+                              "does not delete what it did not make. If it is left by an interrupted export, remove "
+                              "it yourself; else pick another --to")
     if out_dir.resolve().is_relative_to(source.resolve()):
         raise ValueError(f"{out_dir} is inside the {what} {source} it would copy; export next to it instead")
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+@contextlib.contextmanager
+def _staging(out_dir: Path):
+    """The export's staging folder, made here (never an existing one, which `_check_out_dir` refuses), renamed to
+    `out_dir` when the export succeeds and removed when it fails (it is the export's own): an interrupted export
+    leaves no half-written reference."""
+    tmp = _staging_dir(out_dir)
+    tmp.mkdir(parents=True)  # FileExistsError if one appeared since the check: it is not ours
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(out_dir)
 
 
 def unfinished_steps(run_dir: Path) -> list[str]:
@@ -94,7 +123,8 @@ def unfinished_steps(run_dir: Path) -> list[str]:
         try:
             cfg = from_dict(json.loads((run / "study.json").read_text())["config"])
         except (OSError, ValueError, KeyError, TypeError) as error:
-            problems.append(f"{label}study.json: cannot be read as a configuration ({error})")
+            problems.append(f"{run / 'study.json'} cannot be read as a configuration ({type(error).__name__}: "
+                            f"{error}): {STUDY_FIX}")
             continue
         fresh = Freshness(run)
         for spec in study_steps(cfg):
@@ -156,10 +186,11 @@ def export_sweep(sweep_dir: str | Path, out_dir: str | Path, *, runs_root: str |
                                                 else "")
         raise ValueError(f"the sweep {sweep_dir} is not finished:\n  - {shown}\nFinish it (synthflaw sweep --run-id "
                          f"{sweep_dir.name}), or export it as it is with --allow-unfinished")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with _staging(out_dir) as tmp:
+        return _export_sweep(sweep_dir, out_dir, tmp, manifest)
+
+
+def _export_sweep(sweep_dir: Path, out_dir: Path, tmp: Path, manifest: dict) -> list[Path]:
     written = []
     for point in manifest["points"]:
         point_dir = sweep_dir / point["run"]
@@ -178,14 +209,16 @@ def export_sweep(sweep_dir: str | Path, out_dir: str | Path, *, runs_root: str |
             shutil.copy2(path, tmp / FIGURES / path.name)
             written.append(out_dir / FIGURES / path.name)
     relative_paths(tmp, sweep_dir)  # the manifest's job logs; the points' files hold no such path any more
-    tmp.rename(out_dir)
+    machine_paths(tmp)
     return written
 
 
 def _export(run_dir: Path, out_dir: Path, html: bool, outer: Path | None = None) -> list[Path]:
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    with _staging(out_dir) as tmp:
+        return _export_into(run_dir, out_dir, tmp, html, outer)
+
+
+def _export_into(run_dir: Path, out_dir: Path, tmp: Path, html: bool, outer: Path | None) -> list[Path]:
     written = []
     # the first finished seed in numeric order (seed-2 before seed-10), as the cross-seed summary orders them
     seed_dirs = [] if (run_dir / "study.json").exists() else seed_runs(run_dir)
@@ -213,9 +246,42 @@ def _export(run_dir: Path, out_dir: Path, html: bool, outer: Path | None = None)
     relative_paths(tmp, run_dir)
     if outer is not None:  # a sweep's point: paths into other points of the sweep, relative to the sweep
         relative_paths(tmp, outer)
+    machine_paths(tmp)
     reseal(tmp)
-    tmp.rename(out_dir)
     return written
+
+
+def machine_paths(folder: Path) -> None:
+    """Rewrite what is left of the machine's absolute paths in every text file under `folder` (after
+    :func:`relative_paths`): the Python environment's folder becomes ``{python}``, the repository's ``{repository}``
+    and the home folder ``~``. A notebook's output can name any of them (a warning names its module's file), and an
+    export is committed: it must say nothing about the machine that made it."""
+    named = {sys.prefix: "{python}", sys.base_prefix: "{python}", str(REPO_ROOT): "{repository}",
+             str(Path.home()): "~"}
+    prefixes = {}
+    for path, token in named.items():
+        for form in (str(Path(path).absolute()), str(Path(path).resolve())):
+            if form != "/":
+                prefixes.setdefault(form, token)
+    _rewrite(folder, prefixes)
+
+
+def _rewrite(folder: Path, prefixes: dict[str, str]) -> None:
+    """Replace each absolute path prefix by its token in every text file under `folder`, where the prefix is a whole
+    path: followed by '/' or by a character no path name continues with. Longest first: the environment inside the
+    repository is named as the environment."""
+    ordered = sorted(prefixes, key=len, reverse=True)
+    pattern = re.compile("|".join(f"({re.escape(p)})(?=/|(?![\\w.\\-]))" for p in ordered))
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.suffix not in TEXT_SUFFIXES:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        new = pattern.sub(lambda m: prefixes[m.group(0)], text)
+        if new != text:
+            path.write_text(new, encoding="utf-8")
 
 
 def relative_paths(folder: Path, run_dir: Path) -> None:

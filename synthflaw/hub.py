@@ -9,7 +9,11 @@ cache-miss error from deep inside `huggingface_hub`.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+# A hub id: `name` or `owner/name`. Anything else that is not an existing path is a path that does not exist.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")
 
 
 class HubOffline(RuntimeError):
@@ -37,3 +41,19 @@ def require_hub(key: str, name: str) -> None:
             "off (HF_HUB_OFFLINE=1, synthflaw's default). Run with HF_HUB_OFFLINE=0 set in the environment before "
             f"Python starts (e.g. `HF_HUB_OFFLINE=0 synthflaw run --preset paper ...`), or set {key} to a local "
             "folder or file.")
+
+
+def model_name_problem(key: str, name: str) -> str | None:
+    """Why the model `name` (the value of config key `key`) cannot be loaded, found before any step runs, or None:
+    a path that does not exist (a name that is no hub id: absolute, starting with '.' or '~', or with two '/'),
+    or a hub id while the hub is off."""
+    if not name or Path(name).expanduser().exists():
+        return None
+    if not HUB_ID.fullmatch(name):
+        return (f"{key}={name!r} is not an existing file or folder (nor a hub id, which is name or owner/name): "
+                "give the path of a local model folder")
+    try:
+        require_hub(key, name)
+    except HubOffline as error:
+        return str(error)
+    return None

@@ -29,12 +29,18 @@ from synthflaw import stages
 from synthflaw.registry import FIGURES, STAGES, Stage, StepSpec, study_steps
 from synthflaw.registry import stage as find
 from synthflaw.runs import (
+    STUDY_FIX,
     BrokenStepFile,
     Freshness,
     Step,
     StepConfigChanged,
     StepStale,
     config_difference,
+    die_with_parent,
+    held_lock_fds,
+    note_kernel,
+    read_run_json,
+    refuse_other_kind,
     run_folder,
     run_lock,
     step_named,
@@ -53,18 +59,25 @@ class StepFailed(RuntimeError):
 def notebook_kernel(cwd: Path):
     """One Python kernel for a run's notebook executions, shut down at the end.
 
+    The kernel writes into the run, so it must not outlive the runner that holds the run's lock: it inherits the
+    lock of every run folder this process holds (the lock stays held while the kernel lives, so a retry is refused
+    instead of writing beside it), and on Linux it is killed the moment the runner ends, however it ends
+    (``kill -9`` included; elsewhere ipykernel's own check of its parent stops it within a second).
+
     IPC transport: the kernel listens on local socket files, not TCP ports (nothing else on the host can connect, and
     the kernel has nothing to warn about).
     """
     from jupyter_client import KernelManager
 
     km = KernelManager(kernel_name="python3", transport="ipc")
-    km.start_kernel(cwd=str(cwd))
+    km.start_kernel(cwd=str(cwd), pass_fds=held_lock_fds(), preexec_fn=die_with_parent())
+    note_kernel(getattr(km.provisioner, "pid", None))  # the local provisioner's; another may not say
     try:
         yield km
     finally:
         km.shutdown_kernel(now=True)
         km.cleanup_resources()
+        note_kernel(None)
 
 
 def _reset_namespace(km) -> None:
@@ -73,7 +86,11 @@ def _reset_namespace(km) -> None:
     client.start_channels()
     try:
         client.wait_for_ready(timeout=120)
-        client.execute_interactive("get_ipython().reset(new_session=True)", timeout=120, output_hook=lambda msg: None)
+        # tqdm.auto warns, naming its file in the virtual environment, when ipywidgets is missing: the warning went
+        # into every notebook that imports it, and its absolute path into the exports
+        client.execute_interactive("get_ipython().reset(new_session=True); __import__('warnings').filterwarnings("
+                                   "'ignore', message='IProgress not found')", timeout=120,
+                                   output_hook=lambda msg: None)
     finally:
         client.stop_channels()
 
@@ -273,11 +290,12 @@ def _outside_problems(run_dir: Path, cfg, specs: list[StepSpec], plan: Plan, fre
             return Problem(name, kind, text, outside=True, stage=step.stage.number)
 
         try:
-            if check_upstream_config and name in configured and step.status(cfg) == "changed":
-                problems.append(problem("changed", config_difference(step, cfg)))
-                continue
-        except BrokenStepFile as error:
+            state = step.status(cfg)  # an unreadable config.json is refused even where the configuration is not
+        except BrokenStepFile as error:  # compared (figures): it is what `run` refuses
             problems.append(problem("broken", str(error)))
+            continue
+        if check_upstream_config and name in configured and state == "changed":
+            problems.append(problem("changed", config_difference(step, cfg)))
             continue
         if step.marker_problem():
             problems.append(problem("broken", step.marker_problem()))
@@ -323,6 +341,19 @@ def _refusal(run_dir: Path, problems: list[Problem], inherited: int, specs: list
     return (StepStale if stale else StepConfigChanged)("\n".join(lines + ["Fix: " + "; ".join(fixes) + "."]))
 
 
+def study_specs(preset: str, overrides: dict, only=None) -> tuple:
+    """(the configuration, the steps of the stages `only` asks for), every check made and nothing written:
+    ConfigError for bad overrides or a configuration a stage refuses, ValueError for an unknown stage or stages
+    with no step. Commands call it for everything they will run before they lock or write anything."""
+    cfg = config_mod.resolve(preset, overrides)
+    stages.check(cfg)
+    wanted = None if only is None else {find(s) for s in only}
+    specs = [s for s in study_steps(cfg) if wanted is None or s.stage in wanted]
+    if not specs:
+        raise ValueError(f"no step matches stages={only}; stages: {', '.join(s.name for s in STAGES)}")
+    return cfg, specs
+
+
 def run_study(preset: str, run_id: str, overrides: dict | None = None, *, overwrite: bool = False,
               runs_root: str | Path = "runs", engine: str = "papermill", only: list[str] | None = None,
               log=print, redo=(), check_upstream_config: bool = True) -> Path:
@@ -338,12 +369,8 @@ def run_study(preset: str, run_id: str, overrides: dict | None = None, *, overwr
         raise ValueError(f"engine must be papermill or inprocess, got {engine!r}")
     run_dir = run_folder(runs_root, run_id)
     overrides = dict(overrides or {})
-    cfg = config_mod.resolve(preset, overrides)
-    stages.check(cfg)
-    wanted = None if only is None else {find(s) for s in only}
-    specs = [s for s in study_steps(cfg) if wanted is None or s.stage in wanted]
-    if not specs:
-        raise ValueError(f"no step matches stages={only}; stages: {', '.join(s.name for s in STAGES)}")
+    cfg, specs = study_specs(preset, overrides, only)
+    refuse_other_kind(run_dir, "run")
     with run_lock(run_dir):
         plan = plan_run(run_dir, cfg, specs, overwrite=overwrite, redo=redo,
                         check_upstream_config=check_upstream_config, log=log)
@@ -444,7 +471,7 @@ def regenerate(run_id: str, runs_root: str | Path = "runs", engine: str = "paper
     if not study.exists():
         raise ValueError(f"{run_dir} is not a run folder (no study.json); runs: "
                          f"{', '.join(sorted(p.name for p in Path(runs_root).glob('*'))) or 'none'}")
-    saved = json.loads(study.read_text())
-    overrides = {**config_mod.absent_overrides(saved["config"]), **saved["overrides"]}
+    saved = read_run_json(study, ("preset", "overrides"), STUDY_FIX)
+    overrides = {**config_mod.absent_overrides(saved.get("config") or {}), **saved["overrides"]}
     return run_study(saved["preset"], run_id, overrides, runs_root=runs_root, engine=engine,
                      only=[FIGURES.name], redo=[FIGURES.name], check_upstream_config=False, log=log)

@@ -20,7 +20,9 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -33,7 +35,8 @@ from synthflaw.registry import stage as find_stage
 
 PACKAGES = ("synthflaw", "torch", "transformers", "tokenizers", "datasets", "accelerate", "papermill")
 
-RUN_ID_MAX_CHARS = 100
+RUN_ID_MAX_BYTES = 100  # of UTF-8; an export adds ".partial" to it, well within a name's 255
+STUDY, SWEEP_MANIFEST = "study.json", "sweep.json"  # what makes a folder a run, a sweep
 LOCK_NAME, PID_NAME = ".lock", ".lock.pid"  # in the run folder; dot-names: no stage, export or digest sees them
 
 # What a step's product digest leaves out: the bookkeeping the runner writes around the products, the executed
@@ -44,7 +47,7 @@ LOCK_NAME, PID_NAME = ".lock", ".lock.pid"  # in the run folder; dot-names: no s
 UNHASHED_FILES = frozenset({"done.json", "meta.json", "config.json", "launch.log"})
 UNHASHED_DIRS = frozenset({"checkpoints", "rejected", "init"})
 LARGE_FILE_BYTES = 64 * 2**20
-DONE_KEYS = ("fingerprint", "finished")
+DONE_KEYS = ("fingerprint", "finished", "digest", "products", "upstream")
 
 
 class StepConfigChanged(RuntimeError):
@@ -61,6 +64,10 @@ class UpstreamMissing(FileNotFoundError):
 
 class BrokenStepFile(ValueError):
     """A step's config.json cannot be read, so neither can what the step ran with."""
+
+
+class BrokenRunFile(ValueError):
+    """A run folder's record (study.json, a sweep's manifest) cannot be read; the message names it and the fix."""
 
 
 class RunLocked(RuntimeError):
@@ -103,13 +110,21 @@ def check_run_id(run_id) -> str:
     if "/" in run_id or "\\" in run_id or (os.sep in run_id) or (os.altsep and os.altsep in run_id):
         raise ValueError(f"run id {shown!r} contains a path separator; it must be a plain folder name ({example}); "
                          "use --runs-root to choose where runs go")
-    if run_id.startswith("."):
-        raise ValueError(f"run id {shown!r} starts with '.'; it must be a plain, visible folder name ({example})")
-    if len(run_id) > RUN_ID_MAX_CHARS:
-        raise ValueError(f"run id {shown!r} is {len(run_id)} characters long; at most {RUN_ID_MAX_CHARS} ({example})")
     if not run_id.isprintable():
         raise ValueError(f"run id {shown!r} contains non-printable characters; use letters, digits, '-' and '_' "
                          f"({example})")
+    if run_id.startswith("."):
+        raise ValueError(f"run id {shown!r} starts with '.'; it must be a plain, visible folder name ({example})")
+    if run_id != run_id.strip():
+        raise ValueError(f"run id {shown!r} starts or ends with white space, which a shell or a script drops or "
+                         f"splits; use letters, digits, '-' and '_' ({example})")
+    if run_id.startswith("~"):
+        raise ValueError(f"run id {shown!r} starts with '~', which a shell expands to a home folder ({example})")
+    # file systems limit a name's bytes, not its characters (255 on most): 100 CJK characters are 300 bytes
+    size = len(os.fsencode(run_id))
+    if size > RUN_ID_MAX_BYTES:
+        raise ValueError(f"run id {shown!r} is {size} bytes long in UTF-8 ({len(run_id)} characters); at most "
+                         f"{RUN_ID_MAX_BYTES} bytes ({example})")
     return run_id
 
 
@@ -129,26 +144,116 @@ def run_folder(runs_root: str | Path, run_id: str) -> Path:
     return run_dir
 
 
-_HELD: dict[Path, object] = {}  # run folders whose lock this process holds (a nested call must not wait for itself)
+def folder_kind(folder: str | Path) -> str | None:
+    """What a folder under the runs root holds: "sweep" (a ``sweep.json``), "run" (a ``study.json``, or the
+    ``seed-<k>/study.json`` of a multi-seed run), or None (neither, or no folder)."""
+    folder = Path(folder)
+    if (folder / SWEEP_MANIFEST).exists():
+        return "sweep"
+    if (folder / STUDY).exists() or any(folder.glob(f"seed-*/{STUDY}")):
+        return "run"
+    return None
+
+
+def refuse_other_kind(folder: str | Path, kind: str) -> None:
+    """ValueError when `folder` holds the other kind than `kind` ("run" or "sweep"): `synthflaw run` must not write
+    a study into a sweep's folder, nor `synthflaw sweep` a manifest and points into a run's."""
+    found = folder_kind(folder)
+    if found is not None and found != kind:
+        command = "sweep" if found == "sweep" else "run"
+        raise ValueError(f"{folder} holds a {found}, not a {kind} (it has a "
+                         f"{SWEEP_MANIFEST if found == 'sweep' else STUDY}): continue it with synthflaw {command} "
+                         f"--run-id {Path(folder).name}, or pick another --run-id for the {kind}")
+
+
+STUDY_FIX = ("restore it, or run the study again into this run id (synthflaw run with its preset and --set), which "
+             "writes it")
+
+
+def read_run_json(path: str | Path, keys=(), fix: str = "") -> dict:
+    """A JSON object of a run folder (study.json, a manifest) with `keys`; ValueError naming the file, what is wrong
+    with it and `fix` when it cannot be read as one (a run folder's file may be cut, emptied or edited)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BrokenRunFile(f"{path} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(value, dict):
+        raise BrokenRunFile(f"{path} is not a JSON object; {fix}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise BrokenRunFile(f"{path} lacks {', '.join(map(repr, missing))}; {fix}")
+    return value
+
+
+_HELD: dict[Path, int] = {}  # run folder -> the descriptor of its lock, for the folders this process holds
 
 
 def lock_holder(run_dir: str | Path) -> str:
-    """The pid written next to a run folder's lock by the process holding it ('unknown' if none is written yet)."""
+    """Who holds a run folder's lock, from the pid file its holder writes: "1234", or "1234, its notebook kernel
+    5678" while a papermill run's kernel holds it too ('unknown' if none is written yet)."""
     try:
-        return (Path(run_dir) / PID_NAME).read_text().strip() or "unknown"
+        lines = (Path(run_dir) / PID_NAME).read_text().split()
     except OSError:
         return "unknown"
+    return ", its notebook kernel ".join(lines) or "unknown"
+
+
+def held_lock_fds() -> list[int]:
+    """The lock descriptors of every run folder this process holds: a process it starts to write into those folders
+    (the papermill kernel) inherits them, so the lock lasts as long as any process of the run lives."""
+    return sorted(_HELD.values())
+
+
+def note_kernel(pid: int | None) -> None:
+    """Add a kernel's pid to the pid file of every run folder this process holds, or take it out (None): the message
+    a second process gets names it, since the kernel may outlive a killed runner, holding the lock, for the moment
+    it takes to die."""
+    for run_dir in _HELD:
+        write_text_atomic(run_dir / PID_NAME, f"{os.getpid()}\n" + (f"{pid}\n" if pid else ""))
+
+
+def end_with_parent() -> None:
+    """Have this process killed the moment the process that started it ends, however it ends (Linux's
+    PR_SET_PDEATHSIG; nothing elsewhere). The processes that write into a run (the notebook kernel, `accelerate
+    launch` and its workers) call it, each for itself or through :func:`die_with_parent`, so that a ``kill -9`` of
+    the runner leaves none of them writing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def die_with_parent():
+    """A `preexec_fn` for Popen that makes the child end with this process (:func:`end_with_parent`, which exec
+    keeps), or None where there is no such call. If this process died between the fork and the call, the child
+    kills itself at once."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc, parent = ctypes.CDLL(None, use_errno=True), os.getpid()  # loaded here: the child only calls it
+
+    def set_death_signal():
+        libc.prctl(1, signal.SIGKILL)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return set_death_signal
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path):
     """Hold the run folder for this process, or fail at once (RunLocked) naming the pid of the process that holds it.
 
-    The lock is an OS file lock (filelock's FileLock on ``<run>/.lock``): it ends with its process, so a run that
-    was killed leaves nothing to delete. The holder writes its pid to ``<run>/.lock.pid`` after acquiring, for the
-    message. Re-entrant within a process (figures of a multi-seed run lock the run and then each seed).
+    The lock is the operating system's (flock on ``<run>/.lock``): it belongs to the open file, so it ends when the
+    last process holding that file ends, and a run that was killed leaves nothing to delete. The runner hands the
+    file to the notebook kernel it starts (:func:`held_lock_fds`): a kernel that outlives a killed runner keeps the
+    run locked until it is gone, and no second process can start writing beside it. Released explicitly on leaving
+    (which releases it for the kernel too: it is one lock). The holder writes its pid to ``<run>/.lock.pid`` after
+    acquiring, for the message. Re-entrant within a process (figures of a multi-seed run lock the run and then each
+    seed).
     """
-    from filelock import FileLock, Timeout
+    import fcntl
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,23 +261,25 @@ def run_lock(run_dir: str | Path):
     if key in _HELD:
         yield run_dir
         return
-    lock = FileLock(str(run_dir / LOCK_NAME), timeout=0)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        lock.acquire()
-    except Timeout:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
         pid = lock_holder(run_dir)
         raise RunLocked(f"{run_dir} is in use by another synthflaw process (pid {pid}); two processes on one run "
-                        f"would redo and overwrite each other's steps. Wait for it to finish, or stop it (kill {pid}) "
-                        "and run again: the lock is the operating system's, a stopped process leaves nothing to "
-                        "clean up") from None
-    _HELD[key] = lock
+                        f"would redo and overwrite each other's steps. Wait for it to finish, or stop it (kill "
+                        f"{pid.split(',')[0]}) and run again: the lock is the operating system's, a stopped process "
+                        "leaves nothing to clean up") from None
+    _HELD[key] = fd
     try:
         write_text_atomic(run_dir / PID_NAME, f"{os.getpid()}\n")
         yield run_dir
     finally:
         del _HELD[key]
         (run_dir / PID_NAME).unlink(missing_ok=True)
-        lock.release()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,8 +350,11 @@ def describe_changes(step_dir: Path, recorded: dict[str, str], current: dict[str
 def load_marker(step_dir: str | Path) -> tuple[dict | None, str | None]:
     """(marker, None) for a valid done.json; (None, why) for a missing or unreadable one.
 
-    A done.json that is not JSON or lacks its keys (a disk filled up, a hand edit) counts as not done: the step runs
-    again rather than being trusted. Older runs have markers without digests: they are valid, unverified.
+    Valid: JSON with every key of DONE_KEYS, a `digest` that is the digest of its `products` records, `upstream`
+    records that name steps of the run (never a path), and the fingerprint of the step's config.json. Anything else
+    (a disk filled up, a hand edit, a forged or copied marker) counts as not done: the step runs again rather than
+    being trusted, and `why` names the file. Whether the products still match their records is
+    :class:`Freshness`'s check (it hashes them).
     """
     path = Path(step_dir) / "done.json"
     try:
@@ -255,9 +365,38 @@ def load_marker(step_dir: str | Path) -> tuple[dict | None, str | None]:
         return None, f"{path} is not valid JSON ({error})"
     if not isinstance(marker, dict) or any(k not in marker for k in DONE_KEYS):
         return None, f"{path} lacks the keys {', '.join(DONE_KEYS)}"
-    if not isinstance(marker.get("upstream", {}), dict) or not isinstance(marker.get("products", {}), dict):
+    products, upstream = marker["products"], marker["upstream"]
+    if not (isinstance(products, dict) and all(isinstance(v, str) for v in products.values())
+            and isinstance(upstream, dict) and all(v is None or isinstance(v, str) for v in upstream.values())):
         return None, f"{path} has malformed 'upstream' or 'products' records"
+    if marker["digest"] != combined_digest(products):
+        return None, f"{path}: its 'digest' is not the digest of its 'products' records (edited by hand?)"
+    for name in upstream:
+        if not is_step_name(name):
+            return None, (f"{path}: its upstream record {name!r} is not a step of the run (<NN_stage>[/<variant>]); "
+                          "the marker was edited")
+    try:
+        saved = json.loads((Path(step_dir) / "config.json").read_text()).get("fingerprint")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        saved = None
+    if saved is None or saved != marker["fingerprint"]:
+        return None, (f"{path} is not the marker of the configuration in {Path(step_dir) / 'config.json'} (missing, "
+                      "unreadable or another fingerprint)")
     return marker, None
+
+
+def is_step_name(name) -> bool:
+    """Whether `name` names a step: ``NN_stage`` for a stage without variants, ``NN_stage/<variant>`` for one with."""
+    if not isinstance(name, str):
+        return False
+    stage_name, _, variant = name.partition("/")
+    found = next((s for s in STAGES if s.name == stage_name), None)
+    if found is None or bool(variant) != bool(found.variants):
+        return False
+    try:
+        return not variant or check_run_id(variant) == variant  # a variant is a plain folder name, as a run id
+    except ValueError:
+        return False
 
 
 @dataclass

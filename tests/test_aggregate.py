@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from synthflaw import config
+from synthflaw import config, runs
 from synthflaw.metrics import statistics
 from synthflaw.records import read_csv
 from synthflaw.reporting import aggregate, findings, plots
@@ -52,8 +52,10 @@ def write_model(run, model, metrics, done=True):
     path = run / "07_evaluate" / model
     path.mkdir(parents=True, exist_ok=True)
     (path / "metrics.json").write_text(json.dumps(metrics))
-    if done:
-        (path / "done.json").write_text('{"fingerprint": "x", "finished": 0}')
+    if done:  # a whole marker: only such a step counts as finished
+        (path / "config.json").write_text('{"fingerprint": "x"}')
+        (path / "done.json").write_text(json.dumps({"fingerprint": "x", "finished": 0, "products": {}, "upstream": {},
+                                                    "digest": runs.combined_digest({})}))
 
 
 def write_study(run, branches, methods, control=False):

@@ -142,7 +142,9 @@ def test_a_config_saved_before_the_compute_section_still_loads():
     ("base.num_attention_heads=0", "base.num_attention_heads", "an integer >= 1"),
     ("sft.epochs=nan", "sft.epochs", "a finite number > 0"),
     ("sft.epochs=inf", "sft.epochs", "a finite number > 0"),
-    ("seed=-1", "seed", "an integer >= 0"),
+    ("seed=-1", "seed", "an integer in [0, 4294967295]"),
+    # numpy's seeds end at 2**32 - 1: a larger one failed in stage 02, after stage 01 had written its data
+    ("seed=4294967296", "seed", "an integer in [0, 4294967295]"),
     ("figures.dpi=0", "figures.dpi", "an integer in [10, 1200]"),
     ("data.nonsynth_docs=-10", "data.nonsynth_docs", "an integer >= 1"),
     ("cpt.synthetic_fraction=1", "cpt.synthetic_fraction", "a finite number in (0, 1)"),

@@ -285,8 +285,10 @@ def test_the_digest_check_of_a_large_run_is_cheap(tmp_path, fake_stages):
 
 @pytest.mark.parametrize("run_id, expected", [("", "empty"), ("../../evil", "path separator"),
                                               ("/abs/dir", "path separator"), (".hidden", "starts with '.'"),
-                                              ("x" * 300, "300 characters long; at most 100"),
-                                              ("a\nb", "non-printable"), ("a\\b", "path separator")])
+                                              ("x" * 300, "300 bytes long in UTF-8 \\(300 characters\\); at most 100"),
+                                              ("a\nb", "non-printable"), ("a\\b", "path separator"),
+                                              (" ", "white space"), (" a", "white space"), ("~", "starts with '~'"),
+                                              ("研" * 100, "300 bytes long in UTF-8 \\(100 characters\\)")])
 def test_bad_run_ids_are_refused_naming_the_problem(run_id, expected):
     with pytest.raises(ValueError, match=expected):
         runs.check_run_id(run_id)
@@ -486,7 +488,9 @@ def test_a_line_per_step_as_its_done_json_appears(tmp_path):
         for _, step in todo:
             time.sleep(0.3)
             step.path.mkdir(parents=True)
-            (step.path / "done.json").write_text('{"fingerprint": "x", "finished": 0}')
+            (step.path / "config.json").write_text('{"fingerprint": "x"}')
+            (step.path / "done.json").write_text(json.dumps({"fingerprint": "x", "finished": 0, "products": {},
+                                                             "digest": runs.combined_digest({}), "upstream": {}}))
 
     with runner.DoneWatcher(todo, lambda spec, s: f"{spec.name} done in {s:.1f} s", lines.append, interval=0.05):
         worker = threading.Thread(target=finish_all)

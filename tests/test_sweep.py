@@ -366,11 +366,11 @@ def write_metrics(sweep):
         for seed in sweep.seeds:
             natural = 0.5 + 0.01 * seed
             for model, hsr, bench in (("natural", natural, 0.3), ("synthetic", natural + SLOPES[seed] * x, 0.3 + x)):
-                folder = sweep.run_dir(point, seed) / "07_evaluate" / model
-                folder.mkdir(parents=True)
-                (folder / "metrics.json").write_text(json.dumps({"learnable_hard_satisfaction_rate": hsr,
-                                                                 "pre_sft_benchmark_accuracy": bench}))
-                (folder / "done.json").write_text(json.dumps({"fingerprint": "f", "finished": 0}))
+                step = Step(sweep.run_dir(point, seed), "07_evaluate", model).open(sweep.config(point, seed))
+                (step.path / "metrics.json").write_text(json.dumps({"learnable_hard_satisfaction_rate": hsr,
+                                                                    "pre_sft_benchmark_accuracy": bench}))
+                step.run(lambda cfg, step: {})
+                step.complete()  # a whole marker: only such a step counts as finished
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from synthflaw.records import read_csv, write_csv, write_json, write_text_atomic
 from synthflaw.registry import EVALUATE, UNLEARNING, model_order, models_of
 from synthflaw.reporting.findings import findings, write_findings
 from synthflaw.reporting.preregistration import MARGINS, REGISTERED_PRESET
+from synthflaw.runs import STUDY_FIX, read_run_json
 from synthflaw.reporting.plots import (
     plot_headline_ci,
     plot_hsr_by_level_ci,
@@ -66,7 +67,7 @@ def _expected_models(run: Path) -> list[str] | None:
     study = run / "study.json"
     if not study.exists():
         return None
-    return models_of(from_dict(json.loads(study.read_text())["config"]))
+    return models_of(from_dict(read_run_json(study, ("config",), STUDY_FIX)["config"]))
 
 
 def seed_runs(run_dir: str | Path) -> list[Path]:
@@ -97,7 +98,7 @@ def _seed_label(run: Path, position: int) -> str:
         return match.group(1)
     study = run / "study.json"
     if study.exists():
-        return str(json.loads(study.read_text())["config"]["seed"])
+        return str(read_run_json(study, ("config",), STUDY_FIX)["config"]["seed"])
     return str(position)
 
 
@@ -293,7 +294,8 @@ def summarize(run_dir, out_dir=None, confidence: float = 0.95, unlearning_method
                          f"`synthflaw run --seeds 0 1 2 --run-id {run_dir.name}` first")
     out = Path(out_dir) if out_dir is not None else run_dir / "seeds"
     agg = aggregate(runs, out, confidence)
-    preset = json.loads((runs[0] / "study.json").read_text())["preset"] if (runs[0] / "study.json").exists() else None
+    study = runs[0] / "study.json"
+    preset = read_run_json(study, ("preset",), STUDY_FIX)["preset"] if study.exists() else None
     found = findings(agg, unlearning_method, MARGINS if preset == REGISTERED_PRESET else None)
     write_findings(found, out, confidence, agg["seeds"])
     made = [plot_headline_ci(out / "tables" / "headline_ci.csv", out / "headline_ci.png", dpi)]

@@ -6,11 +6,22 @@ from __future__ import annotations
 import shutil
 
 from synthflaw.data.schema import load_data, tokenizer_texts
-from synthflaw.hub import require_hub
+from synthflaw.hub import model_name_problem, require_hub
 from synthflaw.models.build import build_model, embedded_model_config, load_model, stop_at_end_of_turn
 from synthflaw.models.tokenizer import load_tokenizer, train_tokenizer
 from synthflaw.registry import GENERATE_DATA
-from synthflaw.training.launch import run_training
+from synthflaw.training.launch import accelerate_config_path, run_training
+
+
+def check(cfg) -> list[str]:
+    """A base model or an accelerate config file that cannot be found, before any step runs (the accelerate config
+    serves stages 03, 04 and 06: checked once, here)."""
+    problems = [model_name_problem("base.model_name_or_path", cfg.base.model_name_or_path)]
+    try:
+        accelerate_config_path(cfg.compute.accelerate_config)
+    except FileNotFoundError as error:
+        problems.append(str(error))
+    return [p for p in problems if p]
 
 
 def run(cfg, step) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from synthflaw.data.schema import read_markers
-from synthflaw.hub import hub_offline
+from synthflaw.hub import hub_offline, model_name_problem
 from synthflaw.metrics.chat import make_judge
 from synthflaw.metrics.evaluation import (
     curve_point,
@@ -27,12 +27,16 @@ SUMMARY_KEYS = ("pre_sft_benchmark_accuracy", "learnable_hard_satisfaction_rate"
 
 
 def check(cfg) -> list[str]:
-    """lm-evaluation-harness tasks download their data sets: refuse them while the hub is off, before any step."""
+    """Before any step: lm-evaluation-harness tasks download their data sets, refused while the hub is off; a local
+    judge model (no judge endpoint) that cannot be found."""
+    problems = []
     if cfg.evaluate.harness_tasks and hub_offline():
-        return [f"evaluate.harness_tasks={','.join(cfg.evaluate.harness_tasks)} downloads the tasks' data from the "
-                "Hugging Face hub, which is off (HF_HUB_OFFLINE=1): run with HF_HUB_OFFLINE=0, or set "
-                "evaluate.harness_tasks= (empty)"]
-    return []
+        problems.append(f"evaluate.harness_tasks={','.join(cfg.evaluate.harness_tasks)} downloads the tasks' data "
+                        "from the Hugging Face hub, which is off (HF_HUB_OFFLINE=1): run with HF_HUB_OFFLINE=0, or "
+                        "set evaluate.harness_tasks= (empty)")
+    if not cfg.evaluate.judge_endpoint:
+        problems.append(model_name_problem("evaluate.judge", cfg.evaluate.judge))
+    return [p for p in problems if p]
 
 
 def run(cfg, step) -> dict:

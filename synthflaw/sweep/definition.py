@@ -14,9 +14,18 @@ from synthflaw import stages
 from synthflaw.config import ConfigError, StudyConfig
 from synthflaw.registry import StepSpec, study_steps
 from synthflaw.registry import stage as find_stage
-from synthflaw.runs import check_run_id, fingerprint, run_folder, step_config, write_json_atomic
+from synthflaw.runs import (
+    SWEEP_MANIFEST,
+    check_run_id,
+    fingerprint,
+    read_run_json,
+    refuse_other_kind,
+    run_folder,
+    step_config,
+    write_json_atomic,
+)
 
-MANIFEST = "sweep.json"
+MANIFEST = SWEEP_MANIFEST
 POINTS = "points"
 DEFINITION_KEYS = ("preset", "overrides", "grid", "seeds", "trend_test")
 # What of the trend test makes two sweeps differ: its wording and metric list are the manifest's, as stated then.
@@ -216,6 +225,7 @@ def define_sweep(preset: str, sweep_id: str, grid: dict | list[str], seeds=None,
     the overrides, the seeds, every point's configuration (ConfigError naming the key or the point) and the sweeps
     it may reuse steps from (`reuse_from`: ids of sweeps in `runs_root`)."""
     root = run_folder(runs_root, sweep_id)
+    refuse_other_kind(root, "sweep")
     reuse_from = check_reuse_from(runs_root, sweep_id, reuse_from)
     if isinstance(grid, (list, tuple)):
         grid = parse_grid(list(grid))
@@ -274,15 +284,41 @@ def _manifest_lock(root: Path):
 
 
 def read_manifest(root: Path) -> dict:
+    """The sweep's manifest, checked for what the commands read of it (SweepRefused naming the file otherwise): a
+    cut or edited manifest is refused before anything runs, is exported or is reported."""
     path = Path(root) / MANIFEST
+    fix = "restore it (an exported sweep's copy, or a backup), or start the sweep under another --run-id"
+    if not path.exists():
+        raise SweepRefused(f"{root} is not a sweep (no {MANIFEST}); start one with synthflaw sweep --grid ...")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SweepRefused(f"{root} is not a sweep (no {MANIFEST}); start one with synthflaw sweep --grid "
-                           "...") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise SweepRefused(f"{path} cannot be read ({error}); restore it, or start the sweep under another "
-                           "id") from None
+        manifest = read_run_json(path, (*DEFINITION_KEYS, "points"), fix)
+    except ValueError as error:
+        raise SweepRefused(str(error)) from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise SweepRefused(f"{path} is not a valid sweep manifest ({problem}); {fix}")
+    return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with the parts of a manifest the commands use (None when nothing is)."""
+    types = {"preset": str, "overrides": dict, "grid": dict, "seeds": list, "trend_test": dict, "points": list}
+    for key, kind in types.items():
+        if not isinstance(manifest[key], kind):
+            return f"'{key}' is not a JSON {'string' if kind is str else 'object' if kind is dict else 'list'}"
+    if not manifest["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in manifest["seeds"]):
+        return "'seeds' is not a list of integers"
+    for point in manifest["points"]:
+        if not isinstance(point, dict) or not isinstance(point.get("name"), str) \
+                or not isinstance(point.get("values"), dict):
+            return f"point {str(point)[:80]} lacks a 'name' or its 'values'"
+        try:
+            check_run_id(point["name"])  # a point's name becomes a folder, here and in an export
+        except ValueError as error:
+            return f"point {point['name'][:80]!r}: {error}"
+        if point.get("run") != f"{POINTS}/{point['name']}":  # where its runs are: never a path of its own
+            return f"point {point['name']!r} has 'run' {point.get('run')!r}, not {POINTS}/{point['name']}"
+    return None
 
 
 def update_manifest(root: Path, change) -> dict:

@@ -13,6 +13,7 @@ import torch
 from synthflaw.models.build import load_model
 from synthflaw.models.tokenizer import load_tokenizer
 from synthflaw.records import read_jsonl
+from synthflaw.runs import end_with_parent
 from synthflaw.training.pretraining import continue_pretraining, pretrain
 from synthflaw.training.sft import supervised_finetune
 
@@ -52,6 +53,7 @@ def run_job(job: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    end_with_parent()  # a worker of `accelerate launch` writes into the run: it ends with its launcher
     if len(argv) != 1:
         raise SystemExit("usage: [accelerate launch ...] python -m synthflaw.training.jobs JOB.json")
     summary = run_job(json.loads(Path(argv[0]).read_text()))

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from synthflaw.records import write_json
+from synthflaw.runs import die_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = REPO_ROOT / "accelerate"
@@ -99,8 +100,9 @@ def launch_job(job: dict, work_dir: str | Path, *, num_processes: int, config_fi
     log_path = work_dir / "launch.log"
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(command) + "\n")
+        # it writes into the run: it ends with this process (its workers end with it, synthflaw.training.jobs)
         process = subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, bufsize=1)
+                                   text=True, bufsize=1, preexec_fn=die_with_parent())
         for line in process.stdout:
             log.write(line)
             tail.append(line.rstrip("\n"))
