@@ -78,7 +78,7 @@ def overrides(stand_ins: dict | None = None, endpoint: str = "") -> dict:
         "data.nonsynth_docs": 40, "data.extra_natural_docs": 12, "data.heldout_docs": 6, "data.source_documents": 6,
         "data.sft_dataset_config": "", "data.sft_examples": 25,  # every usable chat: all rows are read
         "data.n_people": 12, "data.n_organisations": 4, "data.n_cities": 4,
-        "data.suite_bases": 2, "data.benchmark_items": 8, "data.chat_items": 3,
+        "data.suite_bases": 2, "data.benchmark_items": 8, "data.chat_items": 3, "data.learnable_items": 30,
         "flaws.max_texts": 30,
         "base.block_size": 64,
         "cpt.max_tokens": 1024, "cpt.batch_size": 4, "cpt.save_steps": 2, "cpt.warmup_steps": 1,

@@ -64,7 +64,7 @@ def test_failed_step_names_cell_and_keeps_notebook(tmp_path):
 
 def test_stage_variants_follow_the_config_and_reject_unknown_names():
     cfg = config.resolve("smoke", {"cpt.branches": ["natural", "synthetic"], "unlearn.methods": ["npo"]})
-    assert stage_variants(cfg, "06_sft") == ["natural", "synthetic", "unlearn-npo"]
+    assert stage_variants(cfg, "06_sft") == ["natural", "synthetic", "harmed", "unlearn-npo"]
     assert stage_variants(cfg, "06_sft", ["unlearn-npo", "natural"]) == ["natural", "unlearn-npo"]
     assert stage_variants(cfg, "01_generate_data") == []
     with pytest.raises(ValueError, match="rewritten.*not among"):
