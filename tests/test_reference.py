@@ -23,7 +23,10 @@ RUNS = Path(__file__).resolve().parent.parent / "runs"
 REFERENCE = RUNS / "reference"
 # each committed sweep: its swept key and the values the issue asked for (natural is the fraction's 0 point)
 SWEEPS = {"reference-fraction": ("cpt.synthetic_fraction", [0.02, 0.1, 0.3, 0.5]),
-          "reference-templates": ("data.synthetic_templates", [1, 3, 10])}
+          "reference-templates": ("data.synthetic_templates", [1, 3, 10]),
+          # the positive control's pilots (natural and harmed only, stages 01, 03, 04, 06, 07)
+          "pilot-control": ("sft.harm_fraction", [0.05, 0.1, 0.2, 0.35]),
+          "pilot-control-power": ("sft.harm_fraction", [0.05])}
 
 
 def tables(root: Path) -> dict[str, bytes]:
