@@ -293,7 +293,7 @@ def test_summarize_writes_every_file_and_plots_render(tmp_path):
         assert (out / name).stat().st_size > 0, name
     for name in ("headline_ci.png", "hsr_by_level_ci.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert result["figures"] == ["headline_ci.png", "hsr_by_level_ci.png"]
+    assert result["figures"] == ["headline_ci.png", "findings_forest.png", "hsr_by_level_ci.png"]
     md = (out / "findings.md").read_text()
     assert "| 2 | after identical SFT" in md and "reproduces" in md
     assert "d(learnable_HSR; synthetic - natural) < 0" in md and "Paper-sized effects" in md

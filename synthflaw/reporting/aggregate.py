@@ -27,6 +27,7 @@ from synthflaw.metrics.statistics import mean_ci, paired_difference
 from synthflaw.records import read_csv, write_csv, write_json, write_text_atomic
 from synthflaw.registry import EVALUATE, UNLEARNING, model_order, models_of
 from synthflaw.reporting.findings import findings, write_findings
+from synthflaw.reporting.forest import write_forest
 from synthflaw.reporting.preregistration import MARGINS, REGISTERED_PRESET
 from synthflaw.runs import STUDY_FIX, read_run_json
 from synthflaw.reporting.plots import (
@@ -299,6 +300,9 @@ def summarize(run_dir, out_dir=None, confidence: float = 0.95, unlearning_method
     found = findings(agg, unlearning_method, MARGINS if preset == REGISTERED_PRESET else None)
     write_findings(found, out, confidence, agg["seeds"])
     made = [plot_headline_ci(out / "tables" / "headline_ci.csv", out / "headline_ci.png", dpi)]
+    forest = write_forest(found, out, dpi)
+    if forest:
+        made.append(forest)
     if (out / "hsr_by_level_ci.csv").exists():
         made.append(plot_hsr_by_level_ci(out / "hsr_by_level_ci.csv", out / "hsr_by_level_ci.png", dpi))
     if (out / "sft_curve_ci.csv").exists():
