@@ -426,6 +426,33 @@ def test_a_broken_config_json_names_the_file_and_the_fix(tmp_path, fake_stages, 
     assert Step(run_dir, "03").done
 
 
+def test_an_upstream_finished_again_with_new_products_makes_its_readers_stale(tmp_path, fake_stages):
+    # 01 ran again and finished (a valid done.json) with other products: a new digest. Not deleted, not edited
+    # after finishing: only the digest its readers recorded tells them it is not what they read.
+    run_dir = fake_run(tmp_path, only=["01", "02", "03"])
+    suite = run_dir / "01_generate_data" / "data" / "instruction_suite.jsonl"
+    old = marker(run_dir, "01_generate_data")["digest"]
+    suite.write_text(suite.read_text() + '{"id": 99}\n')
+    (run_dir / "01_generate_data" / "done.json").unlink()
+    assert Step(run_dir, "01").complete()["digest"] != old
+    fresh = runs.Freshness(run_dir)
+    assert fresh.causes("01_generate_data") == []  # itself current: its products are what its marker says
+    for reader in ("02_data_flaws", "03_base_model"):
+        assert [(c.kind, c.upstream) for c in fresh.causes(reader)] == [("upstream changed", "01_generate_data")]
+        assert str(fresh.causes(reader)[0]) == (f"{reader} is stale: 01_generate_data ran again or changed since "
+                                                "it was read")
+    fake_stages.clear()
+    with pytest.raises(runs.StepStale) as err:  # a plain run refuses, before running anything
+        fake_run(tmp_path, only=["01", "02", "03"])
+    assert "02_data_flaws, 03_base_model are stale: 01_generate_data ran again or changed" in str(err.value)
+    assert fake_stages == []
+    fake_run(tmp_path, only=["01", "02", "03"], overwrite=True)  # --overwrite runs the readers again
+    assert fake_stages == ["02_data_flaws", "03_base_model"]
+    new = marker(run_dir, "01_generate_data")["digest"]
+    assert marker(run_dir, "02_data_flaws")["upstream"] == {"01_generate_data": new}
+    assert runs.Freshness(run_dir).causes("02_data_flaws") == []
+
+
 def test_a_deleted_model_folder_is_stale_naming_model(tmp_path, fake_stages):
     run_dir = fake_run(tmp_path)
     shutil.rmtree(run_dir / "06_sft" / "natural" / "model")
