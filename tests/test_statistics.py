@@ -7,6 +7,7 @@ last net behind them, not the first.
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -136,3 +137,79 @@ def test_contrast_pairs_within_seeds_over_the_seeds_every_term_has():
     two = statistics.contrast(per_seed, [("syn", "m", 2.0), ("nat", "m", -1.0)])
     assert two["mean"] == pytest.approx((0.6 + 0.9 + 1.2) / 3)
     assert statistics.contrast(per_seed, [("syn", "m", 1.0), ("absent", "m", -1.0)]) is None
+
+
+# Each test below pins a behaviour a mutant of `make mutation` changed without failing the tests above.
+
+@pytest.mark.parametrize("confidence", [0.0, 1.0, 1.5, -0.5])
+def test_mean_ci_refuses_a_confidence_outside_0_1(confidence):
+    with pytest.raises(ValueError, match=r"^confidence must be in \(0, 1\), e\.g\. 0\.95; got "):
+        statistics.mean_ci([0.1, 0.2], confidence=confidence)
+
+
+def test_mean_ci_names_what_is_missing():
+    with pytest.raises(ValueError, match=r"^mean_ci needs at least one value \(one seed\)$"):
+        statistics.mean_ci([])
+    with pytest.raises(ValueError, match=r"^mean_ci got non-finite values \[0\.1, inf\]; drop failed seeds"):
+        statistics.mean_ci([0.1, float("inf")])
+
+
+T_95_DF2 = 2.919985580355516  # Student t 0.95 quantile (a 90% interval), 2 degrees of freedom (tables: 2.920)
+
+
+def test_the_confidence_reaches_every_interval():
+    per_seed = {"syn": {"m": {"0": 0.5, "1": 0.7, "2": 0.9}}, "nat": {"m": {"0": 0.4, "1": 0.5, "2": 0.6}}}
+    # per-seed differences (0.1, 0.2, 0.3): std 0.1
+    assert statistics.contrast(per_seed, [("syn", "m", 1.0), ("nat", "m", -1.0)], 0.9)["half_width"] == \
+        pytest.approx(T_95_DF2 * 0.1 / math.sqrt(3))
+    assert statistics.paired_difference(per_seed, "syn", "nat", "m", 0.9)["half_width"] == \
+        pytest.approx(T_95_DF2 * 0.1 / math.sqrt(3))
+    # random effects (the agreeing seeds above: se 1/15); MDD = (t(0.95, 2) + t(0.8, 2)) * se
+    out = statistics.combine_seeds({"0": (0.1, 0.01, 10), "1": (0.3, 0.04, 20), "2": (0.2, 0.01, 30)}, 0.9)
+    assert out["half_width"] == pytest.approx(T_95_DF2 / 15)
+    assert out["mdd"] == pytest.approx((T_95_DF2 + T_80_DF2) / 15)
+    # every item agreeing: the seeds' means (0.1, 0.2, 0.3), std 0.1
+    agreed = statistics.combine_seeds({"0": (0.1, 0.0, 5), "1": (0.2, 0.0, 5), "2": (0.3, 0.0, 5)}, 0.9)
+    assert agreed["half_width"] == pytest.approx(T_95_DF2 * 0.1 / math.sqrt(3))
+    assert agreed["mdd"] == pytest.approx((T_95_DF2 + T_80_DF2) * 0.1 / math.sqrt(3))
+    by_seed = {s: {"a": {"x": 1.0, "y": 0.0}, "b": {"x": 0.0, "y": 0.0}} for s in "01"}
+    assert statistics.item_contrast(by_seed, [("a", 1.0), ("b", -1.0)], 0.9)["half_width"] == \
+        pytest.approx(6.313751514675043 * math.sqrt(1 / 8))  # t(0.95, 1) = 6.314
+
+
+def test_seeds_are_listed_in_numeric_order():
+    per_seed = {"syn": {"m": {"10": 0.5, "2": 0.7, "0": 0.9}}, "nat": {"m": {"10": 0.4, "2": 0.5, "0": 0.6}}}
+    assert statistics.paired_difference(per_seed, "syn", "nat", "m")["seeds"] == ["0", "2", "10"]
+    combined = statistics.combine_seeds({"10": (0.1, 0.01, 1), "2": (0.2, 0.01, 1), "0": (0.3, 0.01, 1)})
+    assert combined["seeds"] == ["0", "2", "10"]
+
+
+def test_edge_cases_return_none_or_nan_without_errors_or_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "degrees of freedom <= 0" for one item would be an error here
+        one = statistics.seed_item_contrast({"a": {"x": 0.7}, "b": {"x": 0.2}}, [("a", 1.0), ("b", -1.0)])
+    assert math.isnan(one[1])
+    # a model missing from the seed: no shared item
+    assert statistics.seed_item_contrast({"a": {"x": 1.0}}, [("a", 1.0), ("b", -1.0)]) is None
+    assert statistics.contrast({"a": {"m": {"0": 1.0}}}, []) is None  # no terms: no seed has them all
+
+
+def test_random_effects_of_one_study_has_no_between_study_variance():
+    # k = 1: C = w - w^2 / w = 0, so tau^2 is 0 by definition (not Q / C); the usual se is sqrt(v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the HKSJ se of one study is 0 / 0
+        estimate, se, tau2 = statistics.random_effects(np.array([0.3]), np.array([0.01]))
+    assert (estimate, tau2) == (pytest.approx(0.3), 0.0) and se == pytest.approx(0.1)
+
+
+def test_random_effects_with_large_variances_small_c_still_gets_tau2():
+    # means (0, 5, 10), variances 4: weights 0.25, fixed 5, Q = 0.25 (25 + 0 + 25) = 12.5,
+    # C = 0.75 - 3 * 0.0625 / 0.75 = 0.5 (below 1), tau^2 = (12.5 - 2) / 0.5 = 21
+    estimate, se, tau2 = statistics.random_effects(np.array([0.0, 5.0, 10.0]), np.array([4.0, 4.0, 4.0]))
+    assert tau2 == pytest.approx(21.0) and estimate == pytest.approx(5.0) and se == pytest.approx(math.sqrt(25 / 3))
+
+
+def test_the_all_items_agree_threshold_is_below_1e_12():
+    below = statistics.combine_seeds({"0": (0.1, 0.9e-12, 5), "1": (0.2, 0.9e-12, 5), "2": (0.3, 0.9e-12, 5)})
+    at = statistics.combine_seeds({"0": (0.1, 1e-12, 5), "1": (0.2, 1e-12, 5), "2": (0.3, 1e-12, 5)})
+    assert below["tau2"] is None and at["tau2"] is not None  # seeds' means alone, then random effects
