@@ -15,10 +15,11 @@ from synthflaw.models.tokenizer import chat_text, encode, pad_id, start_tokens
 class Table:
     """A stand-in for `reply_logprobs`: (sum, count) per (context, reply), and the `chat` flag of every call."""
 
-    def __init__(self, scores: dict):
-        self.scores, self.chat = scores, []
+    def __init__(self, scores: dict, batch_size: int):
+        self.scores, self.batch_size, self.chat = scores, batch_size, []
 
     def __call__(self, model, tokenizer, contexts, replies, batch_size, *, chat=True):
+        assert batch_size == self.batch_size  # the caller's batch size is passed on
         self.chat.append(chat)
         return np.array([self.scores[(c, r)] for c, r in zip(contexts, replies)], dtype=np.float64)
 
@@ -29,7 +30,7 @@ def test_chat_preference_is_the_reference_less_the_larger_trivial_reply(monkeypa
         ("p1", "r1"): (-6.0, 3), ("p1", CONSTANT_REPLY): (-4.0, 4), ("p1", "p1"): (-9.0, 3),
         # p2: reference -2/2 = -1; constant -12/4 = -3; echo -3/2 = -1.5 (the larger) -> -1 - (-1.5) = 0.5
         ("p2", "r2"): (-2.0, 2), ("p2", CONSTANT_REPLY): (-12.0, 4), ("p2", "p2"): (-3.0, 2),
-    })
+    }, batch_size=2)
     monkeypatch.setattr(likelihood, "reply_logprobs", table)
     items = [{"prompt": "p1", "reference": "r1"}, {"prompt": "p2", "reference": "r2"}]
     assert likelihood.chat_preference(None, None, items, batch_size=2) == pytest.approx([-1.0, 0.5])
@@ -43,7 +44,7 @@ def test_compliance_margin_and_its_null_per_constraint_averaged_per_item(monkeyp
     # without I1 ("B. I2."): ref -1.5, u1 -2; without I2 ("B. I1."): ref -2, u2 -1
     table = Table({("B. I1. I2.", "ref"): (-2.0, 2), ("B. I1. I2.", "u1"): (-6.0, 2), ("B. I1. I2.", "u2"): (-4.0, 2),
                    ("B. I2.", "ref"): (-3.0, 2), ("B. I2.", "u1"): (-4.0, 2),
-                   ("B. I1.", "ref"): (-4.0, 2), ("B. I1.", "u2"): (-2.0, 2)})
+                   ("B. I1.", "ref"): (-4.0, 2), ("B. I1.", "u2"): (-2.0, 2)}, batch_size=4)
     monkeypatch.setattr(likelihood, "reply_logprobs", table)
     second = {**item, "undone": ["u1"], "instructions": ["I1."], "prompt": "B. I1. I2."}  # one constraint
     table.scores[("B.", "ref")], table.scores[("B.", "u1")] = (-1.0, 2), (-1.0, 2)
@@ -63,7 +64,7 @@ def test_template_forms_and_template_pull_in_nats_per_reply(monkeypatch):
     assert (templated, plain) == ("Question: Where?\nAnswer: Here.", "Where?\nHere.")
     # sums, not means: templated -10 over 5 tokens, plain -4 over 2 -> pull -6 (means would give -2 - -2 = 0)
     table = Table({("Where?", templated): (-10.0, 5), ("Where?", plain): (-4.0, 2),
-                   ("", templated): (-3.0, 5), ("", plain): (-7.0, 2)})
+                   ("", templated): (-3.0, 5), ("", plain): (-7.0, 2)}, batch_size=1)
     monkeypatch.setattr(likelihood, "reply_logprobs", table)
     assert likelihood.template_pull(None, None, [item], TEMPLATE, batch_size=1) == pytest.approx([-6.0])
     assert table.chat == [True, True]
@@ -96,5 +97,5 @@ def test_reply_logprobs_scores_each_reply_after_its_chat_or_plain_context(monkey
     start = start_tokens(tokenizer)
     assert start and seen["pairs"] == [(start + encode(tokenizer, "the city"), encode(tokenizer, "a b")),
                                        (start, encode(tokenizer, "here"))]  # an empty context: the start token alone
-    with pytest.raises(ValueError, match="got 2 contexts but 1 replies"):
+    with pytest.raises(ValueError, match=r"^got 2 contexts but 1 replies; pass one context per reply$"):
         likelihood.reply_logprobs(None, tokenizer, ["a", "b"], ["c"], 1)

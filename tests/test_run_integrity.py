@@ -453,6 +453,60 @@ def test_an_upstream_finished_again_with_new_products_makes_its_readers_stale(tm
     assert runs.Freshness(run_dir).causes("02_data_flaws") == []
 
 
+def test_describe_changes_names_folders_and_files_deleted_changed_and_added(tmp_path):
+    (tmp_path / "kept").mkdir()  # "gone/" no longer exists; "kept/" does, with one file of it deleted
+    recorded = {"a.txt": "1", "b.txt": "2", "gone/x": "3", "gone/y": "4", "kept/z": "5", "kept/w": "6"}
+    current = {"a.txt": "1", "b.txt": "changed", "kept/w": "6", "new/p": "7", "new/q": "8", "kept/v": "9", "c.txt": "0"}
+    assert runs.describe_changes(tmp_path, recorded, current) == [
+        "gone/ was deleted", "kept/z was deleted", "b.txt changed", "new/ was added", "c.txt was added",
+        "kept/v was added"]
+    assert runs.describe_changes(tmp_path, recorded, dict(recorded)) == []
+
+
+def test_freshness_names_every_cause_of_staleness(tmp_path, fake_stages, monkeypatch):
+    run_dir = fake_run(tmp_path)
+    data = run_dir / "01_generate_data" / "data"
+    for k in range(4):  # four products added: three named, the rest counted
+        (data / f"extra{k}.jsonl").write_text("{}\n")
+    hashed = []
+    real = runs.product_digests
+    monkeypatch.setattr(runs, "product_digests", lambda path: hashed.append(path) or real(path))
+    fresh = runs.Freshness(run_dir)
+    assert [str(c) for c in fresh.causes("01_generate_data")] == [
+        "01_generate_data is stale: data/extra0.jsonl was added; data/extra1.jsonl was added; data/extra2.jsonl "
+        "was added (and 1 more) since it finished"]
+    assert [(c.kind, c.upstream, c.text) for c in fresh.causes("02_data_flaws")] == [
+        ("upstream stale", "01_generate_data", "it read 01_generate_data, which is stale")]
+    fresh.causes("03_base_model")
+    assert hashed.count(run_dir / "01_generate_data") == 1  # each step's products hashed once per instance
+    assert fresh.causes("07_evaluate/absent") == []  # not finished: nothing to be stale
+    # an upstream no longer finished: named with why
+    for k in range(4):
+        (data / f"extra{k}.jsonl").unlink()
+    (run_dir / "06_sft" / "natural" / "done.json").unlink()
+    (run_dir / "06_sft" / "synthetic" / "done.json").write_text("not json")
+    fresh = runs.Freshness(run_dir)
+    assert [c.text for c in fresh.causes("07_evaluate/natural")] == [
+        "06_sft/natural was read but is no longer finished (no done.json)"]
+    [cause] = [c for c in fresh.causes("07_evaluate/synthetic") if c.upstream == "06_sft/synthetic"]
+    assert cause.kind == "upstream unfinished" and cause.upstream == "06_sft/synthetic"
+    assert cause.text.startswith("06_sft/synthetic was read but is no longer finished (")
+    assert "done.json is not valid JSON" in cause.text
+    # a step that reads the whole run: the steps that finished after it, three named and the rest counted
+    figures = run_dir / "08_figures" / "done.json"
+    done = json.loads(figures.read_text())
+    later = [name for name in done["upstream"] if name.startswith("07_evaluate/")][:4]
+    done["upstream"] = {k: v for k, v in done["upstream"].items() if k not in later}
+    figures.write_text(json.dumps(done))
+    new = [c for c in runs.Freshness(run_dir).causes("08_figures") if c.kind == "new steps"]
+    assert [(c.upstream, c.text) for c in new] == [(None, f"{', '.join(later[:3])} and 1 more finished after it ran")]
+    # a marker from before products were recorded: nothing to check its products against
+    del done["products"]
+    figures.write_text(json.dumps(done))
+    (run_dir / "08_figures" / "out.txt").write_text("edited")
+    assert runs.Freshness(run_dir).product_changes(Step(run_dir, "08"), done) == []
+
+
 def test_a_deleted_model_folder_is_stale_naming_model(tmp_path, fake_stages):
     run_dir = fake_run(tmp_path)
     shutil.rmtree(run_dir / "06_sft" / "natural" / "model")
