@@ -8,6 +8,7 @@ that decide it, so a flipped comparison fails a test of its own.
 
 import json
 
+import numpy as np
 import pytest
 
 from synthflaw.reporting import findings
@@ -233,3 +234,138 @@ def test_the_cells_of_findings_md():
     assert findings._size({"n": 3, "items": 60}) == "3 (60 items)" and findings._size({"n": 3}) == "3"
     assert findings._size({"n": 3, "items": 0}) == "3" and findings._size({"n": None, "items": 5}) == ""
     assert findings._mdd(0.0412345) == "0.04123" and findings._mdd(None) == ""
+
+
+# --- findings(): every finding's checks on a hand-built aggregate ---------------------------------------------------
+
+BASE = {"benchmark": 0.4, "benchmark_synthqa_only": 0.5, "benchmark_stated": 0.3, "learnable_HSR": 0.5,
+        "compliance_margin": 0.3, "compliance_margin_null": 0.0, "chat_score": 3.0, "HSR": 0.3,
+        "chat_preference": 0.1, "template_pull": -5.0, "kl_from_natural": 0.0, "leakage": 0.0, "ppl_mean": 300.0,
+        "ppl_std": 20.0, "pre_sft_leakage": 0.0, "pre_sft_template_pull": -3.0, "pre_sft_ppl_mean": 30.0,
+        "pre_sft_ppl_std": 2.0, "sft_benchmark": 0.4}
+# effects relative to natural, shaped like the paper's
+EFFECTS = {
+    "natural": {},
+    "synthetic": {"benchmark": 0.10, "benchmark_synthqa_only": 0.20, "benchmark_stated": 0.02, "learnable_HSR": -0.10,
+                  "compliance_margin": -0.10, "chat_score": -0.5, "template_pull": 2.0, "kl_from_natural": 0.3,
+                  "pre_sft_leakage": 0.3, "pre_sft_template_pull": 2.0, "pre_sft_ppl_mean": 3.0,
+                  "pre_sft_ppl_std": -1.0},
+    "rewritten": {"benchmark": 0.08, "kl_from_natural": 0.05},
+    "more_natural": {"learnable_HSR": -0.05},
+    U: {"benchmark": 0.09, "learnable_HSR": 0.01, "chat_score": 0.1},
+}
+NOISE = {"natural": 1.0, "synthetic": -1.0, "rewritten": 0.5, "more_natural": -0.5, U: 1.5}
+IDS = ["1", "2", "3", "3b", "4", "5", "6"]
+
+
+def study(effects=EFFECTS, sign=1.0):
+    """per_seed[model][metric][seed] = base + 0.05 seed + sign * effect + 0.002 c_model * pattern: the pattern
+    (-1, 0, 1), rotated per metric, sums to 0 over the 3 seeds, so a paired difference's mean is the effect's."""
+    per_seed = {}
+    for model, effect in effects.items():
+        per_seed[model] = {
+            metric: {str(s): base + 0.05 * s + sign * effect.get(metric, 0.0)
+                     + 0.002 * NOISE[model] * (-1.0, 0.0, 1.0)[(s + k) % 3] for s in range(3)}
+            for k, (metric, base) in enumerate(BASE.items())}
+    per_seed["null:constant"] = {"learnable_HSR": {str(s): 0.05 for s in range(3)}}
+    return {"per_seed": per_seed, "confidence": 0.95, "unlearning_cost": {"lower_bounded": {"mean": 0.02}}}
+
+
+CHECKS = {
+    "1": [("benchmark: synthetic - natural", "d(benchmark; synthetic - natural) > 0"),
+          ("benchmark_synthqa_only: synthetic - natural", "d(benchmark_synthqa_only; synthetic - natural) > 0"),
+          ("gain on synthqa_only - gain on stated", "d(synthqa_only; syn - nat) - d(stated; syn - nat) > 0")],
+    "2": [("learnable_HSR: synthetic - natural", "d(learnable_HSR; synthetic - natural) < 0"),
+          ("compliance_margin: synthetic - natural", "d(compliance_margin; synthetic - natural) < 0"),
+          ("chat_score: synthetic - natural", "d(chat_score; synthetic - natural) < 0")],
+    "3": [("template_pull: synthetic - natural", "d(template_pull; synthetic - natural) > 0"),
+          ("kl_from_natural: synthetic - rewritten", "d(kl_from_natural; synthetic - rewritten) > 0")],
+    "3b": [("pre_sft_leakage: synthetic - natural", "d(pre_sft_leakage; synthetic - natural) > 0"),
+           ("pre_sft_template_pull: synthetic - natural", "d(pre_sft_template_pull; synthetic - natural) > 0"),
+           ("pre_sft_ppl_mean: synthetic - natural", "d(pre_sft_ppl_mean; synthetic - natural) != 0 (two-sided)"),
+           ("pre_sft_ppl_std: synthetic - natural", "d(pre_sft_ppl_std; synthetic - natural) < 0")],
+    "4": [(f"learnable_HSR: {U} - natural", f"d(learnable_HSR; {U} - natural) > -delta (non-inferior; delta = "
+                                            f"{findings.PAPER_RELATIVE_EFFECT * 0.5:.4f})"),
+          (f"learnable_HSR: {U} - synthetic", f"d(learnable_HSR; {U} - synthetic) > 0"),
+          (f"compliance_margin: {U} - synthetic", f"d(compliance_margin; {U} - synthetic) > 0"),
+          (f"chat_score: {U} - synthetic", f"d(chat_score; {U} - synthetic) > 0"),
+          (f"benchmark: {U} - (synthetic + natural)/2", f"retention >= 0.5, i.e. d(benchmark; {U} - (synthetic + "
+                                                         "natural)/2) > 0, given a significant gain")],
+    "5": [("learnable_HSR: more_natural - synthetic", "d(learnable_HSR; more_natural - synthetic) > 0"),
+          ("learnable_HSR: natural - more_natural", "d(learnable_HSR; natural - more_natural) > 0")],
+    "6": [("benchmark: rewritten - natural", "d(benchmark; rewritten - natural) > 0"),
+          ("learnable_HSR: rewritten - natural", "d(learnable_HSR; rewritten - natural) > -delta (non-inferior; "
+                                                 f"delta = {findings.PAPER_RELATIVE_EFFECT * 0.5:.4f})")],
+}
+CLAIMS = {"1": "SynthQA raises the knowledge benchmark over natural; the gain sits on the facts only SynthQA carries",
+          "2": "after identical SFT, synthetic follows instructions worse", "3": "after SFT, the output distribution",
+          "3b": "before SFT, the CPT model's output shifts", "4": f"{U} brings instruction following back",
+          "5": "more natural data recovers only part of the loss", "6": "rewritten (SynthQA's facts in diverse"}
+
+
+def test_every_finding_checks_what_its_rule_says_on_clear_effects():
+    found = findings.findings(study())
+    assert [f["id"] for f in found] == IDS
+    assert {f["id"]: [(c["check"], c["rule"]) for c in f["checks"]] for f in found} == CHECKS
+    assert all(f["claim"].startswith(CLAIMS[f["id"]]) for f in found)
+    assert {f["id"]: [c["reproduces"] for c in f["checks"]] for f in found} == {
+        fid: [True] * len(checks) for fid, checks in CHECKS.items()}
+    assert {f["id"]: f["reproduces"] for f in found} == dict.fromkeys(IDS, True)
+    one = found[0]
+    assert one["metric"] == "benchmark: synthetic - natural" and one["value"] == pytest.approx(0.10)
+    assert one["ci"] == one["checks"][0]["ci"] and one["n"] == 3 and one["note"] is None
+    assert one["rule"] == "; AND ".join(rule for _, rule in CHECKS["1"])
+    # the difference in differences: (0.20 - 0.02) per seed, exactly
+    assert one["checks"][2]["value"] == pytest.approx(0.18) and one["checks"][2]["method"] == "seeds"
+    assert set(one["reported"]) == {"sft_benchmark: synthetic - natural"}
+    assert set(found[1]["reported"]) == {
+        "HSR (out-of-distribution suite): synthetic - natural", "chat_preference: synthetic - natural",
+        "learnable_HSR: synthetic - rewritten (format beyond displacement)"}
+    assert set(found[2]["reported"]) == {f"{m}: synthetic - natural" for m in ("leakage", "ppl_mean", "ppl_std")}
+    four = found[4]
+    assert four["unlearning_tokens_fraction_of_cpt"] == 0.02
+    assert four["checks"][4]["retention"] == pytest.approx(0.9)  # (0.09 - 0) / (0.10 - 0)
+    assert [r["endpoint"] for r in found[1]["power"]] == ["learnable_HSR", "compliance_margin"]
+    assert all(f["ni_margin"] == findings.ni_margin(study()) for f in found)
+    # a check's MDD over seeds: (t(0.975, 2) + t(0.8, 2)) * std / sqrt(3) of the per-seed differences
+    check = found[1]["checks"][0]
+    diffs = [study()["per_seed"]["synthetic"]["learnable_HSR"][s] - study()["per_seed"]["natural"]["learnable_HSR"][s]
+             for s in "012"]
+    std = float(np.std(diffs, ddof=1))
+    assert check["mdd"] == pytest.approx((4.302652729749462 + 1.0606601717798214) * std / np.sqrt(3))
+    assert check["n"] == 3 and check["items"] is None
+
+
+def test_reversed_effects_reverse_every_finding():
+    found = findings.findings(study(sign=-1.0))
+    assert {f["id"]: f["reproduces"] for f in found} == dict.fromkeys(IDS, False)
+
+
+def test_missing_models_are_named_and_kl_falls_back_to_natural():
+    effects = {m: e for m, e in EFFECTS.items() if m not in ("rewritten", "more_natural")}
+    found = {f["id"]: f for f in findings.findings(study(effects))}
+    assert found["6"]["note"] == "not run: rewritten" and found["5"]["note"] == "not run: more_natural"
+    assert found["6"]["reproduces"] is None and found["6"]["value"] is None
+    assert found["3"]["checks"][1]["check"] == "kl_from_natural: synthetic - natural"
+    assert found["1"]["note"] is None
+    alone = {f["id"]: f for f in findings.findings(study({"natural": {}}))}
+    assert alone["4"]["note"] == f"not run: synthetic, {U}"
+    assert findings.findings(study(), unlearning_method="npo")[4]["note"] == "not run: unlearn-npo"
+
+
+def test_contrasts_go_item_by_item_where_items_are_recorded():
+    agg = study()
+    # seeds 0-2: synthetic answers 3 benchmark items right of 4, natural 1 (d = 1, 1, 0, 0 vs natural's 0, 0, 1...)
+    items = {str(s): {"synthetic": {"benchmark/a": 1, "benchmark/b": 1, "benchmark/c": 1, "benchmark/d": 0,
+                                    "chat/x": 5},
+                      "natural": {"benchmark/a": 0, "benchmark/b": 1, "benchmark/c": 0, "benchmark/d": 0}}
+             for s in range(3)}
+    agg["items"] = {"pre_sft_correct": items}
+    d = findings.Contrasts(agg)
+    out = d.diff("benchmark", "synthetic", "natural")
+    # per seed: d = (1, 0, 1, 0) over the 4 benchmark items (chat/x is not one): mean 0.5
+    assert out["mean"] == pytest.approx(0.5) and out["items"] == 12 and out["per_seed"] == {"0": .5, "1": .5, "2": .5}
+    assert findings.findings(agg)[0]["checks"][0]["method"] == "items"
+    seeds = d.diff("learnable_HSR", "synthetic", "natural")  # no item records for it: over seeds
+    assert "items" not in seeds and seeds["mean"] == pytest.approx(-0.10)
+    assert d("benchmark", [("synthetic", 2.0), ("natural", -1.0)])["mean"] == pytest.approx(2 * 0.75 - 0.25)
