@@ -151,7 +151,9 @@ FOUND = [
      "power": [{"endpoint": "learnable_HSR", "natural_above_null": 0.4, "paper_effect_here": 0.052, "mdd": 0.25,
                 "detectable": False},
                {"endpoint": "compliance_margin", "natural_above_null": -0.1, "paper_effect_here": 0.01, "mdd": 0.005,
-                "detectable": True}]},
+                "detectable": True},
+               {"endpoint": "other", "natural_above_null": 0.2, "paper_effect_here": None, "mdd": None,
+                "detectable": None}]},
     {"id": "4", "claim": "kept", "metric": "learnable_HSR: u - n", "value": None, "ci": None, "n": None,
      "reproduces": False, "rule": "r", "note": None, "ni_margin": MARGIN_ROW,
      "unlearning_tokens_fraction_of_cpt": 0.02,
@@ -193,6 +195,7 @@ FINDINGS_MD = [
     '|---|---|---|---|---|',
     '| learnable_HSR | 0.4 | 0.052 | 0.25 | no |',
     '| compliance_margin | -0.1 | 0.01 | 0.005 | yes |',
+    '| other | 0.2 |  |  |  |',
     '',
     '## Reported, not tested',
     '',
@@ -209,9 +212,10 @@ FINDINGS_MD = [
 
 
 def test_write_findings_lays_out_the_margin_findings_checks_power_reported_and_cost(tmp_path):
-    findings.write_findings(FOUND, tmp_path, seeds=(0, 1, 2))
-    assert (tmp_path / "findings.md").read_text().splitlines() == FINDINGS_MD
-    assert json.loads((tmp_path / "findings.json").read_text()) == FOUND
+    out = tmp_path / "new" / "seeds"  # folders made as needed
+    findings.write_findings(FOUND, out, seeds=(0, 1, 2))
+    assert (out / "findings.md").read_text().splitlines() == FINDINGS_MD
+    assert json.loads((out / "findings.json").read_text()) == FOUND
 
 
 def test_write_findings_without_findings_or_margin(tmp_path):

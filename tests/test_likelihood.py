@@ -12,6 +12,9 @@ from synthflaw.metrics.text import CONSTANT_REPLY
 from synthflaw.models.tokenizer import chat_text, encode, pad_id, start_tokens
 
 
+MODEL, TOKENIZER = object(), object()  # what the endpoints are given, and must pass on to the scorer
+
+
 class Table:
     """A stand-in for `reply_logprobs`: (sum, count) per (context, reply), and the `chat` flag of every call."""
 
@@ -19,7 +22,7 @@ class Table:
         self.scores, self.batch_size, self.chat = scores, batch_size, []
 
     def __call__(self, model, tokenizer, contexts, replies, batch_size, *, chat=True):
-        assert batch_size == self.batch_size  # the caller's batch size is passed on
+        assert model is MODEL and tokenizer is TOKENIZER and batch_size == self.batch_size  # passed on
         self.chat.append(chat)
         return np.array([self.scores[(c, r)] for c, r in zip(contexts, replies)], dtype=np.float64)
 
@@ -33,7 +36,7 @@ def test_chat_preference_is_the_reference_less_the_larger_trivial_reply(monkeypa
     }, batch_size=2)
     monkeypatch.setattr(likelihood, "reply_logprobs", table)
     items = [{"prompt": "p1", "reference": "r1"}, {"prompt": "p2", "reference": "r2"}]
-    assert likelihood.chat_preference(None, None, items, batch_size=2) == pytest.approx([-1.0, 0.5])
+    assert likelihood.chat_preference(MODEL, TOKENIZER, items, batch_size=2) == pytest.approx([-1.0, 0.5])
     assert set(table.chat) == {True}  # under the chat template
 
 
@@ -48,7 +51,7 @@ def test_compliance_margin_and_its_null_per_constraint_averaged_per_item(monkeyp
     monkeypatch.setattr(likelihood, "reply_logprobs", table)
     second = {**item, "undone": ["u1"], "instructions": ["I1."], "prompt": "B. I1. I2."}  # one constraint
     table.scores[("B.", "ref")], table.scores[("B.", "u1")] = (-1.0, 2), (-1.0, 2)
-    out = likelihood.compliance_margins(None, None, [item, second], batch_size=4)
+    out = likelihood.compliance_margins(MODEL, TOKENIZER, [item, second], batch_size=4)
     # item: margins (-1 - -3, -1 - -2) = (2, 1) -> 1.5; nulls (-1.5 - -2, -2 - -1) = (0.5, -1) -> -0.25
     # second: margin -1 - -3 = 2; null, with I1 left out ("B."): -0.5 - -0.5 = 0
     assert out["margin"] == pytest.approx([1.5, 2.0]) and out["margin_null"] == pytest.approx([-0.25, 0.0])
@@ -66,10 +69,11 @@ def test_template_forms_and_template_pull_in_nats_per_reply(monkeypatch):
     table = Table({("Where?", templated): (-10.0, 5), ("Where?", plain): (-4.0, 2),
                    ("", templated): (-3.0, 5), ("", plain): (-7.0, 2)}, batch_size=1)
     monkeypatch.setattr(likelihood, "reply_logprobs", table)
-    assert likelihood.template_pull(None, None, [item], TEMPLATE, batch_size=1) == pytest.approx([-6.0])
+    assert likelihood.template_pull(MODEL, TOKENIZER, [item], TEMPLATE, batch_size=1) == pytest.approx([-6.0])
     assert table.chat == [True, True]
     # before SFT: plain text after the start token (an empty context), not the chat prompt
-    assert likelihood.template_pull(None, None, [item], TEMPLATE, batch_size=1, chat=False) == pytest.approx([4.0])
+    before = likelihood.template_pull(MODEL, TOKENIZER, [item], TEMPLATE, batch_size=1, chat=False)
+    assert before == pytest.approx([4.0])
     assert table.chat[2:] == [False, False]
 
 
