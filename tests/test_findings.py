@@ -369,7 +369,16 @@ def test_contrasts_go_item_by_item_where_items_are_recorded():
     out = d.diff("benchmark", "synthetic", "natural")
     # per seed: d = (1, 0, 1, 0) over the 4 benchmark items (chat/x is not one): mean 0.5
     assert out["mean"] == pytest.approx(0.5) and out["items"] == 12 and out["per_seed"] == {"0": .5, "1": .5, "2": .5}
-    assert findings.findings(agg)[0]["checks"][0]["method"] == "items"
+    first = findings.findings(agg)[0]["checks"][0]
+    assert first["method"] == "items" and first["items"] == 12
     seeds = d.diff("learnable_HSR", "synthetic", "natural")  # no item records for it: over seeds
     assert "items" not in seeds and seeds["mean"] == pytest.approx(-0.10)
     assert d("benchmark", [("synthetic", 2.0), ("natural", -1.0)])["mean"] == pytest.approx(2 * 0.75 - 0.25)
+    # the aggregate's confidence reaches both kinds of contrast: t(0.95, 2) = 2.920 against t(0.975, 2) = 4.303
+    d90 = findings.Contrasts({**agg, "confidence": 0.9})
+    ratio = 2.919985580355516 / 4.302652729749462
+    assert d90.diff("benchmark", "synthetic", "natural")["half_width"] == pytest.approx(out["half_width"] * ratio)
+    over_seeds = d90.diff("learnable_HSR", "synthetic", "natural")
+    assert over_seeds["half_width"] == pytest.approx(seeds["half_width"] * ratio)
+    assert over_seeds["mdd"] == pytest.approx(seeds["mdd"] * (2.919985580355516 + 1.0606601717798214)
+                                              / (4.302652729749462 + 1.0606601717798214))
