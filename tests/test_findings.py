@@ -253,8 +253,9 @@ EFFECTS = {
     "synthetic": {"benchmark": 0.10, "benchmark_synthqa_only": 0.20, "benchmark_stated": 0.02, "learnable_HSR": -0.10,
                   "compliance_margin": -0.10, "chat_score": -0.5, "template_pull": 2.0, "kl_from_natural": 0.3,
                   "pre_sft_leakage": 0.3, "pre_sft_template_pull": 2.0, "pre_sft_ppl_mean": 3.0,
-                  "pre_sft_ppl_std": -1.0},
-    "rewritten": {"benchmark": 0.08, "kl_from_natural": 0.05},
+                  "pre_sft_ppl_std": -1.0, "sft_benchmark": 0.03, "HSR": -0.04, "chat_preference": -0.06,
+                  "leakage": 0.07, "ppl_mean": 8.0, "ppl_std": -9.0},
+    "rewritten": {"benchmark": 0.08, "kl_from_natural": 0.05, "learnable_HSR": -0.02},
     "more_natural": {"learnable_HSR": -0.05},
     U: {"benchmark": 0.09, "learnable_HSR": 0.01, "chat_score": 0.1},
 }
@@ -301,17 +302,25 @@ CHECKS = {
           ("learnable_HSR: rewritten - natural", "d(learnable_HSR; rewritten - natural) > -delta (non-inferior; "
                                                  f"delta = {findings.PAPER_RELATIVE_EFFECT * 0.5:.4f})")],
 }
-CLAIMS = {"1": "SynthQA raises the knowledge benchmark over natural; the gain sits on the facts only SynthQA carries",
-          "2": "after identical SFT, synthetic follows instructions worse", "3": "after SFT, the output distribution",
-          "3b": "before SFT, the CPT model's output shifts", "4": f"{U} brings instruction following back",
-          "5": "more natural data recovers only part of the loss", "6": "rewritten (SynthQA's facts in diverse"}
+CLAIMS = {  # the claims findings.md states, word for word
+    "1": "SynthQA raises the knowledge benchmark over natural; the gain sits on the facts only SynthQA carries",
+    "2": "after identical SFT, synthetic follows instructions worse (learnable tier, by greedy generation and by "
+         "likelihood) and chats worse than natural",
+    "3": "after SFT, the output distribution shifts toward the SynthQA template (template pull, next-token KL)",
+    "3b": "before SFT, the CPT model's output shifts (template leakage and pull, perplexity distribution narrower)",
+    "4": f"{U} brings instruction following back to natural's, chat above synthetic's, and keeps most of the "
+         "benchmark gain, at a small fraction of the CPT cost",
+    "5": "more natural data recovers only part of the loss: learnable HSR of more_natural between synthetic's and "
+         "natural's",
+    "6": "rewritten (SynthQA's facts in diverse formats) gives the benchmark gain without the instruction-following "
+         "loss"}
 
 
 def test_every_finding_checks_what_its_rule_says_on_clear_effects():
     found = findings.findings(study())
     assert [f["id"] for f in found] == IDS
     assert {f["id"]: [(c["check"], c["rule"]) for c in f["checks"]] for f in found} == CHECKS
-    assert all(f["claim"].startswith(CLAIMS[f["id"]]) for f in found)
+    assert {f["id"]: f["claim"] for f in found} == CLAIMS
     assert {f["id"]: [c["reproduces"] for c in f["checks"]] for f in found} == {
         fid: [True] * len(checks) for fid, checks in CHECKS.items()}
     assert {f["id"]: f["reproduces"] for f in found} == dict.fromkeys(IDS, True)
@@ -321,11 +330,17 @@ def test_every_finding_checks_what_its_rule_says_on_clear_effects():
     assert one["rule"] == "; AND ".join(rule for _, rule in CHECKS["1"])
     # the difference in differences: (0.20 - 0.02) per seed, exactly
     assert one["checks"][2]["value"] == pytest.approx(0.18) and one["checks"][2]["method"] == "seeds"
-    assert set(one["reported"]) == {"sft_benchmark: synthetic - natural"}
-    assert set(found[1]["reported"]) == {
-        "HSR (out-of-distribution suite): synthetic - natural", "chat_preference: synthetic - natural",
-        "learnable_HSR: synthetic - rewritten (format beyond displacement)"}
-    assert set(found[2]["reported"]) == {f"{m}: synthetic - natural" for m in ("leakage", "ppl_mean", "ppl_std")}
+    def reported(finding):
+        return {name: pytest.approx(stats["mean"]) for name, stats in finding["reported"].items()}
+
+    assert reported(one) == {"sft_benchmark: synthetic - natural": 0.03}
+    assert reported(found[1]) == {
+        "HSR (out-of-distribution suite): synthetic - natural": -0.04, "chat_preference: synthetic - natural": -0.06,
+        "learnable_HSR: synthetic - rewritten (format beyond displacement)": -0.10 + 0.02}
+    assert reported(found[2]) == {"leakage: synthetic - natural": 0.07, "ppl_mean: synthetic - natural": 8.0,
+                                  "ppl_std: synthetic - natural": -9.0}
+    assert found[4]["checks"][0]["value"] == pytest.approx(0.01)  # non-inferiority checks carry their contrast
+    assert found[6]["checks"][1]["value"] == pytest.approx(-0.02)
     four = found[4]
     assert four["unlearning_tokens_fraction_of_cpt"] == 0.02
     assert four["checks"][4]["retention"] == pytest.approx(0.9)  # (0.09 - 0) / (0.10 - 0)
@@ -353,7 +368,18 @@ def test_missing_models_are_named_and_kl_falls_back_to_natural():
     assert found["3"]["checks"][1]["check"] == "kl_from_natural: synthetic - natural"
     assert found["1"]["note"] is None
     alone = {f["id"]: f for f in findings.findings(study({"natural": {}}))}
-    assert alone["4"]["note"] == f"not run: synthetic, {U}"
+    assert {fid: f["note"] for fid, f in alone.items()} == {
+        "1": "not run: synthetic", "2": "not run: synthetic", "3": "not run: synthetic", "3b": "not run: synthetic",
+        "4": f"not run: synthetic, {U}", "5": "not run: synthetic, more_natural", "6": "not run: rewritten"}
+    no_natural = {f["id"]: f["note"] for f in findings.findings(study({"synthetic": {}}))}
+    assert no_natural == {"1": "not run: natural", "2": "not run: natural", "3": "not run: natural",
+                          "3b": "not run: natural", "4": f"not run: natural, {U}",
+                          "5": "not run: natural, more_natural", "6": "not run: natural, rewritten"}
+    no_null = study()
+    del no_null["per_seed"]["null:constant"]
+    without_margin = findings.findings(no_null)
+    assert without_margin[4]["checks"][0]["rule"].endswith("(non-inferior; delta = none)")
+    assert without_margin[4]["checks"][0]["reproduces"] is None and without_margin[0]["ni_margin"] is None
     assert findings.findings(study(), unlearning_method="npo")[4]["note"] == "not run: unlearn-npo"
 
 
@@ -374,6 +400,9 @@ def test_contrasts_go_item_by_item_where_items_are_recorded():
     seeds = d.diff("learnable_HSR", "synthetic", "natural")  # no item records for it: over seeds
     assert "items" not in seeds and seeds["mean"] == pytest.approx(-0.10)
     assert d("benchmark", [("synthetic", 2.0), ("natural", -1.0)])["mean"] == pytest.approx(2 * 0.75 - 0.25)
+    did = findings.findings({**study(), "confidence": 0.9})[0]["checks"][2]
+    assert did["ci"][1] - did["value"] == pytest.approx(
+        (findings.findings(study())[0]["checks"][2]["ci"][1] - did["value"]) * 2.919985580355516 / 4.302652729749462)
     # the aggregate's confidence reaches both kinds of contrast: t(0.95, 2) = 2.920 against t(0.975, 2) = 4.303
     d90 = findings.Contrasts({**agg, "confidence": 0.9})
     ratio = 2.919985580355516 / 4.302652729749462
