@@ -112,6 +112,10 @@ def test_finding_4_without_a_gain_has_no_retention():
     same = findings.findings(aggregate({"natural": (0.4, 0.4, 0.4), "synthetic": (0.4, 0.4, 0.4),
                                         U: (0.5, 0.5, 0.5)}))
     assert retention_check(same)["retention"] is None and retention_check(same)["reproduces"] is None
+    # a gain of 1e-12 (exactly, in floats) still counts as none: no retention to divide by it
+    tiny = findings.findings(aggregate({"natural": (0.0, 0.0, 0.0), "synthetic": (1e-12, 1e-12, 1e-12),
+                                        U: (0.5, 0.5, 0.5)}))
+    assert finding(tiny, "1")["value"] == 1e-12 and retention_check(tiny)["retention"] is None
 
 
 def test_ni_margin_is_the_papers_share_of_natural_above_its_best_null():

@@ -86,20 +86,21 @@ def test_reply_logprobs_scores_each_reply_after_its_chat_or_plain_context(monkey
     seen = {}
 
     def scorer(model, pairs, batch_size, pad):
+        assert model is MODEL
         seen.update(pairs=pairs, batch_size=batch_size, pad=pad)
         return [(-float(len(reply)), len(reply)) for _, reply in pairs]
 
     monkeypatch.setattr(likelihood, "continuation_logprobs", scorer)
-    out = likelihood.reply_logprobs(None, tokenizer, ["the city", "north"], ["a b", "here"], 3)
+    out = likelihood.reply_logprobs(MODEL, tokenizer, ["the city", "north"], ["a b", "here"], 3)
     assert seen["pairs"] == [(encode(tokenizer, chat_text(tokenizer, "the city")), encode(tokenizer, "a b")),
                              (encode(tokenizer, chat_text(tokenizer, "north")), encode(tokenizer, "here"))]
     assert seen["batch_size"] == 3 and seen["pad"] == pad_id(tokenizer)
     assert out.shape == (2, 2) and out.dtype == np.float64
     assert out.tolist() == [[-len(encode(tokenizer, "a b")), len(encode(tokenizer, "a b"))],
                             [-len(encode(tokenizer, "here")), len(encode(tokenizer, "here"))]]
-    likelihood.reply_logprobs(None, tokenizer, ["the city", ""], ["a b", "here"], 1, chat=False)
+    likelihood.reply_logprobs(MODEL, tokenizer, ["the city", ""], ["a b", "here"], 1, chat=False)
     start = start_tokens(tokenizer)
     assert start and seen["pairs"] == [(start + encode(tokenizer, "the city"), encode(tokenizer, "a b")),
                                        (start, encode(tokenizer, "here"))]  # an empty context: the start token alone
     with pytest.raises(ValueError, match=r"^got 2 contexts but 1 replies; pass one context per reply$"):
-        likelihood.reply_logprobs(None, tokenizer, ["a", "b"], ["c"], 1)
+        likelihood.reply_logprobs(MODEL, tokenizer, ["a", "b"], ["c"], 1)
