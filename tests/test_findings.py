@@ -415,3 +415,35 @@ def test_contrasts_go_item_by_item_where_items_are_recorded():
     assert over_seeds["half_width"] == pytest.approx(seeds["half_width"] * ratio)
     assert over_seeds["mdd"] == pytest.approx(seeds["mdd"] * (2.919985580355516 + 1.0606601717798214)
                                               / (4.302652729749462 + 1.0606601717798214))
+
+
+def test_power_sets_each_endpoints_mdd_against_the_papers_effect_on_natural_above_its_null():
+    agg = aggregate({}, natural={"learnable_HSR": (0.5, 0.6, 0.55), "compliance_margin": (0.3, 0.3, 0.3),
+                                 "compliance_margin_null": (0.1, 0.1, 0.1)},
+                    **{"null:constant": {"learnable_HSR": (0.05, 0.05, 0.05)},
+                       "null:plain": {"learnable_HSR": (0.15, 0.15, 0.15)}, "null:other": {}})
+    hsr_size = findings.PAPER_RELATIVE_EFFECT * (0.55 - 0.15)  # natural above the best null
+    margin_size = findings.PAPER_RELATIVE_EFFECT * (np.mean([0.3] * 3) - np.mean([0.1] * 3))
+    finding = {"checks": [{"check": "learnable_HSR: synthetic - natural", "mdd": hsr_size * 1.01},
+                          {"check": "compliance_margin: synthetic - natural", "mdd": margin_size},  # equal: enough
+                          {"check": "chat_score: synthetic - natural", "mdd": 0.01}]}  # no null: no row
+    rows = findings.power(agg, finding)
+    assert rows == [
+        {"endpoint": "learnable_HSR", "natural_above_null": pytest.approx(0.40), "paper_effect_here":
+            pytest.approx(hsr_size), "mdd": hsr_size * 1.01, "detectable": False},
+        {"endpoint": "compliance_margin", "natural_above_null": pytest.approx(0.2),
+         "paper_effect_here": margin_size, "mdd": margin_size, "detectable": True}]
+    # natural not above its null: no size to detect; no MDD: nothing to say; no margin null: no margin row
+    del agg["per_seed"]["natural"]["compliance_margin_null"]
+    agg["per_seed"]["null:plain"]["learnable_HSR"] = seeds(0.55, 0.55, 0.55)
+    finding["checks"][0]["mdd"] = None
+    [row] = findings.power(agg, finding)
+    assert row["natural_above_null"] == pytest.approx(0.0) and row["paper_effect_here"] is None
+    assert row["detectable"] is None
+    assert findings.power(aggregate({}), finding) == []  # no natural: no rows
+
+
+def test_ni_margin_of_a_natural_level_with_its_null_is_none():
+    agg = aggregate({}, natural={"learnable_HSR": (0.2, 0.2, 0.2)}, **{"null:c": {"learnable_HSR": (0.2, 0.2, 0.2)}})
+    margin = findings.ni_margin(agg)
+    assert margin["above_null"] == 0.0 and margin["delta"] is None
