@@ -213,3 +213,12 @@ def test_the_all_items_agree_threshold_is_below_1e_12():
     below = statistics.combine_seeds({"0": (0.1, 0.9e-12, 5), "1": (0.2, 0.9e-12, 5), "2": (0.3, 0.9e-12, 5)})
     at = statistics.combine_seeds({"0": (0.1, 1e-12, 5), "1": (0.2, 1e-12, 5), "2": (0.3, 1e-12, 5)})
     assert below["tau2"] is None and at["tau2"] is not None  # seeds' means alone, then random effects
+
+
+def test_mean_ci_of_one_value_is_a_single_seed_and_of_two_an_interval():
+    assert statistics.mean_ci([0.7]) == {"n": 1, "mean": 0.7, "std": None, "low": 0.7, "high": 0.7, "half_width": 0.0,
+                                         "single_seed": True}
+    two = statistics.mean_ci([1.0, 3.0])  # std sqrt(2), half width t(0.975, 1) * sqrt(2) / sqrt(2)
+    assert two["single_seed"] is False and two["n"] == 2 and two["half_width"] == pytest.approx(T_975_DF1)
+    assert two["std"] == pytest.approx(math.sqrt(2)) and (two["low"], two["high"]) == (
+        pytest.approx(2.0 - T_975_DF1), pytest.approx(2.0 + T_975_DF1))
