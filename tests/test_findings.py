@@ -31,6 +31,7 @@ ABOVE, BELOW, AROUND = ci(0.1, 0.3), ci(-0.3, -0.1), ci(-0.1, 0.2)
     (ci(0.0, 0.2), 1, None), (ci(-0.2, 0.0), -1, None), (ci(-0.2, 0.0), 1, None),  # a bound at 0 excludes nothing
     (ci(1e-13, 0.2), 1, None), (ci(-0.2, -1e-13), 0, None),  # closer to 0 than ZERO counts as 0 (float rounding)
     (ci(1e-12, 0.2), 1, None), (ci(-0.2, -1e-12), 1, None),  # exactly ZERO away: still 0
+    (ci(1e-12, 0.2), 0, None), (ci(-0.2, -1e-12), 0, None),
     (ci(2e-12, 0.2), 1, True), (ci(-0.2, -2e-12), 0, True), (ci(-0.2, -2e-12), 1, False),
     (ci(0.1, 0.3, single_seed=True), 1, None), (None, 1, None), (None, 0, None),
 ])
