@@ -500,6 +500,11 @@ def test_freshness_names_every_cause_of_staleness(tmp_path, fake_stages, monkeyp
     figures.write_text(json.dumps(done))
     new = [c for c in runs.Freshness(run_dir).causes("08_figures") if c.kind == "new steps"]
     assert [(c.upstream, c.text) for c in new] == [(None, f"{', '.join(later[:3])} and 1 more finished after it ran")]
+    # a marker from before upstreams were recorded: no upstream to check
+    flaws = json.loads((run_dir / "02_data_flaws" / "done.json").read_text())
+    del flaws["upstream"]
+    (run_dir / "02_data_flaws" / "done.json").write_text(json.dumps(flaws))
+    assert runs.Freshness(run_dir).causes("02_data_flaws") == []
     # a marker from before products were recorded: nothing to check its products against
     del done["products"]
     figures.write_text(json.dumps(done))

@@ -28,7 +28,9 @@ def test_rows_hold_as_few_rows_as_the_tokens_need_filled_evenly():
     assert PackedChatCollator(PAD, 5).rows([2, 2, 2, 2]) == [[0, 2], [1, 3]]
     assert PackedChatCollator(PAD, 9).rows([3, 3, 3]) == [[0, 1, 2]]
     assert PackedChatCollator(PAD, 4).rows([6, 1]) == [[0], [1]]  # longer than a row: a row of its own
-    assert PackedChatCollator(PAD, 4).rows([3, 3, 3]) == [[0], [1], [2]]  # a row is added when none fits
+    assert PackedChatCollator(PAD, 4).rows([3, 3, 3]) == [[0], [1], [2]]  # ceil(9 / 4) = 3 rows from the start
+    # 8 tokens -> 2 rows to start with; the 2-token chat fits neither (3 + 2 > 4): a third row is added for it
+    assert PackedChatCollator(PAD, 4).rows([3, 3, 2]) == [[0], [1], [2]]
     assert PackedChatCollator(PAD, 8).rows([4, 4]) == [[0, 1]]  # exactly full
     assert PackedChatCollator(PAD, 8).rows([]) == []
 
