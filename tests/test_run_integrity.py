@@ -490,6 +490,7 @@ def test_freshness_names_every_cause_of_staleness(tmp_path, fake_stages, monkeyp
         "06_sft/natural was read but is no longer finished (no done.json)"]
     [cause] = [c for c in fresh.causes("07_evaluate/synthetic") if c.upstream == "06_sft/synthetic"]
     assert cause.kind == "upstream unfinished" and cause.upstream == "06_sft/synthetic"
+    assert cause.step == "07_evaluate/synthetic"
     assert cause.text.startswith("06_sft/synthetic was read but is no longer finished (")
     assert "done.json is not valid JSON" in cause.text
     # a step that reads the whole run: the steps that finished after it, three named and the rest counted
@@ -499,7 +500,12 @@ def test_freshness_names_every_cause_of_staleness(tmp_path, fake_stages, monkeyp
     done["upstream"] = {k: v for k, v in done["upstream"].items() if k not in later}
     figures.write_text(json.dumps(done))
     new = [c for c in runs.Freshness(run_dir).causes("08_figures") if c.kind == "new steps"]
-    assert [(c.upstream, c.text) for c in new] == [(None, f"{', '.join(later[:3])} and 1 more finished after it ran")]
+    assert [(c.step, c.upstream, c.text) for c in new] == [
+        ("08_figures", None, f"{', '.join(later[:3])} and 1 more finished after it ran")]
+    done["upstream"][later[3]] = "x"  # three new steps: all named
+    figures.write_text(json.dumps(done))
+    new = [c for c in runs.Freshness(run_dir).causes("08_figures") if c.kind == "new steps"]
+    assert [c.text for c in new] == [f"{', '.join(later[:3])} finished after it ran"]
     # a marker from before upstreams were recorded: no upstream to check
     flaws = json.loads((run_dir / "02_data_flaws" / "done.json").read_text())
     del flaws["upstream"]
