@@ -455,11 +455,11 @@ def test_an_upstream_finished_again_with_new_products_makes_its_readers_stale(tm
 
 def test_describe_changes_names_folders_and_files_deleted_changed_and_added(tmp_path):
     (tmp_path / "kept").mkdir()  # "gone/" no longer exists; "kept/" does, with one file of it deleted
-    recorded = {"a.txt": "1", "b.txt": "2", "gone/x": "3", "gone/y": "4", "kept/z": "5", "kept/w": "6"}
+    recorded = {"a.txt": "1", "b.txt": "2", "d.txt": "2", "gone/x": "3", "gone/y": "4", "kept/z": "5", "kept/w": "6"}
     current = {"a.txt": "1", "b.txt": "changed", "kept/w": "6", "new/p": "7", "new/q": "8", "kept/v": "9", "c.txt": "0"}
     assert runs.describe_changes(tmp_path, recorded, current) == [
-        "gone/ was deleted", "kept/z was deleted", "b.txt changed", "new/ was added", "c.txt was added",
-        "kept/v was added"]
+        "gone/ was deleted", "d.txt was deleted", "kept/z was deleted", "b.txt changed", "new/ was added",
+        "c.txt was added", "kept/v was added"]
     assert runs.describe_changes(tmp_path, recorded, dict(recorded)) == []
 
 
@@ -475,13 +475,17 @@ def test_freshness_names_every_cause_of_staleness(tmp_path, fake_stages, monkeyp
     assert [str(c) for c in fresh.causes("01_generate_data")] == [
         "01_generate_data is stale: data/extra0.jsonl was added; data/extra1.jsonl was added; data/extra2.jsonl "
         "was added (and 1 more) since it finished"]
-    assert [(c.kind, c.upstream, c.text) for c in fresh.causes("02_data_flaws")] == [
-        ("upstream stale", "01_generate_data", "it read 01_generate_data, which is stale")]
+    assert [(c.kind, c.upstream) for c in fresh.causes("01_generate_data")] == [("products", None)]
+    assert [(c.step, c.kind, c.upstream, c.text) for c in fresh.causes("02_data_flaws")] == [
+        ("02_data_flaws", "upstream stale", "01_generate_data", "it read 01_generate_data, which is stale")]
     fresh.causes("03_base_model")
     assert hashed.count(run_dir / "01_generate_data") == 1  # each step's products hashed once per instance
     assert fresh.causes("07_evaluate/absent") == []  # not finished: nothing to be stale
     # an upstream no longer finished: named with why
-    for k in range(4):
+    (data / "extra3.jsonl").unlink()  # three changes: all named, with no count
+    assert [c.text for c in runs.Freshness(run_dir).causes("01_generate_data")] == [
+        "data/extra0.jsonl was added; data/extra1.jsonl was added; data/extra2.jsonl was added since it finished"]
+    for k in range(3):
         (data / f"extra{k}.jsonl").unlink()
     (run_dir / "06_sft" / "natural" / "done.json").unlink()
     (run_dir / "06_sft" / "synthetic" / "done.json").write_text("not json")
