@@ -31,6 +31,8 @@ def test_rows_hold_as_few_rows_as_the_tokens_need_filled_evenly():
     assert PackedChatCollator(PAD, 4).rows([3, 3, 3]) == [[0], [1], [2]]  # ceil(9 / 4) = 3 rows from the start
     # 8 tokens -> 2 rows to start with; the 2-token chat fits neither (3 + 2 > 4): a third row is added for it
     assert PackedChatCollator(PAD, 4).rows([3, 3, 2]) == [[0], [1], [2]]
+    # 20 tokens in rows of 10 -> 2 rows; the 5 gets a row of its own, and the 3 goes to that emptiest row (5 < 6)
+    assert PackedChatCollator(PAD, 10).rows([6, 6, 5, 3]) == [[0], [1], [2, 3]]
     assert PackedChatCollator(PAD, 8).rows([4, 4]) == [[0, 1]]  # exactly full
     assert PackedChatCollator(PAD, 8).rows([]) == []
 
