@@ -42,7 +42,7 @@ test-fast: $(VENV)/.installed-dev
 # `make mutation`: the on-demand mutation check, not part of `make test` (README: "Mutation check"). mutmut puts
 # small bugs, one at a time, into the functions that carry the study's rules (pyproject.toml's [tool.mutmut] names the
 # files and the fast tests that run), runs the tests that reach each one, then lists the mutants no test failed.
-# About 40 minutes on 2 busy cores; MUTANTS= narrows it, e.g. make mutation MUTANTS='synthflaw.metrics.statistics.*'
+# 40-60 minutes on 2 busy cores; MUTANTS= narrows it, e.g. make mutation MUTANTS='synthflaw.metrics.statistics.*'
 MUTANTS ?= synthflaw.metrics.statistics.* synthflaw.reporting.findings.* synthflaw.metrics.likelihood.* \
 	synthflaw.training.sft.xǁPackedChatCollatorǁ* synthflaw.runs.x_upstream_causes* synthflaw.runs.xǁFreshnessǁ* \
 	synthflaw.runs.x_describe_changes*
