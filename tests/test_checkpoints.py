@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -341,3 +342,34 @@ if __name__ == "__main__":
     # which over them costs a child ~0.4 s of its ~0.9.
     gc.freeze()
     serve(sys.argv[1])
+
+
+def complete_checkpoint(folder: Path, step: int) -> Path:
+    """A `checkpoint-<step>` folder that `checkpoint_problem` accepts, built by hand: a whole safetensors file (its
+    8-byte header length, the header, one float32), torch.save-style zip archives and trainer_state.json last."""
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0\0\0")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        with zipfile.ZipFile(path / name, "w") as archive:
+            archive.writestr("data.pkl", b"state")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_the_newest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    from synthflaw.training.checkpoints import checkpoint_folders, checkpoint_problem, last_complete_checkpoint
+
+    for step in (8, 12, 100, 4):  # by name, "checkpoint-8" sorts after "checkpoint-12" and "checkpoint-100"
+        assert checkpoint_problem(complete_checkpoint(tmp_path, step)) is None
+    (tmp_path / "checkpoint-9x").mkdir()  # not a checkpoint's name: ignored
+    (tmp_path / "checkpoint-7").write_text("a file, not a folder")  # ignored
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["checkpoint-4", "checkpoint-8", "checkpoint-12",
+                                                              "checkpoint-100"]
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-100")
+    shutil.rmtree(tmp_path / "checkpoint-100")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-12")  # 12 over 8
+    (tmp_path / "checkpoint-12" / "trainer_state.json").unlink()  # cut before its last file
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+    assert last_complete_checkpoint(tmp_path / "absent") is None

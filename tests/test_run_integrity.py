@@ -427,6 +427,102 @@ def test_a_broken_config_json_names_the_file_and_the_fix(tmp_path, fake_stages, 
     assert Step(run_dir, "03").done
 
 
+def test_an_upstream_finished_again_with_new_products_makes_its_readers_stale(tmp_path, fake_stages):
+    # 01 ran again and finished (a valid done.json) with other products: a new digest. Not deleted, not edited
+    # after finishing: only the digest its readers recorded tells them it is not what they read.
+    run_dir = fake_run(tmp_path, only=["01", "02", "03"])
+    suite = run_dir / "01_generate_data" / "data" / "instruction_suite.jsonl"
+    old = marker(run_dir, "01_generate_data")["digest"]
+    suite.write_text(suite.read_text() + '{"id": 99}\n')
+    (run_dir / "01_generate_data" / "done.json").unlink()
+    assert Step(run_dir, "01").complete()["digest"] != old
+    fresh = runs.Freshness(run_dir)
+    assert fresh.causes("01_generate_data") == []  # itself current: its products are what its marker says
+    for reader in ("02_data_flaws", "03_base_model"):
+        assert [(c.kind, c.upstream) for c in fresh.causes(reader)] == [("upstream changed", "01_generate_data")]
+        assert str(fresh.causes(reader)[0]) == (f"{reader} is stale: 01_generate_data ran again or changed since "
+                                                "it was read")
+    fake_stages.clear()
+    with pytest.raises(runs.StepStale) as err:  # a plain run refuses, before running anything
+        fake_run(tmp_path, only=["01", "02", "03"])
+    assert "02_data_flaws, 03_base_model are stale: 01_generate_data ran again or changed" in str(err.value)
+    assert fake_stages == []
+    fake_run(tmp_path, only=["01", "02", "03"], overwrite=True)  # --overwrite runs the readers again
+    assert fake_stages == ["02_data_flaws", "03_base_model"]
+    new = marker(run_dir, "01_generate_data")["digest"]
+    assert marker(run_dir, "02_data_flaws")["upstream"] == {"01_generate_data": new}
+    assert runs.Freshness(run_dir).causes("02_data_flaws") == []
+
+
+def test_describe_changes_names_folders_and_files_deleted_changed_and_added(tmp_path):
+    (tmp_path / "kept").mkdir()  # "gone/" no longer exists; "kept/" does, with one file of it deleted
+    recorded = {"a.txt": "1", "b.txt": "2", "d.txt": "2", "gone/x": "3", "gone/y": "4", "kept/z": "5", "kept/w": "6"}
+    current = {"a.txt": "1", "b.txt": "changed", "kept/w": "6", "new/p": "7", "new/q": "8", "kept/v": "9", "c.txt": "0"}
+    assert runs.describe_changes(tmp_path, recorded, current) == [
+        "gone/ was deleted", "d.txt was deleted", "kept/z was deleted", "b.txt changed", "new/ was added",
+        "c.txt was added", "kept/v was added"]
+    assert runs.describe_changes(tmp_path, recorded, dict(recorded)) == []
+
+
+def test_freshness_names_every_cause_of_staleness(tmp_path, fake_stages, monkeypatch):
+    run_dir = fake_run(tmp_path)
+    data = run_dir / "01_generate_data" / "data"
+    for k in range(4):  # four products added: three named, the rest counted
+        (data / f"extra{k}.jsonl").write_text("{}\n")
+    hashed = []
+    real = runs.product_digests
+    monkeypatch.setattr(runs, "product_digests", lambda path: hashed.append(path) or real(path))
+    fresh = runs.Freshness(run_dir)
+    assert [str(c) for c in fresh.causes("01_generate_data")] == [
+        "01_generate_data is stale: data/extra0.jsonl was added; data/extra1.jsonl was added; data/extra2.jsonl "
+        "was added (and 1 more) since it finished"]
+    assert [(c.kind, c.upstream) for c in fresh.causes("01_generate_data")] == [("products", None)]
+    assert [(c.step, c.kind, c.upstream, c.text) for c in fresh.causes("02_data_flaws")] == [
+        ("02_data_flaws", "upstream stale", "01_generate_data", "it read 01_generate_data, which is stale")]
+    fresh.causes("03_base_model")
+    assert hashed.count(run_dir / "01_generate_data") == 1  # each step's products hashed once per instance
+    assert fresh.causes("07_evaluate/absent") == []  # not finished: nothing to be stale
+    # an upstream no longer finished: named with why
+    (data / "extra3.jsonl").unlink()  # three changes: all named, with no count
+    assert [c.text for c in runs.Freshness(run_dir).causes("01_generate_data")] == [
+        "data/extra0.jsonl was added; data/extra1.jsonl was added; data/extra2.jsonl was added since it finished"]
+    for k in range(3):
+        (data / f"extra{k}.jsonl").unlink()
+    (run_dir / "06_sft" / "natural" / "done.json").unlink()
+    (run_dir / "06_sft" / "synthetic" / "done.json").write_text("not json")
+    fresh = runs.Freshness(run_dir)
+    assert [c.text for c in fresh.causes("07_evaluate/natural")] == [
+        "06_sft/natural was read but is no longer finished (no done.json)"]
+    [cause] = [c for c in fresh.causes("07_evaluate/synthetic") if c.upstream == "06_sft/synthetic"]
+    assert cause.kind == "upstream unfinished" and cause.upstream == "06_sft/synthetic"
+    assert cause.step == "07_evaluate/synthetic"
+    assert cause.text.startswith("06_sft/synthetic was read but is no longer finished (")
+    assert "done.json is not valid JSON" in cause.text
+    # a step that reads the whole run: the steps that finished after it, three named and the rest counted
+    figures = run_dir / "08_figures" / "done.json"
+    done = json.loads(figures.read_text())
+    later = [name for name in done["upstream"] if name.startswith("07_evaluate/")][:4]
+    done["upstream"] = {k: v for k, v in done["upstream"].items() if k not in later}
+    figures.write_text(json.dumps(done))
+    new = [c for c in runs.Freshness(run_dir).causes("08_figures") if c.kind == "new steps"]
+    assert [(c.step, c.upstream, c.text) for c in new] == [
+        ("08_figures", None, f"{', '.join(later[:3])} and 1 more finished after it ran")]
+    done["upstream"][later[3]] = "x"  # three new steps: all named
+    figures.write_text(json.dumps(done))
+    new = [c for c in runs.Freshness(run_dir).causes("08_figures") if c.kind == "new steps"]
+    assert [c.text for c in new] == [f"{', '.join(later[:3])} finished after it ran"]
+    # a marker from before upstreams were recorded: no upstream to check
+    flaws = json.loads((run_dir / "02_data_flaws" / "done.json").read_text())
+    del flaws["upstream"]
+    (run_dir / "02_data_flaws" / "done.json").write_text(json.dumps(flaws))
+    assert runs.Freshness(run_dir).causes("02_data_flaws") == []
+    # a marker from before products were recorded: nothing to check its products against
+    del done["products"]
+    figures.write_text(json.dumps(done))
+    (run_dir / "08_figures" / "out.txt").write_text("edited")
+    assert runs.Freshness(run_dir).product_changes(Step(run_dir, "08"), done) == []
+
+
 def test_a_deleted_model_folder_is_stale_naming_model(tmp_path, fake_stages):
     run_dir = fake_run(tmp_path)
     shutil.rmtree(run_dir / "06_sft" / "natural" / "model")
