@@ -77,7 +77,7 @@ def finding(found, fid):
 
 
 def retention_check(found):
-    return finding(found, "4")["checks"][4]
+    return next(c for c in finding(found, "4")["checks"] if c["check"].startswith("benchmark:"))
 
 
 def test_retention_is_tested_only_when_finding_1s_gain_is_significant():
@@ -139,21 +139,31 @@ def test_ni_margin_is_the_papers_share_of_natural_above_its_best_null():
 
 # --- findings.md: the layout, pinned line by line on hand-built findings -------------------------------------------
 
-def check_row(name, value, low, high, verdict, rule, n=3, items=None, mdd=None, method="seeds", **extra):
+LABELS = {True: "reproduces", False: "reversed", None: "inconclusive"}
+
+
+def check_row(name, value, low, high, verdict, rule, n=3, items=None, mdd=None, method="seeds", primary=True,
+              delta=None, p=None, **extra):
     return {"check": name, "value": value, "ci": [low, high], "n": n, "items": items, "mdd": mdd, "method": method,
-            "reproduces": verdict, "rule": rule, **extra}
+            "reproduces": verdict, "rule": rule, "primary": primary, "verdict": LABELS[verdict], "delta": delta,
+            "p": p, "p_holm": p, **extra}
 
 
 MARGIN_ROW = {"natural": 0.55, "best_null": 0.15, "above_null": 0.4, "delta": 0.052}
 FOUND = [
     {"id": "1", "claim": "gain", "metric": "benchmark: s - n", "value": 0.123456, "ci": [0.0123456, 0.2345678],
-     "n": 3, "reproduces": True, "rule": "d > 0", "note": None, "ni_margin": MARGIN_ROW,
+     "n": 3, "reproduces": True, "verdict": "reproduces", "rule": "d > 0", "note": None, "ni_margin": MARGIN_ROW,
+     "margins": {"values": {"learnable_HSR": 0.052}, "registered": False},
      "checks": [check_row("benchmark: s - n", 0.123456, 0.0123456, 0.2345678, True, "d(benchmark; s - n) > 0",
-                          items=60, mdd=0.0412345, method="items")],
+                          items=60, mdd=0.0412345, method="items", p=0.0061234),
+                check_row("leakage: s - n", 0.1, -0.05, 0.25, None, "d(leakage; s - n) > 0", mdd=0.3, primary=False,
+                          p=0.09)],
      "reported": {"sft: s - n": {"mean": -0.02, "low": -0.1, "high": 0.06, "n": 3, "mdd": 0.12}, "absent": None}},
     {"id": "2", "claim": "worse", "metric": "learnable_HSR: s - n", "value": -0.03, "ci": [-0.2, 0.14], "n": 3,
-     "reproduces": None, "rule": "d < 0", "note": "not run: rewritten", "ni_margin": MARGIN_ROW,
-     "checks": [check_row("learnable_HSR: s - n", -0.03, -0.2, 0.14, None, "d(learnable_HSR; s - n) < 0", mdd=0.25)],
+     "reproduces": None, "verdict": "inconclusive", "rule": "d < 0", "note": "not run: rewritten",
+     "ni_margin": MARGIN_ROW,
+     "checks": [check_row("learnable_HSR: s - n", -0.03, -0.2, 0.14, None, "d(learnable_HSR; s - n) < 0", mdd=0.25,
+                          delta=0.052, p=0.4)],
      "power": [{"endpoint": "learnable_HSR", "natural_above_null": 0.4, "paper_effect_here": 0.052, "mdd": 0.25,
                 "detectable": False},
                {"endpoint": "compliance_margin", "natural_above_null": -0.1, "paper_effect_here": 0.01, "mdd": 0.005,
@@ -161,39 +171,37 @@ FOUND = [
                {"endpoint": "other", "natural_above_null": 0.2, "paper_effect_here": None, "mdd": None,
                 "detectable": None}]},
     {"id": "4", "claim": "kept", "metric": "learnable_HSR: u - n", "value": None, "ci": None, "n": None,
-     "reproduces": False, "rule": "r", "note": None, "ni_margin": MARGIN_ROW,
+     "reproduces": False, "verdict": "reversed", "rule": "r", "note": None, "ni_margin": MARGIN_ROW,
      "unlearning_tokens_fraction_of_cpt": 0.02,
      "checks": [check_row("benchmark: u - (s + n)/2", -0.01, -0.03, -0.005, False, "retention >= 0.5",
                           retention=0.4)]},
 ]
-PER_ITEM = ", ".join(findings.ITEM_METRICS)
 
 FINDINGS_MD = [
     '# Findings across seeds (0, 1, 2; 95% intervals)',
     '',
-    "Primary endpoints: learnable_HSR, compliance_margin, template_pull, pre_sft_template_pull, benchmark, "
-    f"chat_score. Per-item endpoints ({PER_ITEM}) are contrasted item by item within seeds and combined over seeds "
-    "(random effects, Student t on k - 1 degrees of freedom); the others by the Student t interval of per-seed "
-    "differences. MDD: the minimum detectable difference at these seeds (two-sided 5%, power 80%).",
+    'Rules (docs/preregistration.md): each finding has a primary family of at most two checks, Holm-adjusted within it (one-sided at 2.5% for a directional claim); every other check is exploratory. Verdicts: reproduces | reversed | paper-sized effect excluded (the interval lies on the near side of the paper-sized effect, and the positive control was detected on that endpoint) | inconclusive (with its MDD beside the paper-sized effect).',
     '',
-    "Non-inferiority margin delta = 13.0% (the paper's relative HSR loss) x natural's learnable HSR above the best "
-    "null (0.550 - 0.150 = 0.400) = 0.0520; the paper's effect at this scale is -delta.",
+    'Primary endpoints: learnable_HSR, compliance_margin, template_pull, pre_sft_template_pull, benchmark, chat_preference. Per-item endpoints (benchmark, benchmark_synthqa_only, benchmark_stated, learnable_HSR, compliance_margin, template_pull, pre_sft_template_pull, chat_score, chat_preference, pre_sft_leakage) are contrasted item by item within seeds (standard errors clustered by base prompt where items share one) and combined over seeds (random effects, Student t on k - 1 degrees of freedom); the others by the Student t interval of per-seed differences. MDD: the minimum detectable difference at these seeds (two-sided 5%, power 80%).',
+    '',
+    "Paper-sized effects (the margins of 'no worse than' claims), derived from this run's natural model and nulls (13.0% of natural above its null), not pre-registered: learnable_HSR 0.052.",
+    '',
+    "Natural's learnable HSR above the best null: 0.550 - 0.150 = 0.400.",
     '',
     '| # | claim | primary check | mean [CI] | seeds | verdict |',
     '|---|---|---|---|---|---|',
     '| 1 | gain | benchmark: s - n | +0.1235 [+0.01235, +0.2346] | 3 | reproduces |',
-    '| 2 | worse | learnable_HSR: s - n | -0.03 [-0.2, +0.14] | 3 | inconclusive (not run: rewritten) |',
-    '| 4 | kept | learnable_HSR: u - n |  |  | does not reproduce (reversed) |',
+    '| 2 | worse | learnable_HSR: s - n | -0.03 [-0.2, +0.14] | 3 | inconclusive (MDD 0.25 vs paper-sized 0.052) (not run: rewritten) |',
+    '| 4 | kept | learnable_HSR: u - n |  |  | reversed |',
     '',
     '## Checks',
     '',
-    '| # | check | mean [CI] | seeds | MDD | verdict | rule |',
-    '|---|---|---|---|---|---|---|',
-    "| 1 | benchmark: s - n | +0.1235 [+0.01235, +0.2346] | 3 (60 items) | 0.04123 | reproduces | "
-    "d(benchmark; s - n) > 0 |",
-    '| 2 | learnable_HSR: s - n | -0.03 [-0.2, +0.14] | 3 | 0.25 | inconclusive | d(learnable_HSR; s - n) < 0 |',
-    "| 4 | benchmark: u - (s + n)/2 | -0.01 [-0.03, -0.005] (retention 0.40) | 3 |  | does not reproduce "
-    "(reversed) | retention >= 0.5 |",
+    '| # | check | family | mean [CI] | seeds | MDD | p (Holm) | verdict | rule |',
+    '|---|---|---|---|---|---|---|---|---|',
+    '| 1 | benchmark: s - n | primary | +0.1235 [+0.01235, +0.2346] | 3 (60 items) | 0.04123 | 0.00612 | reproduces | d(benchmark; s - n) > 0 |',
+    '| 1 | leakage: s - n | exploratory | +0.1 [-0.05, +0.25] | 3 | 0.3 | 0.09 | inconclusive (MDD 0.3) | d(leakage; s - n) > 0 |',
+    '| 2 | learnable_HSR: s - n | primary | -0.03 [-0.2, +0.14] | 3 | 0.25 | 0.4 | inconclusive (MDD 0.25 vs paper-sized 0.052) | d(learnable_HSR; s - n) < 0 |',
+    '| 4 | benchmark: u - (s + n)/2 | primary | -0.01 [-0.03, -0.005] (retention 0.40) | 3 |  |  | reversed | retention >= 0.5 |',
     '',
     "## Power: could these seeds see the paper's effect? (finding 2)",
     '',
@@ -211,9 +219,7 @@ FINDINGS_MD = [
     '',
     'Unlearning cost (finding 4): forget + replay tokens = 0.0200 of the CPT tokens (about 1/50), mean over seeds.',
     '',
-    "A finding reproduces when every check does; `inconclusive` means an interval contains 0 (or one seed only): "
-    "more seeds, not a different rule, would settle it, and the MDD says how large a difference these seeds could "
-    "have shown.",
+    '`inconclusive` means no rule was met: more seeds, not a different rule, would settle it, and the MDD says how large a difference these seeds could have shown.',
 ]
 
 
@@ -227,18 +233,21 @@ def test_write_findings_lays_out_the_margin_findings_checks_power_reported_and_c
 def test_write_findings_without_findings_or_margin(tmp_path):
     findings.write_findings([], tmp_path / "none")
     text = (tmp_path / "none" / "findings.md").read_text()
-    assert text.startswith("# Findings across seeds (?; 95% intervals)\n") and "Non-inferiority" not in text
+    assert text.startswith("# Findings across seeds (?; 95% intervals)\n") and "Paper-sized effects" not in text
     assert "## Power" not in text and "Unlearning cost" not in text
     no_delta = [{**FOUND[0], "ni_margin": {**MARGIN_ROW, "above_null": -0.1, "delta": None}}]
     findings.write_findings(no_delta, tmp_path / "no_delta", confidence=0.9, seeds=(3,))
     text = (tmp_path / "no_delta" / "findings.md").read_text()
     assert text.startswith("# Findings across seeds (3; 90% intervals)\n")
-    assert "(0.550 - 0.150 = -0.100) = none; the paper's effect" in text
+    assert "Natural's learnable HSR above the best null: 0.550 - 0.150 = -0.100." in text
 
 
 def test_the_cells_of_findings_md():
-    assert [findings._verdict(v) for v in (True, False, None)] == [
-        "reproduces", "does not reproduce (reversed)", "inconclusive"]
+    assert [findings._verdict(v) for v in ("reproduces", "reversed", "inconclusive")] == [
+        "reproduces", "reversed", "inconclusive"]
+    assert findings._verdict("inconclusive", 0.0412345, 0.03) == "inconclusive (MDD 0.0412 vs paper-sized 0.03)"
+    assert findings._verdict("inconclusive", 0.0412345) == "inconclusive (MDD 0.0412)"
+    assert findings._verdict("reproduces", 0.0412345, 0.03) == "reproduces"
     assert findings._interval(0.5, [-0.25, 1.5]) == "+0.5 [-0.25, +1.5]" and findings._interval(None, None) == ""
     assert findings._interval(0.123456, (0.0123456, 2345.678)) == "+0.1235 [+0.01235, +2346]"
     assert findings._size({"n": 3, "items": 60}) == "3 (60 items)" and findings._size({"n": 3}) == "3"
@@ -266,7 +275,7 @@ EFFECTS = {
     U: {"benchmark": 0.09, "learnable_HSR": 0.01, "chat_score": 0.1},
 }
 NOISE = {"natural": 1.0, "synthetic": -1.0, "rewritten": 0.5, "more_natural": -0.5, U: 1.5}
-IDS = ["1", "2", "3", "3b", "4", "5", "6"]
+IDS = ["C", "1", "2", "2c", "3", "3b", "4", "5", "6"]
 
 
 def study(effects=EFFECTS, sign=1.0):
@@ -283,25 +292,28 @@ def study(effects=EFFECTS, sign=1.0):
 
 
 CHECKS = {
+    "C": [(f"{m}: harmed - natural", f"d({m}; harmed - natural) < 0")
+          for m in ("learnable_HSR", "compliance_margin", "HSR", "chat_preference")],
     "1": [("benchmark: synthetic - natural", "d(benchmark; synthetic - natural) > 0"),
           ("benchmark_synthqa_only: synthetic - natural", "d(benchmark_synthqa_only; synthetic - natural) > 0"),
           ("gain on synthqa_only - gain on stated", "d(synthqa_only; syn - nat) - d(stated; syn - nat) > 0")],
     "2": [("learnable_HSR: synthetic - natural", "d(learnable_HSR; synthetic - natural) < 0"),
-          ("compliance_margin: synthetic - natural", "d(compliance_margin; synthetic - natural) < 0"),
-          ("chat_score: synthetic - natural", "d(chat_score; synthetic - natural) < 0")],
+          ("compliance_margin: synthetic - natural", "d(compliance_margin; synthetic - natural) < 0")],
+    "2c": [("chat_preference: synthetic - natural", "d(chat_preference; synthetic - natural) < 0"),
+           ("chat_score: synthetic - natural", "d(chat_score; synthetic - natural) < 0")],
     "3": [("template_pull: synthetic - natural", "d(template_pull; synthetic - natural) > 0"),
           ("kl_from_natural: synthetic - rewritten", "d(kl_from_natural; synthetic - rewritten) > 0")],
-    "3b": [("pre_sft_leakage: synthetic - natural", "d(pre_sft_leakage; synthetic - natural) > 0"),
-           ("pre_sft_template_pull: synthetic - natural", "d(pre_sft_template_pull; synthetic - natural) > 0"),
-           ("pre_sft_ppl_mean: synthetic - natural", "d(pre_sft_ppl_mean; synthetic - natural) != 0 (two-sided)"),
-           ("pre_sft_ppl_std: synthetic - natural", "d(pre_sft_ppl_std; synthetic - natural) < 0")],
+    "3b": [("pre_sft_template_pull: synthetic - natural", "d(pre_sft_template_pull; synthetic - natural) > 0"),
+           ("pre_sft_ppl_std: synthetic - natural", "d(pre_sft_ppl_std; synthetic - natural) < 0"),
+           ("pre_sft_leakage: synthetic - natural", "d(pre_sft_leakage; synthetic - natural) > 0"),
+           ("pre_sft_ppl_mean: synthetic - natural", "d(pre_sft_ppl_mean; synthetic - natural) != 0 (two-sided)")],
     "4": [(f"learnable_HSR: {U} - natural", f"d(learnable_HSR; {U} - natural) > -delta (non-inferior; delta = "
                                             f"{findings.PAPER_RELATIVE_EFFECT * 0.5:.4f})"),
+          (f"benchmark: {U} - (synthetic + natural)/2", f"retention >= 0.5, i.e. d(benchmark; {U} - (synthetic + "
+                                                         "natural)/2) > 0, given a significant gain"),
           (f"learnable_HSR: {U} - synthetic", f"d(learnable_HSR; {U} - synthetic) > 0"),
           (f"compliance_margin: {U} - synthetic", f"d(compliance_margin; {U} - synthetic) > 0"),
-          (f"chat_score: {U} - synthetic", f"d(chat_score; {U} - synthetic) > 0"),
-          (f"benchmark: {U} - (synthetic + natural)/2", f"retention >= 0.5, i.e. d(benchmark; {U} - (synthetic + "
-                                                         "natural)/2) > 0, given a significant gain")],
+          (f"chat_preference: {U} - synthetic", f"d(chat_preference; {U} - synthetic) > 0")],
     "5": [("learnable_HSR: more_natural - synthetic", "d(learnable_HSR; more_natural - synthetic) > 0"),
           ("learnable_HSR: natural - more_natural", "d(learnable_HSR; natural - more_natural) > 0")],
     "6": [("benchmark: rewritten - natural", "d(benchmark; rewritten - natural) > 0"),
@@ -309,9 +321,12 @@ CHECKS = {
                                                  f"delta = {findings.PAPER_RELATIVE_EFFECT * 0.5:.4f})")],
 }
 CLAIMS = {  # the claims findings.md states, word for word
+    "C": "positive control: SFT with a share of its replies ignoring one instruction (harmed) follows instructions "
+         "worse than natural; the instrument can see a harm",
     "1": "SynthQA raises the knowledge benchmark over natural; the gain sits on the facts only SynthQA carries",
-    "2": "after identical SFT, synthetic follows instructions worse (learnable tier, by greedy generation and by "
-         "likelihood) and chats worse than natural",
+    "2": "after identical SFT, synthetic follows instructions worse than natural (learnable tier, by greedy generation "
+         "and by likelihood)",
+    "2c": "after identical SFT, synthetic chats worse than natural",
     "3": "after SFT, the output distribution shifts toward the SynthQA template (template pull, next-token KL)",
     "3b": "before SFT, the CPT model's output shifts (template leakage and pull, perplexity distribution narrower)",
     "4": f"{U} brings instruction following back to natural's, chat above synthetic's, and keeps most of the "
@@ -328,32 +343,34 @@ def test_every_finding_checks_what_its_rule_says_on_clear_effects():
     assert {f["id"]: [(c["check"], c["rule"]) for c in f["checks"]] for f in found} == CHECKS
     assert {f["id"]: f["claim"] for f in found} == CLAIMS
     assert {f["id"]: [c["reproduces"] for c in f["checks"]] for f in found} == {
-        fid: [True] * len(checks) for fid, checks in CHECKS.items()}
-    assert {f["id"]: f["reproduces"] for f in found} == dict.fromkeys(IDS, True)
-    one = found[0]
+        fid: [fid != "C"] * len(checks) if fid != "C" else [None] * 4 for fid, checks in CHECKS.items()}
+    assert {f["id"]: f["reproduces"] for f in found} == {**dict.fromkeys(IDS, True), "C": None}  # no harmed model
+    by = {f["id"]: f for f in found}
+    one = by["1"]
     assert one["metric"] == "benchmark: synthetic - natural" and one["value"] == pytest.approx(0.10)
     assert one["ci"] == one["checks"][0]["ci"] and one["n"] == 3 and one["note"] is None
-    assert one["rule"] == "; AND ".join(rule for _, rule in CHECKS["1"])
+    assert one["rule"] == "; AND ".join(rule for _, rule in CHECKS["1"][:2])  # the primary family's rules
     # the difference in differences: (0.20 - 0.02) per seed, exactly
     assert one["checks"][2]["value"] == pytest.approx(0.18) and one["checks"][2]["method"] == "seeds"
     def reported(finding):
         return {name: pytest.approx(stats["mean"]) for name, stats in finding["reported"].items()}
 
     assert reported(one) == {"sft_benchmark: synthetic - natural": 0.03}
-    assert reported(found[1]) == {
-        "HSR (out-of-distribution suite): synthetic - natural": -0.04, "chat_preference: synthetic - natural": -0.06,
+    assert reported(by["2"]) == {
+        "HSR (out-of-distribution suite): synthetic - natural": -0.04,
         "learnable_HSR: synthetic - rewritten (format beyond displacement)": -0.10 + 0.02}
-    assert reported(found[2]) == {"leakage: synthetic - natural": 0.07, "ppl_mean: synthetic - natural": 8.0,
-                                  "ppl_std: synthetic - natural": -9.0}
-    assert found[4]["checks"][0]["value"] == pytest.approx(0.01)  # non-inferiority checks carry their contrast
-    assert found[6]["checks"][1]["value"] == pytest.approx(-0.02)
-    four = found[4]
+    assert by["2c"]["checks"][0]["value"] == pytest.approx(-0.06)
+    assert reported(by["3"]) == {"leakage: synthetic - natural": 0.07, "ppl_mean: synthetic - natural": 8.0,
+                                 "ppl_std: synthetic - natural": -9.0, "kl_from_natural: synthetic - natural": 0.3}
+    assert by["4"]["checks"][0]["value"] == pytest.approx(0.01)  # non-inferiority checks carry their contrast
+    assert by["6"]["checks"][1]["value"] == pytest.approx(-0.02)
+    four = by["4"]
     assert four["unlearning_tokens_fraction_of_cpt"] == 0.02
-    assert four["checks"][4]["retention"] == pytest.approx(0.9)  # (0.09 - 0) / (0.10 - 0)
-    assert [r["endpoint"] for r in found[1]["power"]] == ["learnable_HSR", "compliance_margin"]
+    assert four["checks"][1]["retention"] == pytest.approx(0.9)  # (0.09 - 0) / (0.10 - 0)
+    assert [r["endpoint"] for r in by["2"]["power"]] == ["learnable_HSR", "compliance_margin"]
     assert all(f["ni_margin"] == findings.ni_margin(study()) for f in found)
     # a check's MDD over seeds: (t(0.975, 2) + t(0.8, 2)) * std / sqrt(3) of the per-seed differences
-    check = found[1]["checks"][0]
+    check = by["2"]["checks"][0]
     diffs = [study()["per_seed"]["synthetic"]["learnable_HSR"][s] - study()["per_seed"]["natural"]["learnable_HSR"][s]
              for s in "012"]
     std = float(np.std(diffs, ddof=1))
@@ -363,30 +380,37 @@ def test_every_finding_checks_what_its_rule_says_on_clear_effects():
 
 def test_reversed_effects_reverse_every_finding():
     found = findings.findings(study(sign=-1.0))
-    assert {f["id"]: f["reproduces"] for f in found} == dict.fromkeys(IDS, False)
+    # finding 4's primary family: non-inferiority to natural (-0.01 holds within the margin either way) and
+    # retention (no gain to retain when the gain is reversed): not reversed; the control did not run
+    assert {f["id"]: f["reproduces"] for f in found} == {**dict.fromkeys(IDS, False), "C": None, "4": None}
+    assert {f["id"]: f["verdict"] for f in found}["2"] == "reversed"
 
 
-def test_missing_models_are_named_and_kl_falls_back_to_natural():
+def test_missing_models_are_named_and_the_kl_check_needs_another_reference():
     effects = {m: e for m, e in EFFECTS.items() if m not in ("rewritten", "more_natural")}
     found = {f["id"]: f for f in findings.findings(study(effects))}
     assert found["6"]["note"] == "not run: rewritten" and found["5"]["note"] == "not run: more_natural"
     assert found["6"]["reproduces"] is None and found["6"]["value"] is None
-    assert found["3"]["checks"][1]["check"] == "kl_from_natural: synthetic - natural"
+    assert [c["check"] for c in found["3"]["checks"]] == ["template_pull: synthetic - natural"]
+    assert found["3"]["note"] == "KL check not run: needs the rewritten branch"
     assert found["1"]["note"] is None
     alone = {f["id"]: f for f in findings.findings(study({"natural": {}}))}
     assert {fid: f["note"] for fid, f in alone.items()} == {
-        "1": "not run: synthetic", "2": "not run: synthetic", "3": "not run: synthetic", "3b": "not run: synthetic",
-        "4": f"not run: synthetic, {U}", "5": "not run: synthetic, more_natural", "6": "not run: rewritten"}
+        "C": "not run: harmed", "1": "not run: synthetic", "2": "not run: synthetic", "2c": "not run: synthetic",
+        "3": "not run: synthetic", "3b": "not run: synthetic", "4": f"not run: synthetic, {U}",
+        "5": "not run: synthetic, more_natural", "6": "not run: rewritten"}
     no_natural = {f["id"]: f["note"] for f in findings.findings(study({"synthetic": {}}))}
-    assert no_natural == {"1": "not run: natural", "2": "not run: natural", "3": "not run: natural",
-                          "3b": "not run: natural", "4": f"not run: natural, {U}",
-                          "5": "not run: natural, more_natural", "6": "not run: natural, rewritten"}
+    assert no_natural == {"C": "not run: natural, harmed", "1": "not run: natural", "2": "not run: natural",
+                          "2c": "not run: natural", "3": "not run: natural", "3b": "not run: natural",
+                          "4": f"not run: natural, {U}", "5": "not run: natural, more_natural",
+                          "6": "not run: natural, rewritten"}
     no_null = study()
     del no_null["per_seed"]["null:constant"]
-    without_margin = findings.findings(no_null)
-    assert without_margin[4]["checks"][0]["rule"].endswith("(non-inferior; delta = none)")
-    assert without_margin[4]["checks"][0]["reproduces"] is None and without_margin[0]["ni_margin"] is None
-    assert findings.findings(study(), unlearning_method="npo")[4]["note"] == "not run: unlearn-npo"
+    without_margin = {f["id"]: f for f in findings.findings(no_null)}
+    assert without_margin["4"]["checks"][0]["rule"].endswith("(non-inferior; delta = none)")
+    assert without_margin["4"]["checks"][0]["reproduces"] is None and without_margin["1"]["ni_margin"] is None
+    npo = {f["id"]: f for f in findings.findings(study(), unlearning_method="npo")}
+    assert npo["4"]["note"] == "not run: unlearn-npo"
 
 
 def test_contrasts_go_item_by_item_where_items_are_recorded():
@@ -401,14 +425,14 @@ def test_contrasts_go_item_by_item_where_items_are_recorded():
     out = d.diff("benchmark", "synthetic", "natural")
     # per seed: d = (1, 0, 1, 0) over the 4 benchmark items (chat/x is not one): mean 0.5
     assert out["mean"] == pytest.approx(0.5) and out["items"] == 12 and out["per_seed"] == {"0": .5, "1": .5, "2": .5}
-    first = findings.findings(agg)[0]["checks"][0]
+    first = findings.findings(agg)[1]["checks"][0]
     assert first["method"] == "items" and first["items"] == 12
     seeds = d.diff("learnable_HSR", "synthetic", "natural")  # no item records for it: over seeds
     assert "items" not in seeds and seeds["mean"] == pytest.approx(-0.10)
     assert d("benchmark", [("synthetic", 2.0), ("natural", -1.0)])["mean"] == pytest.approx(2 * 0.75 - 0.25)
-    did = findings.findings({**study(), "confidence": 0.9})[0]["checks"][2]
+    did = findings.findings({**study(), "confidence": 0.9})[1]["checks"][2]
     assert did["ci"][1] - did["value"] == pytest.approx(
-        (findings.findings(study())[0]["checks"][2]["ci"][1] - did["value"]) * 2.919985580355516 / 4.302652729749462)
+        (findings.findings(study())[1]["checks"][2]["ci"][1] - did["value"]) * 2.919985580355516 / 4.302652729749462)
     # the aggregate's confidence reaches both kinds of contrast: t(0.95, 2) = 2.920 against t(0.975, 2) = 4.303
     d90 = findings.Contrasts({**agg, "confidence": 0.9})
     ratio = 2.919985580355516 / 4.302652729749462
