@@ -102,7 +102,7 @@ def test_one_widget_bar_per_training_or_evaluation_step(stepped_through):
         bars = [o for c in stepped_through["notebooks"][stage.name]["cells"] for o in c.get("outputs", [])
                 if WIDGET in o.get("data", {})]
         assert len(bars) == expected, f"{stage.name}: {len(bars)} widget bars for {len(steps)} steps"
-        labels = [o["data"]["text/plain"] for o in bars]
+        labels = ["".join(o["data"]["text/plain"]) for o in bars]
         assert all(any(label.startswith(step) for label in labels) for step in steps[:expected]), labels
 
 
@@ -112,5 +112,5 @@ def test_each_stage_ends_with_what_it_measured(stepped_through):
         pictures = [o for o in cells[-1]["outputs"] if "image/png" in o.get("data", {})]
         assert pictures, f"{stage.name}'s last cell shows no figure"
     last = [c for c in stepped_through["notebooks"][EVALUATE.name]["cells"] if c["cell_type"] == "code"][-1]
-    tables = "".join(o["data"]["text/markdown"] for o in last["outputs"] if "text/markdown" in o.get("data", {}))
+    tables = "".join("".join(o["data"]["text/markdown"]) for o in last["outputs"] if "text/markdown" in o.get("data", {}))
     assert "null:" in tables and "natural" in tables, "07 shows no headline table with the nulls"
