@@ -95,10 +95,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8899)
     parser.add_argument("--timeout", type=float, default=900, help="seconds one notebook may take")
     parser.add_argument("--notebooks", nargs="*", default=[f"{n:02d}" for n in range(1, 9)])
+    parser.add_argument("--scratch", type=Path, help="a folder to keep (its runs/notebook: the run the notebooks "
+                        "write, or one made before, e.g. by `synthflaw run --runs-root DIR/runs --run-id notebook`)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="lab-check-"))
-    shutil.copytree(REPO / "notebooks", scratch / "notebooks")
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="lab-check-"))
+    shutil.copytree(REPO / "notebooks", scratch / "notebooks", dirs_exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     token = "lab-check"
     server = subprocess.Popen(
@@ -125,7 +127,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-        shutil.rmtree(scratch, ignore_errors=True)
+        if not args.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(results, indent=1))
 
 
