@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from synthflaw import config
+from synthflaw import config, progress
 from synthflaw.progress import DEBUG_ENV, TEXT_BARS_ENV
 from synthflaw.registry import EVALUATE, STAGES, stage_variants
 
-pytestmark = pytest.mark.slow  # the smoke study, one kernel per notebook
+slow = pytest.mark.slow  # the smoke study, one kernel per notebook
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 WIDGET = "application/vnd.jupyter.widget-view+json"
@@ -68,6 +68,7 @@ def stepped_through(tmp_path_factory):
     return {"run": run, "notebooks": executed}
 
 
+@slow
 def test_no_stderr_but_the_deliberate_warnings(stepped_through):
     unexpected = []
     for name, notebook in stepped_through["notebooks"].items():
@@ -80,6 +81,7 @@ def test_no_stderr_but_the_deliberate_warnings(stepped_through):
     assert not unexpected, "stderr in the notebooks:\n" + "\n".join(unexpected)
 
 
+@slow
 def test_no_absolute_path_in_any_output(stepped_through):
     prefixes = {str(stepped_through["run"]), str(NOTEBOOKS.parent), sys.prefix, str(Path.home())}
     found = []
@@ -94,6 +96,7 @@ def test_no_absolute_path_in_any_output(stepped_through):
     assert not found, "absolute paths in the outputs:\n" + "\n".join(found)
 
 
+@slow
 def test_one_widget_bar_per_training_or_evaluation_step(stepped_through):
     cfg = config.resolve("smoke")
     for stage in STAGES:
@@ -106,6 +109,7 @@ def test_one_widget_bar_per_training_or_evaluation_step(stepped_through):
         assert all(any(label.startswith(step) for label in labels) for step in steps[:expected]), labels
 
 
+@slow
 def test_each_stage_ends_with_what_it_measured(stepped_through):
     for stage in STAGES[1:]:  # 01 ends with one record of each data set, as text
         cells = [c for c in stepped_through["notebooks"][stage.name]["cells"] if c["cell_type"] == "code"]
@@ -114,3 +118,14 @@ def test_each_stage_ends_with_what_it_measured(stepped_through):
     last = [c for c in stepped_through["notebooks"][EVALUATE.name]["cells"] if c["cell_type"] == "code"][-1]
     tables = "".join("".join(o["data"]["text/markdown"]) for o in last["outputs"] if "text/markdown" in o.get("data", {}))
     assert "null:" in tables and "natural" in tables, "07 shows no headline table with the nulls"
+
+
+def test_debug_mode_leaves_the_libraries_bars_and_messages_on(monkeypatch):
+    from transformers.utils import logging
+
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    progress.quiet_libraries()
+    assert logging.is_progress_bar_enabled() and logging.get_verbosity() == logging.WARNING
+    monkeypatch.delenv(DEBUG_ENV)
+    progress.quiet_libraries()
+    assert not logging.is_progress_bar_enabled() and logging.get_verbosity() == logging.ERROR
