@@ -3,7 +3,7 @@
 A step shows one bar: training its optimizer steps with the loss and tokens/s (`synthflaw.training.scaffold`),
 evaluation the endpoint it is measuring (`synthflaw.metrics.evaluation`). Left alone, transformers adds a bar per
 model load ("Loading weights") and per save ("Writing model shards"), and its warnings: in a notebook each is a red
-stderr block, nine per stage on the smoke preset, and the step's own lines sit between them. `quiet_libraries`
+stderr block (or, with ipywidgets, a widget of its own), several per step, and the step's own lines sit between them. `quiet_libraries`
 turns them off through the libraries' own switches, once per process, before a stage runs. With ``SYNTHFLAW_DEBUG=1``
 in the environment it turns them on instead.
 

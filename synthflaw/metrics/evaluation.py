@@ -264,7 +264,6 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     if progress is None:  # a bar this call made; a caller's bar goes on to its own endpoints
         endpoints.close()
 
-
     responses = suite_responses + chat_responses
     nulls = _nulls(learnable, suite, chat)
     best_null = max(n["learnable_hard_satisfaction_rate"] for n in nulls.values())
