@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from synthflaw import config as config_mod
 from synthflaw import stages
+from synthflaw.progress import TEXT_BARS_ENV
 from synthflaw.registry import FIGURES, STAGES, Stage, StepSpec, study_steps
 from synthflaw.registry import stage as find
 from synthflaw.runs import (
@@ -65,12 +67,14 @@ def notebook_kernel(cwd: Path):
     (``kill -9`` included; elsewhere ipykernel's own check of its parent stops it within a second).
 
     IPC transport: the kernel listens on local socket files, not TCP ports (nothing else on the host can connect, and
-    the kernel has nothing to warn about).
+    the kernel has nothing to warn about). Its progress bars are text (`synthflaw.progress`): no one watches a widget
+    in a batch, and a text bar keeps its last line in the executed notebook and its HTML.
     """
     from jupyter_client import KernelManager
 
     km = KernelManager(kernel_name="python3", transport="ipc")
-    km.start_kernel(cwd=str(cwd), pass_fds=held_lock_fds(), preexec_fn=die_with_parent())
+    km.start_kernel(cwd=str(cwd), env={**os.environ, TEXT_BARS_ENV: "1"}, pass_fds=held_lock_fds(),
+                    preexec_fn=die_with_parent())
     note_kernel(getattr(km.provisioner, "pid", None))  # the local provisioner's; another may not say
     try:
         yield km
@@ -112,8 +116,9 @@ def _run_papermill(stage: Stage, variants: list[str], run_dir: Path, preset: str
     name = f"{stage.name}/{{{','.join(variants)}}}" if variants else stage.name
     _reset_namespace(km)
     try:
+        # coalesce_streams: a cell's text bars are kept as their last lines, not as every redraw
         pm.execute_notebook(str(notebook), str(out), parameters=params, progress_bar=False,
-                            cwd=str(NOTEBOOKS_DIR.parent), kernel_name="python3", km=km)
+                            cwd=str(NOTEBOOKS_DIR.parent), kernel_name="python3", km=km, coalesce_streams=True)
     except PapermillExecutionError as err:
         raise StepFailed(f"step {name} failed in cell {err.exec_count} ({err.ename}: {err.evalue}); "
                          f"the executed notebook is {out}") from err

@@ -19,7 +19,6 @@ cross-seed analysis pairs across models (`items`); stage 07 writes them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from synthflaw.models.generation import (
     generate_responses,
     generation_speed,
 )
+from synthflaw.progress import Endpoints
 from synthflaw.records import read_jsonl
 
 # The stage-01 files an evaluation reads, and the fields each of their records needs.
@@ -62,6 +62,10 @@ EVAL_SETS = {"benchmark": ("id", "prompt", "choices", "answer", "split"),
              "instruction_suite": ("id", "prompt", "level", "constraints"),
              "chat": ("id", "prompt", "reference"),
              "heldout_nonsynth": ("id", "text")}
+
+
+# What evaluate_model measures, in order: one tick each of its progress bar, and its timings' keys (`<name>_s`).
+ENDPOINTS = ("benchmark", "learnable", "generation", "chat", "distribution_shift")
 
 
 def load_eval_data(data_dir, limit: int | None = None) -> dict[str, list[dict]]:
@@ -203,7 +207,7 @@ def _learnable(model, tokenizer, items, template, max_new_tokens, batch_size, pr
 
 def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_model=None, markers: Sequence[str],
                    template: dict, max_new_tokens: int, batch_size: int, judge=None, speed_prompts: int = 0,
-                   pre_sft_model=None) -> Evaluation:
+                   pre_sft_model=None, progress: Endpoints | None = None) -> Evaluation:
     """Evaluate one model on the evaluation sets `data` (`load_eval_data`).
 
     `markers` are the SynthQA templates' structural strings and `template` the one the template pull writes replies
@@ -216,50 +220,51 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     model also erodes knowledge, which the post-SFT `benchmark_*` shows). The same checkpoint gets
     `pre_sft_perplexity` on the held-out NonSynth documents and `pre_sft_template_leakage_rate` on plain-text
     continuations of `plain_prompt_probes` (null without a pre-SFT model).
+
+    `progress`: the bar that shows which of `ENDPOINTS` is being measured (default: one of its own, closed at the
+    end); each one's seconds go into ``metrics["timings"]``.
     """
     benchmark, learnable, suite, chat, heldout = (data[name] for name in EVAL_SETS)
     for m in (model, reference_model, pre_sft_model):
         if m is not None:
             m.eval()
-    timings = {}
+    endpoints = progress or Endpoints(len(ENDPOINTS), "evaluate")
+    with endpoints.measuring("benchmark"):
+        bench_metrics, bench_samples = _benchmark(model, pre_sft_model, tokenizer, benchmark, batch_size)
 
-    started = time.perf_counter()
-    bench_metrics, bench_samples = _benchmark(model, pre_sft_model, tokenizer, benchmark, batch_size)
-    timings["benchmark_s"] = time.perf_counter() - started
+    with endpoints.measuring("learnable"):
+        learnable_metrics, learnable_samples, item_rows = _learnable(model, tokenizer, learnable, template,
+                                                                     max_new_tokens, batch_size, pre_sft_model)
 
-    started = time.perf_counter()
-    learnable_metrics, learnable_samples, item_rows = _learnable(model, tokenizer, learnable, template, max_new_tokens,
-                                                                 batch_size, pre_sft_model)
-    timings["learnable_s"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    suite_responses = generate_responses(model, tokenizer, [r["prompt"] for r in suite], max_new_tokens, batch_size)
-    chat_responses = generate_responses(model, tokenizer, [r["prompt"] for r in chat], max_new_tokens, batch_size)
-    timings["generation_s"] = time.perf_counter() - started
+    with endpoints.measuring("generation"):
+        suite_responses = generate_responses(model, tokenizer, [r["prompt"] for r in suite], max_new_tokens,
+                                             batch_size)
+        chat_responses = generate_responses(model, tokenizer, [r["prompt"] for r in chat], max_new_tokens, batch_size)
     following, verdicts = instruction_following(suite, suite_responses)
 
-    started = time.perf_counter()
-    chat_metrics, chat_samples = _chat(chat, chat_responses, judge, markers)
-    preference = chat_preference(model, tokenizer, chat, batch_size)
-    chat_metrics["chat_preference"] = float(np.mean(preference))
-    chat_metrics["chat_preference_rate"] = float(np.mean([p > 0 for p in preference]))
-    timings["chat_s"] = time.perf_counter() - started
+    with endpoints.measuring("chat"):
+        chat_metrics, chat_samples = _chat(chat, chat_responses, judge, markers)
+        preference = chat_preference(model, tokenizer, chat, batch_size)
+        chat_metrics["chat_preference"] = float(np.mean(preference))
+        chat_metrics["chat_preference_rate"] = float(np.mean([p > 0 for p in preference]))
 
-    started = time.perf_counter()
-    ppl_heldout = perplexities(model, tokenizer, [r["text"] for r in heldout], batch_size)
-    ppl_reference = perplexities(model, tokenizer, [r["reference"] for r in chat], batch_size,
-                                 contexts=[r["prompt"] for r in chat])
-    kl = None
-    if reference_model is not None:
-        kl = next_token_kl(model, reference_model, tokenizer, [r["prompt"] for r in suite], batch_size)
-    # Before SFT: SFT on the same chats can erase the CPT model's shift (in the embedded study no SFT model leaks the
-    # template), so the checkpoint SFT started from is measured too, on plain text (it has seen no chat template).
-    ppl_pre_sft, probes, probe_responses = None, plain_prompt_probes(suite, chat), []
-    if pre_sft_model is not None:
-        ppl_pre_sft = perplexities(pre_sft_model, tokenizer, [r["text"] for r in heldout], batch_size)
-        probe_responses = generate_continuations(pre_sft_model, tokenizer, probes,
-                                                 min(PROBE_NEW_TOKENS, max_new_tokens), batch_size, start=True)
-    timings["distribution_shift_s"] = time.perf_counter() - started
+    with endpoints.measuring("distribution_shift"):
+        ppl_heldout = perplexities(model, tokenizer, [r["text"] for r in heldout], batch_size)
+        ppl_reference = perplexities(model, tokenizer, [r["reference"] for r in chat], batch_size,
+                                     contexts=[r["prompt"] for r in chat])
+        kl = None
+        if reference_model is not None:
+            kl = next_token_kl(model, reference_model, tokenizer, [r["prompt"] for r in suite], batch_size)
+        # Before SFT: SFT on the same chats can erase the CPT model's shift (in the embedded study no SFT model leaks
+        # the template), so the checkpoint SFT started from is measured too, on plain text (it has seen no chat
+        # template).
+        ppl_pre_sft, probes, probe_responses = None, plain_prompt_probes(suite, chat), []
+        if pre_sft_model is not None:
+            ppl_pre_sft = perplexities(pre_sft_model, tokenizer, [r["text"] for r in heldout], batch_size)
+            probe_responses = generate_continuations(pre_sft_model, tokenizer, probes,
+                                                     min(PROBE_NEW_TOKENS, max_new_tokens), batch_size, start=True)
+    if progress is None:  # a bar this call made; a caller's bar goes on to its own endpoints
+        endpoints.close()
 
     responses = suite_responses + chat_responses
     nulls = _nulls(learnable, suite, chat)
@@ -291,7 +296,7 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     if speed_prompts:
         metrics["generation_speed"] = generation_speed(model, tokenizer, [r["prompt"] for r in suite[:speed_prompts]],
                                                        max_new_tokens, batch_size)
-    metrics["timings"] = timings
+    metrics["timings"] = dict(endpoints.timings)
 
     for sample, ppl, pref in zip(chat_samples, ppl_reference, preference):
         sample["reference_perplexity"], sample["chat_preference"] = float(ppl), pref

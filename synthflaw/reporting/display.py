@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from synthflaw.records import read_jsonl
+from synthflaw.reporting.figures import headline_table, hsr_by_level
 from synthflaw.reporting.plots import plot_loss_csv
+from synthflaw.reporting.tables import markdown_table
 
 
 def show(path: Path, pattern: str = "*.png") -> None:
@@ -28,6 +31,20 @@ def show_loss_curves(step_paths: dict[str, Path]) -> None:
         if (path / "loss.csv").exists():
             plot_loss_csv(path / "loss.csv", path / "loss.png")
             display(Markdown(f"**{label}**"), Image(filename=str(path / "loss.png")))
+
+
+def show_evaluation(run_dir) -> None:
+    """Display the headline table and the instruction-following figure (HSR by number of constraints, both tiers)
+    of every finished evaluation of a run, with the null replies, as stage 08 draws them from the metrics.json
+    files. Drawn in a temporary folder: stage 07's notebook shows them without writing into the run."""
+    from IPython.display import Image, Markdown, display
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = headline_table(Path(run_dir), Path(tmp))
+        if rows:
+            display(Markdown(markdown_table(rows)))
+        for name in hsr_by_level(Path(run_dir), Path(tmp), dpi=100):
+            display(Markdown(f"**{name}**"), Image(data=(Path(tmp) / name).read_bytes(), format="png"))
 
 
 def show_samples(samples_path, n: int = 6) -> str:

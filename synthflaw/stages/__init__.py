@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from synthflaw import progress
 from synthflaw.config import ConfigError, StudyConfig
 from synthflaw.registry import STAGES, Stage, stage_variants
 from synthflaw.registry import stage as find_stage
@@ -25,7 +26,13 @@ from synthflaw.runs import Freshness, StepStale, open_step
 
 
 def stage_module(stage: str | Stage) -> ModuleType:
-    """The module of a stage (imported on first use: each stage imports only what it needs)."""
+    """The module of a stage (imported on first use: each stage imports only what it needs).
+
+    Every way of running a stage (a notebook's `run_stage`, the runner's in-process engine) gets its module here,
+    so this is where the libraries' own progress bars and messages go off (`synthflaw.progress`; SYNTHFLAW_DEBUG=1
+    keeps them).
+    """
+    progress.quiet_libraries()
     return importlib.import_module(find_stage(stage).module)
 
 

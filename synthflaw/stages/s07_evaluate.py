@@ -9,6 +9,7 @@ from synthflaw.data.schema import read_markers
 from synthflaw.hub import hub_offline, model_name_problem
 from synthflaw.metrics.chat import make_judge
 from synthflaw.metrics.evaluation import (
+    ENDPOINTS,
     curve_point,
     curve_point_from_items,
     evaluate_model,
@@ -16,6 +17,7 @@ from synthflaw.metrics.evaluation import (
 )
 from synthflaw.models.build import load_model
 from synthflaw.models.tokenizer import load_tokenizer
+from synthflaw.progress import Endpoints
 from synthflaw.records import write_csv, write_json, write_jsonl
 from synthflaw.registry import EVALUATE, GENERATE_DATA, SFT
 
@@ -59,13 +61,16 @@ def run(cfg, step) -> dict:
         reference = load_model(natural / "model")
     ev = cfg.evaluate
     templates = json.loads((data_dir / "synthqa_templates.json").read_text())["templates"]
+    endpoints = Endpoints(len(ENDPOINTS) + 1, step.variant)  # the step's one bar, naming what it measures
     evaluation = evaluate_model(model, tokenizer, load_eval_data(data_dir, ev.limit or None),
                                 reference_model=reference, markers=read_markers(data_dir), template=templates[0],
                                 max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, judge=make_judge(ev),
-                                speed_prompts=ev.speed_prompts, pre_sft_model=pre_sft)
+                                speed_prompts=ev.speed_prompts, pre_sft_model=pre_sft, progress=endpoints)
     metrics = evaluation.metrics
     metrics["settings"]["limit"] = ev.limit or None
-    metrics["sft_curve"] = sft_curve(step, model_dir, tokenizer, evaluation, templates[0], ev, data_dir)
+    with endpoints.measuring("sft_curve"):
+        metrics["sft_curve"] = sft_curve(step, model_dir, tokenizer, evaluation, templates[0], ev, data_dir)
+    endpoints.close()
     write_jsonl(step.path / "samples.jsonl", evaluation.samples)
     write_csv(step.path / "perplexities.csv", evaluation.perplexities)
     write_csv(step.path / "items.csv", evaluation.items)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from synthflaw import progress
 from synthflaw.models.build import load_model
 from synthflaw.models.tokenizer import load_tokenizer
 from synthflaw.records import read_jsonl
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     end_with_parent()  # a worker of `accelerate launch` writes into the run: it ends with its launcher
     if len(argv) != 1:
         raise SystemExit("usage: [accelerate launch ...] python -m synthflaw.training.jobs JOB.json")
+    progress.quiet_libraries()  # as a stage in the parent process does (launch.log stays readable)
     summary = run_job(json.loads(Path(argv[0]).read_text()))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))

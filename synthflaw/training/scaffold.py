@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
 
+from synthflaw import progress
 from synthflaw.models.batching import pad, pad_batch
 from synthflaw.records import append_csv_row, write_csv, write_json
 from synthflaw.training.checkpoints import (checkpoint_folders, checkpoint_step, last_complete_checkpoint,
@@ -133,16 +133,34 @@ class LossCurveCallback(TrainerCallback):
         write_csv(self.path, rows, columns=self.columns)
 
 
-class LossInProgressBar(ProgressCallback):
-    """The usual tqdm bar (also a widget in notebooks) with the latest loss as its postfix.
-
-    Replaces the default progress callbacks, which print every log as a line (or a notebook table row): with
-    a log per step that buries the notebook. The curve itself is in loss.csv.
+class StepProgress(TrainerCallback):
+    """The step's one bar (a widget in notebooks, `synthflaw.progress`): optimizer steps, with the last logged loss
+    and the tokens/s of this call as its postfix. Replaces the Trainer's own callbacks, which print every log as a
+    line (or a notebook table row): with a log per step that buries the notebook. The curve itself is in loss.csv.
     """
 
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+        self.start, self.initial_tokens = time.perf_counter(), 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = progress.bar(state.max_steps, self.desc, initial=state.global_step, unit="step")
+            self.start, self.initial_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+        if self.bar is not None and logs and "loss" in logs:
+            tokens_per_s = (state.num_input_tokens_seen - self.initial_tokens) / (time.perf_counter() - self.start)
+            self.bar.set_postfix_str(f"loss={logs['loss']:.4f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def resolve_bf16(bf16: bool | str) -> bool:
@@ -275,7 +293,7 @@ def make_trainer(
     for default in [c for c in trainer.callback_handler.callbacks
                     if type(c).__name__.endswith(("ProgressCallback", "PrinterCallback"))]:
         trainer.remove_callback(default)
-    trainer.add_callback(LossInProgressBar())
+    trainer.add_callback(StepProgress(out_dir.name))  # labelled by the step folder: 03_base_model, natural, npo
     return trainer, last_checkpoint, loss_curve
 
 
