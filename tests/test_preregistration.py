@@ -122,3 +122,41 @@ def test_the_registered_values_are_the_ones_the_document_states():
     assert f"`sft.harm_fraction` = **{config.resolve('default').sft.harm_fraction}**" in doc
     for fid, family in preregistration.PRIMARY.items():
         assert f"| {fid} |" in doc and len(family) <= 2
+
+
+def test_the_standard_error_comes_from_se_else_from_the_seeds_spread():
+    assert verdicts.standard_error({"se": 0.1, "std": 1.0, "n": 4, "single_seed": False}) == (0.1, 3)
+    assert verdicts.standard_error({"se": None, "std": 0.4, "n": 4, "single_seed": False}) == (pytest.approx(0.2), 3)
+    assert verdicts.standard_error({"se": 0.0, "n": 4, "single_seed": False}) is None  # no spread: no test
+
+
+def test_a_two_sided_p_is_the_smaller_one_sided_one():
+    up, down = _stats(0.01, 0.01), _stats(-0.01, 0.01)
+    assert verdicts.one_sided_p(up, 0) == pytest.approx(verdicts.one_sided_p(up, 1)) and verdicts.one_sided_p(up, 1) < 0.5
+    assert verdicts.one_sided_p(down, 0) == pytest.approx(verdicts.one_sided_p(down, -1))
+    assert verdicts.one_sided_p(down, -1) < 0.5
+
+
+def test_labels_at_their_boundaries():
+    stats, delta = _stats(-0.01, 0.01), 0.03
+
+    def directional(p_claim, p_reverse, sign=-1, s=stats, detected=None):
+        return verdicts.label("directional", s, sign, None if detected is None else delta, p_claim, p_reverse,
+                              detected)
+
+    # one-sided at ALPHA / 2 = 0.025, strictly
+    assert directional(0.02, 0.98) == verdicts.REPRODUCES
+    assert directional(0.025, 0.975) == directional(0.03, 0.97) == verdicts.INCONCLUSIVE
+    assert directional(0.98, 0.02) == verdicts.REVERSED and directional(0.975, 0.025) == verdicts.INCONCLUSIVE
+    assert directional(0.001, 0.999, s={**stats, "single_seed": True}) == verdicts.INCONCLUSIVE  # one seed
+    # excluded: strictly inside the paper-sized effect, on the claim's side of 0 for either sign
+    assert directional(0.5, 0.5, sign=1, s={**stats, "low": -0.2, "high": 0.02}, detected=True) == verdicts.EXCLUDED
+    assert directional(0.5, 0.5, sign=1, s={**stats, "low": -0.01, "high": 0.05}, detected=True) == \
+        verdicts.INCONCLUSIVE  # its upper bound reaches past +delta
+    assert directional(0.5, 0.5, sign=1, s={**stats, "low": -0.2, "high": delta}, detected=True) == \
+        verdicts.INCONCLUSIVE
+    assert directional(0.5, 0.5, sign=-1, s={**stats, "low": -delta, "high": 0.2}, detected=True) == \
+        verdicts.INCONCLUSIVE
+    # non-inferiority: reversed only when the whole interval lies strictly below -delta
+    for high in (0.01, -delta):
+        assert verdicts.label("non_inferior", {**stats, "high": high}, 1, delta, 0.5, None) == verdicts.INCONCLUSIVE
