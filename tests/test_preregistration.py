@@ -157,6 +157,8 @@ def test_labels_at_their_boundaries():
         verdicts.INCONCLUSIVE
     assert directional(0.5, 0.5, sign=-1, s={**stats, "low": -delta, "high": 0.2}, detected=True) == \
         verdicts.INCONCLUSIVE
+    # a harm claim is judged on the lower bound only: an upper bound past +delta does not matter
+    assert directional(0.5, 0.5, sign=-1, s={**stats, "low": -0.01, "high": 0.05}, detected=True) == verdicts.EXCLUDED
     # non-inferiority: reversed only when the whole interval lies strictly below -delta
     for high in (0.01, -delta):
         assert verdicts.label("non_inferior", {**stats, "high": high}, 1, delta, 0.5, None) == verdicts.INCONCLUSIVE
