@@ -272,6 +272,12 @@ def _rewrite(folder: Path, prefixes: dict[str, str]) -> None:
     repository is named as the environment."""
     ordered = sorted(prefixes, key=len, reverse=True)
     pattern = re.compile("|".join(f"({re.escape(p)})(?=/|(?![\\w.\\-]))" for p in ordered))
+    _substitute(folder, pattern, lambda m: prefixes[m.group(0)])
+
+
+def _substitute(folder: Path, pattern: re.Pattern, replace) -> None:
+    """`pattern.sub(replace, ...)` in every UTF-8 text file (`TEXT_SUFFIXES`) under `folder`, rewriting only the
+    files it changes."""
     for path in folder.rglob("*"):
         if not path.is_file() or path.suffix not in TEXT_SUFFIXES:
             continue
@@ -279,7 +285,7 @@ def _rewrite(folder: Path, prefixes: dict[str, str]) -> None:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue
-        new = pattern.sub(lambda m: prefixes[m.group(0)], text)
+        new = pattern.sub(replace, text)
         if new != text:
             path.write_text(new, encoding="utf-8")
 
@@ -291,16 +297,7 @@ def relative_paths(folder: Path, run_dir: Path) -> None:
     prefixes = sorted({str(run_dir.resolve()), str(run_dir.absolute())}, key=len, reverse=True)
     # the prefix, then '/' (a path inside the run) or a character no path name continues with (the run itself)
     pattern = re.compile("|".join(f"{re.escape(p)}(?:/|(?![\\w.\\-]))" for p in prefixes))
-    for path in folder.rglob("*"):
-        if not path.is_file() or path.suffix not in TEXT_SUFFIXES:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            continue
-        new = pattern.sub(lambda m: "" if m.group(0).endswith("/") else ".", text)
-        if new != text:
-            path.write_text(new, encoding="utf-8")
+    _substitute(folder, pattern, lambda m: "" if m.group(0).endswith("/") else ".")
 
 
 def reseal(folder: Path) -> None:

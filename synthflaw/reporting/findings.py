@@ -85,9 +85,11 @@ def _all(verdicts) -> bool | None:
 
 def _check(name: str, rule: str, stats: dict | None, verdict: bool | None, *, kind: str = "directional",
            sign: int = 1, delta: float | None = None, **extra) -> dict:
-    p_claim = verdicts.one_sided_p(stats, 1, -delta) if kind == "non_inferior" and delta is not None else \
-        None if kind == "non_inferior" else verdicts.one_sided_p(stats, sign)
-    p_reverse = None if kind == "non_inferior" or sign == 0 else verdicts.one_sided_p(stats, -sign)
+    if kind == "non_inferior":  # H0: d <= -delta; no reverse direction to test
+        p_claim, p_reverse = (None if delta is None else verdicts.one_sided_p(stats, 1, -delta)), None
+    else:
+        p_claim = verdicts.one_sided_p(stats, sign)
+        p_reverse = None if sign == 0 else verdicts.one_sided_p(stats, -sign)
     return {"check": name, "value": None if stats is None else stats["mean"],
             "ci": None if stats is None else [stats["low"], stats["high"]], "n": None if stats is None else stats["n"],
             "items": None if stats is None else stats.get("items"), "mdd": None if stats is None else stats.get("mdd"),
