@@ -28,6 +28,7 @@ from synthflaw.records import read_csv, write_csv, write_json, write_text_atomic
 from synthflaw.registry import EVALUATE, UNLEARNING, model_order, models_of
 from synthflaw.reporting.findings import findings, write_findings
 from synthflaw.reporting.forest import write_forest
+from synthflaw.reporting.index import run_index
 from synthflaw.reporting.preregistration import MARGINS, REGISTERED_PRESET
 from synthflaw.runs import STUDY_FIX, read_run_json
 from synthflaw.reporting.plots import (
@@ -307,5 +308,8 @@ def summarize(run_dir, out_dir=None, confidence: float = 0.95, unlearning_method
         made.append(plot_hsr_by_level_ci(out / "hsr_by_level_ci.csv", out / "hsr_by_level_ci.png", dpi))
     if (out / "sft_curve_ci.csv").exists():
         made.append(plot_sft_curve_ci(out / "sft_curve_ci.csv", out / "sft_curve_ci.png", dpi))
+    run_index(out, made, f"Figures across seeds ({', '.join(agg['seeds'])})",
+              "The findings and their rules: findings.md. Each seed's own figures: `seed-<k>/08_figures/`, with "
+              "an index of their own.")
     return {"seeds": agg["seeds"], "figures": made,
             "findings": {f["id"]: f["reproduces"] for f in found}}

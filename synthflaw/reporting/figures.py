@@ -20,6 +20,7 @@ from synthflaw.registry import (
     unlearned_method,
 )
 from synthflaw.reporting.data_plots import DATA_FIGURES, plot_data_figures
+from synthflaw.reporting.index import run_index
 from synthflaw.reporting.plots import (
     plot_headline,
     plot_hsr_by_level,
@@ -182,4 +183,7 @@ def make_figures(run_dir: Path, out: Path, dpi: int) -> dict:
     made += hsr_by_level(run_dir, out, dpi) + sft_curve(run_dir, out, dpi)
     made += perplexity_distributions(run_dir, out, dpi)
     made += unlearning_figures(run_dir, out, dpi, headline)
+    run_index(out, made, "Figures of this run (stage 08)",
+              "A multi-seed run's intervals across seeds and the findings' forest plot are in the run's `seeds/` "
+              "folder, with an index of their own.")
     return {"figures": made, "models": [r["model"] for r in headline if not r["model"].startswith(NULL_PREFIX)]}

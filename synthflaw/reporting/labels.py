@@ -82,7 +82,8 @@ CHECKS: dict[str, Label] = {
 # The other names a figure shows as a title: training stages, text sets, instruction-following tiers.
 STAGES = {"03_base_model": "base-model pretraining", "04_continued_pretraining": "continued pretraining (CPT)",
           "05_unlearning": "unlearning", "06_sft": "supervised fine-tuning (SFT)"}
-TEXT_SETS = {"heldout_nonsynth": "held-out natural text, after SFT", "chat_reference": "reference chat replies, after SFT",
+TEXT_SETS = {"heldout_nonsynth": "held-out natural text, after SFT",
+             "chat_reference": "reference chat replies, after SFT",
              "pre_sft_heldout_nonsynth": "held-out natural text, before SFT"}
 TIERS = {"learnable": "learnable tier (SFT's own wordings)", "suite": "out-of-distribution suite"}
 LOSS = Label("training loss", "cross-entropy, nats per token", "lower = fits its training data better")

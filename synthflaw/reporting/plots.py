@@ -124,7 +124,8 @@ def _headline_panels(values: dict, names: list[str], png_path, dpi: int, what: s
     legend = axes.flat[-1]
     legend.axis("off")
     legend.legend(handles=[Line2D([], [], color="tab:blue", marker="o", ls="none", label=f"model: {what}"),
-                           Line2D([], [], color="tab:gray", ls="--", label="best null: a trivial reply (constant, echo, plain)")],
+                           Line2D([], [], color="tab:gray", ls="--",
+                                  label="best null: a trivial reply (constant, echo, plain)")],
                   loc="center", fontsize=9, frameon=False)
     fig.suptitle("Headline endpoints per model: knowledge, instruction following, chat; each in its own unit")
     return save_figure(fig, png_path, dpi)

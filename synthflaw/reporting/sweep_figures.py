@@ -5,10 +5,12 @@ Writes into ``<sweep>/figures/``:
 
 - ``values.csv``: every headline value per point, seed and model (what everything else is computed from);
 - ``<metric>__<key>.png`` beside ``<metric>__<key>.csv``: the metric against the swept key, one line per model at
-  the mean over seeds with its Student-t interval (one panel per combination of the other keys' values), for the
+  the mean over seeds with its Student-t interval, and beside it the trend test's contrast (treated - control,
+  paired within seeds) with its interval (a row of panels per combination of the other keys' values), for the
   primary endpoints first, then every other headline metric that was measured;
 - ``trend_tests.csv`` / ``trend_tests.md``: the trend test of the manifest (per seed, the OLS slope of the treated
-  model's metric minus the control's over the key's values; the mean slope with its t interval across seeds).
+  model's metric minus the control's over the key's values; the mean slope with its t interval across seeds);
+- ``README.md``: the index of the figures (what each shows, the finding it speaks to, its CSV).
 
 The same files give the same CSV and Markdown, byte for byte: rows follow the grid's order and the study's model
 order, and nothing reads the clock.
@@ -27,6 +29,7 @@ from synthflaw.metrics.statistics import mean_ci, seed_key
 from synthflaw.records import read_csv, write_csv, write_text_atomic
 from synthflaw.registry import EVALUATE, model_order
 from synthflaw.reporting import labels
+from synthflaw.reporting.index import sweep_row, write_index
 from synthflaw.reporting.plots import colors, new_figure, save_figure
 from synthflaw.reporting.tables import headline_values, markdown_table, num
 from synthflaw.runs import load_marker
@@ -270,7 +273,9 @@ def render(root, manifest: dict, dpi: int = 120) -> dict:
     measured = {metric for (_, _, _, metric) in data}
     metrics = [m for m in dict.fromkeys([*manifest["trend_test"]["primary"], *manifest["trend_test"]["metrics"]])
                if m in measured]
-    written, figures = [], []
+    written, figures, index = [], [], []
+    test = manifest["trend_test"]
+    contrast = f"the contrast {test['treated']} - {test['control']} paired within seeds"
     values = {p["name"]: p["values"] for p in manifest["points"]}
     value_rows = [{"point": point, **{k: value_text(values[point][k]) for k in grid}, "seed": seed, "model": model,
                    "metric": metric, "value": v}
@@ -287,10 +292,15 @@ def render(root, manifest: dict, dpi: int = 120) -> dict:
             write_csv(out / f"{stem}.csv", rows, list(SUMMARY_COLUMNS))
             figures.append(plot_metric_against_key(out / f"{stem}.csv", out / f"{stem}.png", metric, key, dpi))
             written += [f"{stem}.csv", f"{stem}.png"]
+            index.append(sweep_row(f"{stem}.png", f"{stem}.csv", metric, key, contrast))
     trends = trend_rows(data, manifest)
     write_csv(out / "trend_tests.csv", trends, list(TREND_COLUMNS))
     write_text_atomic(out / "trend_tests.md", _trend_markdown(trends, manifest))
     written += ["trend_tests.csv", "trend_tests.md"]
+    written.append(write_index(out, index, "Figures of this sweep",
+                               "Each metric against the swept key, one model per line at its mean over seeds with the "
+                               "95% interval, the paper's value of the key marked. The trend tests: trend_tests.md; "
+                               "each point's findings: `points/<point>/seeds/`."))
     for path in out.iterdir():
         if path.suffix in (".png", ".csv", ".md") and path.name not in written:
             path.unlink()
