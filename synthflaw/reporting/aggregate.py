@@ -26,6 +26,7 @@ from synthflaw.config import from_dict
 from synthflaw.metrics.statistics import mean_ci, paired_difference
 from synthflaw.records import read_csv, write_csv, write_json, write_text_atomic
 from synthflaw.registry import EVALUATE, UNLEARNING, model_order, models_of
+from synthflaw.reporting import labels
 from synthflaw.reporting.findings import findings, write_findings
 from synthflaw.reporting.forest import write_forest
 from synthflaw.reporting.index import run_index
@@ -270,7 +271,7 @@ def _write_tables(agg: dict, out: Path) -> None:
     write_csv(tables / "per_seed.csv", seed_rows)
     note = (f"\nmean ± half-width of the {agg['confidence']:.0%} Student-t interval over seeds "
             f"({', '.join(agg['seeds'])}); n = seeds per model.\n")
-    write_text_atomic(tables / "headline_ci.md", markdown_table(md_rows) + "\n" + note)
+    write_text_atomic(tables / "headline_ci.md", markdown_table(md_rows) + "\n" + note + "\n" + labels.legend(headline))
     for name, table in (("hsr_by_level_ci.csv", level_rows), ("findings_differences.csv", diff_rows),
                         ("sft_curve_ci.csv", agg["sft_curve"])):
         if table:

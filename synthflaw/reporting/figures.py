@@ -19,6 +19,7 @@ from synthflaw.registry import (
     model_order,
     unlearned_method,
 )
+from synthflaw.reporting import labels
 from synthflaw.reporting.data_plots import DATA_FIGURES, plot_data_figures
 from synthflaw.reporting.index import run_index
 from synthflaw.reporting.plots import (
@@ -76,7 +77,7 @@ def headline_table(run_dir: Path, out: Path) -> list[dict]:
         tables = out / "tables"
         tables.mkdir(exist_ok=True)
         write_csv(tables / "headline.csv", rows)
-        write_text_atomic(tables / "headline.md", markdown_table(rows) + "\n")
+        write_text_atomic(tables / "headline.md", markdown_table(rows) + "\n\n" + labels.legend(rows[0]))
     return rows
 
 

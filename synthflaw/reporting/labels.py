@@ -108,7 +108,8 @@ class Key:
 KEYS: dict[str, Key] = {
     "cpt.synthetic_fraction": Key("SynthQA share of the CPT data", "fraction of tokens", 0.02, "the paper: 2% SynthQA",
                                   0.0),
-    "data.synthetic_templates": Key("distinct Q-A templates in SynthQA", "count", 1, "the paper: one template"),
+    "data.synthetic_templates": Key("number of distinct Q-A templates in SynthQA", "count", 1,
+                                    "the paper: one template"),
     "sft.harm_fraction": Key("share of SFT replies that ignore one instruction", "fraction of replies", None, "",
                              0.0),
 }
@@ -122,6 +123,19 @@ def metric(name: str) -> Label:
         base = METRICS[level.group(1)]
         return Label(f"{base.words}, {level.group(2)} constraints", base.unit, base.better)
     return METRICS[name]
+
+
+def legend(columns) -> str:
+    """The metric columns of a table in words, each with its unit and direction: a Markdown list printed under a
+    table whose header keeps the short keys (the CSVs' column names). Columns that are no metric are left out."""
+    lines = []
+    for column in dict.fromkeys(columns):
+        try:
+            label = metric(column)
+        except KeyError:
+            continue
+        lines.append(f"- `{column}`: {label.words} ({label.unit}; {label.better})")
+    return "Columns in words:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def key(name: str) -> Key:

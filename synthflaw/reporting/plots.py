@@ -227,6 +227,9 @@ def plot_hsr_by_level_ci(csv_path, png_path, dpi: int = 120) -> str:
         ax.set_ylabel(f"instructions fully followed\n({label.unit}; {label.better})", fontsize=8)
         ax.set_title(f"{labels.TIERS.get(tier, tier)}:\nprompts whose every constraint is met, by level", fontsize=9)
         ax.legend(fontsize=6)
+    nulls = any(r["model"].startswith(NULL_PREFIX) for r in rows)
+    fig.suptitle("Instruction following by number of constraints per prompt, per model"
+                 + (" (dashed: null replies)" if nulls else ""), fontsize=10)
     return save_figure(fig, png_path, dpi)
 
 

@@ -210,7 +210,7 @@ def plot_metric_against_key(csv_path, png_path, metric: str, key: str, dpi: int 
                 ticks = list(dict.fromkeys((num(r["x"]), r["value"]) for r in mine))
                 ax.set_xticks([t for t, _ in ticks], [v for _, v in ticks], rotation=20)
             elif swept.paper is not None:
-                ax.axvline(swept.paper, color="tab:purple", ls=":", lw=1.2, label=swept.paper_words)
+                ax.axvline(swept.paper, color="tab:purple", ls=":", lw=1.2, label=swept.paper_words, zorder=0)
             ax.set_xlabel(swept.axis(), fontsize=8)
         left.set_ylabel(f"{label.unit}\n({label.better})", fontsize=8)
         left.set_title(f"each model, mean and 95% interval over seeds{_slice_words(panel)}", fontsize=8)
@@ -258,7 +258,8 @@ def _trend_markdown(rows: list[dict], manifest: dict) -> str:
     table = markdown_table(rows, columns, fmt=cell) if rows else "(no metric measured for both models yet)"
     return (f"# Trend tests: {test['treated']} - {test['control']}\n\n"
             f"Stated in sweep.json at {manifest.get('stated_at', '?')}, before any point ran.\n\n"
-            f"Statistic: {test['statistic']}\n\nReading: {test['reading']}\n\n{table}\n")
+            f"Statistic: {test['statistic']}\n\nReading: {test['reading']}\n\n{table}\n"
+            + (f"\n{legend}" if (legend := labels.legend(r["metric"] for r in rows)) else ""))
 
 
 def render(root, manifest: dict, dpi: int = 120) -> dict:
