@@ -9,7 +9,8 @@ and writes, into one output folder:
 - ``tables/headline_ci.csv`` / ``tables/headline_ci.md`` / ``tables/per_seed.csv``, ``hsr_by_level_ci.csv``,
   ``findings_differences.csv``;
 - ``findings.json`` / ``findings.md`` (:mod:`synthflaw.reporting.findings`); ``headline_ci.png``,
-  ``hsr_by_level_ci.png`` (drawn from the CSVs only).
+  ``findings_forest.png``, ``hsr_by_level_ci.png``, ``sft_curve_ci.png`` (drawn from the CSVs only) and
+  ``README.md``, their index.
 
 Differences are paired within seeds (:mod:`synthflaw.metrics.statistics` says why).
 """

@@ -36,8 +36,7 @@ def plot_tsne(csv_path: Path, png_path: Path, dpi: int = 150) -> str:
                    color=palette[name], label=f"{name} (n={len(rows)})", edgecolors="none")
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
-    ax.set_title("Sentence embeddings of each text set, t-SNE (axes have no unit: read clusters and overlap)",
-                 fontsize=9)
+    ax.set_title("Sentence embeddings per text set, t-SNE\n(axes have no unit: read clusters and overlap)", fontsize=10)
     ax.legend(markerscale=2)
     return save_figure(fig, png_path, dpi)
 

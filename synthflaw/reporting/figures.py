@@ -1,7 +1,9 @@
 """Every figure and table of one run (stage 08), from its JSON and CSV files only (never from checkpoints).
 
 Each figure is written as PNG beside the CSV it plots, so a figure can be re-drawn, or checked, from the CSV alone.
-Only what the finished steps allow is drawn; the result lists what was made and which models were found.
+Only what the finished steps allow is drawn; the result lists what was made and which models were found. `README.md`
+indexes the figures drawn (:mod:`synthflaw.reporting.index`); every title and axis is in words
+(:mod:`synthflaw.reporting.labels`).
 """
 
 from __future__ import annotations

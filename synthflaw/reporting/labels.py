@@ -86,7 +86,7 @@ TEXT_SETS = {"heldout_nonsynth": "held-out natural text, after SFT",
              "chat_reference": "reference chat replies, after SFT",
              "pre_sft_heldout_nonsynth": "held-out natural text, before SFT"}
 TIERS = {"learnable": "learnable tier (SFT's own wordings)", "suite": "out-of-distribution suite"}
-LOSS = Label("training loss", "cross-entropy, nats per token", "lower = fits its training data better")
+LOSS = Label("training loss (cross-entropy)", "nats per token", "lower = fits its training data better")
 
 _LEVEL = re.compile(r"^(learnable_HSR|HSR)_level_(\d+)$")
 

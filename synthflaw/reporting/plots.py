@@ -53,7 +53,7 @@ def colors(names: list[str]) -> dict[str, tuple]:
 def plot_loss_curves(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
     rows = read_csv(csv_path)
     stages = list(dict.fromkeys(r["stage"] for r in rows))
-    fig, axes = new_figure((4.2 * len(stages), 3.4), cols=len(stages))
+    fig, axes = new_figure((4.2 * len(stages), 3.8), cols=len(stages))
     for ax, stage in zip(axes[0], stages):
         for variant in dict.fromkeys(r["variant"] for r in rows if r["stage"] == stage):
             pts = [(num(r["step"]), num(r["loss"])) for r in rows
@@ -61,9 +61,9 @@ def plot_loss_curves(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=variant, lw=1.2)
         ax.set_title(labels.STAGES.get(stage, stage), fontsize=9)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(labels.LOSS.axis(), fontsize=8)
+        ax.set_ylabel(f"{labels.LOSS.words}\n({labels.LOSS.unit})", fontsize=8)
         ax.legend(fontsize=7)
-    fig.suptitle("Training loss per step of every training stage, per model")
+    fig.suptitle(f"Training loss per step of every training stage, per model ({labels.LOSS.better})")
     return save_figure(fig, png_path, dpi)
 
 
@@ -78,8 +78,8 @@ def plot_loss_csv(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
         if any(v is not None for v in vals):
             ax.plot(steps, vals, lw=1.2, label=col)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(labels.LOSS.axis(), fontsize=8)
-    ax.set_title("Loss terms of one training step, per optimizer step", fontsize=9)
+    ax.set_ylabel(f"{labels.LOSS.words}\n({labels.LOSS.unit})", fontsize=8)
+    ax.set_title(f"Loss terms of one training step, per optimizer step ({labels.LOSS.better})", fontsize=9)
     ax.legend(fontsize=7)
     return save_figure(fig, png_path, dpi)
 
@@ -189,7 +189,7 @@ def plot_unlearning_losses(csv_path: Path, png_path: Path, dpi: int = 120) -> st
 
 def plot_tradeoff(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
     rows = read_csv(csv_path)
-    fig, ax = new_figure((5, 4))
+    fig, ax = new_figure((5.6, 4.4))
     for r in rows:
         x, y = num(r["benchmark_retention"]), num(r["hsr_recovery"])
         x = x if x is not None else 0.0
@@ -201,7 +201,7 @@ def plot_tradeoff(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
     ax.set_xlabel("share of SynthQA's benchmark gain kept\n(1 = all of it; higher = better)")
     ax.set_ylabel("share of the learnable-tier instruction-following loss recovered\n(1 = back to natural; "
                   "higher = better)", fontsize=8)
-    ax.set_title("Unlearning: instruction following recovered vs knowledge kept", fontsize=10)
+    ax.set_title("Unlearning, per method: instruction following recovered\nvs SynthQA's knowledge kept", fontsize=10)
     return save_figure(fig, png_path, dpi)
 
 
