@@ -2,7 +2,7 @@
 change to synthflaw.reporting: what `synthflaw figures` and `synthflaw sweep --figures-only` draw, kept by the
 export's rules.
 
-- the first seed's stage-02 figures in `02_data_flaws/`;
+- the first seed's stage-02 figures in `02_data_flaws/` and each training step's `loss.png`;
 - every seed's `08_figures/` (PNGs of the first seed only, as the export keeps them), its step resealed over the
   new files (`done.json`'s products; nothing downstream reads stage 08);
 - every multi-seed run's and sweep point's `seeds/` (aggregate.json kept: it names the folders the run was made in);
@@ -26,6 +26,7 @@ from synthflaw.registry import DATA_FLAWS, FIGURES  # noqa: E402
 from synthflaw.reporting.aggregate import seed_runs, summarize  # noqa: E402
 from synthflaw.reporting.data_plots import plot_data_figures  # noqa: E402
 from synthflaw.reporting.figures import make_figures  # noqa: E402
+from synthflaw.reporting.plots import plot_loss_csv  # noqa: E402
 from synthflaw.reporting.sweep_figures import render  # noqa: E402
 from synthflaw.runs import combined_digest, load_marker, product_digests, write_json_atomic  # noqa: E402
 from synthflaw.sweep.definition import MANIFEST, read_manifest  # noqa: E402
@@ -60,12 +61,14 @@ def redraw_figures_step(seed_dir: Path, keep_png: bool) -> None:
 
 def redraw_run(run_dir: Path) -> None:
     """Every seed's stage 08 and the cross-seed summary of a multi-seed run (or a sweep's point), and the first
-    seed's stage-02 figures (PNGs only: no product of the step)."""
+    seed's stage-02 figures and training steps' loss curves (PNGs only: no product of a step)."""
     seeds = seed_runs(run_dir)
     for k, seed_dir in enumerate(seeds):
         redraw_figures_step(seed_dir, keep_png=k == 0)
     if seeds and load_marker(seeds[0] / DATA_FLAWS.name)[0] is not None:
         plot_data_figures(seeds[0] / DATA_FLAWS.name)
+    for png in sorted(seeds[0].rglob("loss.png")) if seeds else []:  # a training step's own curve (its notebook's)
+        plot_loss_csv(png.with_suffix(".csv"), png)
     with tempfile.TemporaryDirectory() as tmp:
         summarize(run_dir, tmp)
         replace_drawn(Path(tmp), run_dir / "seeds", keep_png=True, skip=("aggregate.json",))

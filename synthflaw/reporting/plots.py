@@ -78,8 +78,9 @@ def plot_loss_csv(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
         if any(v is not None for v in vals):
             ax.plot(steps, vals, lw=1.2, label=col)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"{labels.LOSS.words}\n({labels.LOSS.unit})", fontsize=8)
-    ax.set_title(f"Loss terms of one training step, per optimizer step ({labels.LOSS.better})", fontsize=9)
+    ax.set_ylabel(f"loss term\n({labels.LOSS.unit})", fontsize=8)
+    # no direction: an unlearning step logs terms it pushes up (the forget set's NLL) beside ones it pushes down
+    ax.set_title("Loss terms of one training or unlearning step, per optimizer step", fontsize=9)
     ax.legend(fontsize=7)
     return save_figure(fig, png_path, dpi)
 
