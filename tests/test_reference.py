@@ -1,4 +1,4 @@
-"""The committed reference results: stage 08 and the sweeps' figures regenerate their tables exactly from the files.
+"""The committed reference results: stage 08 and the sweeps' figures regenerate their tables and figures exactly.
 
 The reference (runs/reference/) is the default study (seeds 0-4) exported with `synthflaw export` (no weights, no
 data sets). `synthflaw figures` on a copy must rewrite every table and the cross-seed intervals and findings byte for
@@ -37,6 +37,15 @@ def tables(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in paths}
 
 
+def figures(root: Path, regenerated: Path) -> list[str]:
+    """The committed figures of stage 08, the cross-seed summary and a sweep's figures/ that a regeneration into
+    `regenerated` drew with other bytes (same files in, same bytes out: rendering is deterministic)."""
+    committed = [p.relative_to(root) for p in root.rglob("*.png")
+                 if {"08_figures", "seeds", "figures"} & set(p.relative_to(root).parts)]
+    assert committed
+    return [str(rel) for rel in committed if (regenerated / rel).read_bytes() != (root / rel).read_bytes()]
+
+
 def test_reference_exists_with_seeds_and_no_weights():
     assert (REFERENCE / "seeds" / "findings.md").exists(), "runs/reference is committed with the repository"
     seed_dirs = sorted(p.name for p in REFERENCE.glob("seed-*"))
@@ -57,6 +66,7 @@ def test_figures_regenerate_the_reference_tables_exactly(tmp_path):
     assert sorted(after) == sorted(before)
     different = [name for name in before if after[name] != before[name]]
     assert not different, f"regenerated tables differ from the committed ones: {different}"
+    assert not figures(REFERENCE, tmp_path / "reference"), "regenerated figures differ from the committed ones"
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -89,3 +99,5 @@ def test_reference_sweep_tables_regenerate_exactly(name, tmp_path, sweep_tables)
     assert sorted(after) == sorted(before)
     different = [k for k in before if after[k] != before[k]]
     assert not different, f"regenerated tables differ from the committed ones: {different}"
+    drawn = [f for f in figures(RUNS / name, tmp_path / name) if "08_figures" not in f]  # --figures-only: no stage 08
+    assert not drawn, f"regenerated figures differ from the committed ones: {drawn}"

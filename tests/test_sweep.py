@@ -417,10 +417,11 @@ def test_figures_and_trend_test_from_the_files(written_sweep):
 def test_figures_are_the_same_bytes_when_drawn_again(written_sweep):
     out = written_sweep.root / "figures"
     sweeps.figures("figs", written_sweep.root.parent)
-    first = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".csv", ".md")}
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".csv", ".md", ".png")}
     sweeps.figures("figs", written_sweep.root.parent)
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".csv", ".md")} == first
-    assert len(first) == 2 * 2 + 3  # 2 metrics x 2 keys, values.csv, trend_tests.csv/.md
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".csv", ".md", ".png")} == first
+    # 2 metrics x 2 keys (CSV and PNG), values.csv, trend_tests.csv/.md, README.md (the index)
+    assert len(first) == 2 * 2 * 2 + 4 and "learnable_HSR__cpt.synthetic_fraction.png" in first
 
 
 def test_ols_slope_by_hand():

@@ -9,7 +9,8 @@ and writes, into one output folder:
 - ``tables/headline_ci.csv`` / ``tables/headline_ci.md`` / ``tables/per_seed.csv``, ``hsr_by_level_ci.csv``,
   ``findings_differences.csv``;
 - ``findings.json`` / ``findings.md`` (:mod:`synthflaw.reporting.findings`); ``headline_ci.png``,
-  ``hsr_by_level_ci.png`` (drawn from the CSVs only).
+  ``findings_forest.png``, ``hsr_by_level_ci.png``, ``sft_curve_ci.png`` (drawn from the CSVs only) and
+  ``README.md``, their index.
 
 Differences are paired within seeds (:mod:`synthflaw.metrics.statistics` says why).
 """
@@ -26,8 +27,10 @@ from synthflaw.config import from_dict
 from synthflaw.metrics.statistics import mean_ci, paired_difference
 from synthflaw.records import read_csv, write_csv, write_json, write_text_atomic
 from synthflaw.registry import EVALUATE, UNLEARNING, model_order, models_of
+from synthflaw.reporting import labels
 from synthflaw.reporting.findings import findings, write_findings
 from synthflaw.reporting.forest import write_forest
+from synthflaw.reporting.index import run_index
 from synthflaw.reporting.preregistration import MARGINS, REGISTERED_PRESET
 from synthflaw.runs import STUDY_FIX, read_run_json
 from synthflaw.reporting.plots import (
@@ -269,7 +272,7 @@ def _write_tables(agg: dict, out: Path) -> None:
     write_csv(tables / "per_seed.csv", seed_rows)
     note = (f"\nmean ± half-width of the {agg['confidence']:.0%} Student-t interval over seeds "
             f"({', '.join(agg['seeds'])}); n = seeds per model.\n")
-    write_text_atomic(tables / "headline_ci.md", markdown_table(md_rows) + "\n" + note)
+    write_text_atomic(tables / "headline_ci.md", markdown_table(md_rows) + "\n" + note + "\n" + labels.legend(headline))
     for name, table in (("hsr_by_level_ci.csv", level_rows), ("findings_differences.csv", diff_rows),
                         ("sft_curve_ci.csv", agg["sft_curve"])):
         if table:
@@ -307,5 +310,8 @@ def summarize(run_dir, out_dir=None, confidence: float = 0.95, unlearning_method
         made.append(plot_hsr_by_level_ci(out / "hsr_by_level_ci.csv", out / "hsr_by_level_ci.png", dpi))
     if (out / "sft_curve_ci.csv").exists():
         made.append(plot_sft_curve_ci(out / "sft_curve_ci.csv", out / "sft_curve_ci.png", dpi))
+    run_index(out, made, f"Figures across seeds ({', '.join(agg['seeds'])})",
+              "The findings and their rules: findings.md. Each seed's own figures: `seed-<k>/08_figures/`, with "
+              "an index of their own.")
     return {"seeds": agg["seeds"], "figures": made,
             "findings": {f["id"]: f["reproduces"] for f in found}}

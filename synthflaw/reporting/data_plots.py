@@ -36,7 +36,7 @@ def plot_tsne(csv_path: Path, png_path: Path, dpi: int = 150) -> str:
                    color=palette[name], label=f"{name} (n={len(rows)})", edgecolors="none")
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
-    ax.set_title("Sentence embeddings, t-SNE")
+    ax.set_title("Sentence embeddings per text set, t-SNE\n(axes have no unit: read clusters and overlap)", fontsize=10)
     ax.legend(markerscale=2)
     return save_figure(fig, png_path, dpi)
 
@@ -133,8 +133,8 @@ def plot_lengths(csv_path: Path, png_path: Path, bins: int = 40, dpi: int = 150)
         ax.hist(values, bins=edges, density=True, histtype="stepfilled", alpha=0.35, color=palette[name],
                 label=f"{name} (mean {values.mean():.1f})")
     ax.set_xlabel("length (whitespace-separated words)")
-    ax.set_ylabel("density")
-    ax.set_title("Text lengths")
+    ax.set_ylabel("share of texts per word of length (density)")
+    ax.set_title("Text lengths per set")
     ax.legend()
     return save_figure(fig, png_path, dpi)
 

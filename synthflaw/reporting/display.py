@@ -12,15 +12,39 @@ from synthflaw.reporting.tables import markdown_table
 
 
 def show(path: Path, pattern: str = "*.png") -> None:
-    """Display the headline table (if any) and every figure matching `pattern` in a folder, in a notebook."""
+    """Display the folder's index of figures and the headline table (if any), then every figure matching `pattern`
+    in it, in a notebook."""
     from IPython.display import Image, Markdown, display
 
     path = Path(path)
+    if (path / "README.md").exists():
+        display(Markdown((path / "README.md").read_text()))
     table = path / "tables" / "headline.md"
     if table.exists():
         display(Markdown(table.read_text()))
     for png in sorted(path.glob(pattern)):
         display(Markdown(f"**{png.name}**"), Image(filename=str(png)))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple, dict)):
+        return f"{len(value)} {'entries' if isinstance(value, dict) else 'items'}"
+    text = "-" if value is None else str(value)
+    return text if len(text) <= 40 else text[:39] + "..."
+
+
+def summary(result: dict) -> None:
+    """A stage's result in one line per step (numbers to 4 digits, lists and dicts by their length), instead of the
+    whole dict printed: the table and figures the notebook shows next stay in view. The full result is each step's
+    result.json."""
+    from IPython.display import Markdown, display
+
+    steps = result if result and all(isinstance(v, dict) for v in result.values()) else {"result": result}
+    lines = [f"- **{name}**: " + "; ".join(f"{k} {_cell(v)}" for k, v in values.items())
+             for name, values in steps.items()]
+    display(Markdown("\n".join(lines) or "(no step ran)"))
 
 
 def show_loss_curves(step_paths: dict[str, Path]) -> None:

@@ -1,7 +1,9 @@
 """Every figure and table of one run (stage 08), from its JSON and CSV files only (never from checkpoints).
 
 Each figure is written as PNG beside the CSV it plots, so a figure can be re-drawn, or checked, from the CSV alone.
-Only what the finished steps allow is drawn; the result lists what was made and which models were found.
+Only what the finished steps allow is drawn; the result lists what was made and which models were found. `README.md`
+indexes the figures drawn (:mod:`synthflaw.reporting.index`); every title and axis is in words
+(:mod:`synthflaw.reporting.labels`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from synthflaw.registry import (
     model_order,
     unlearned_method,
 )
+from synthflaw.reporting import labels
 from synthflaw.reporting.data_plots import DATA_FIGURES, plot_data_figures
+from synthflaw.reporting.index import run_index
 from synthflaw.reporting.plots import (
     plot_headline,
     plot_hsr_by_level,
@@ -75,7 +79,7 @@ def headline_table(run_dir: Path, out: Path) -> list[dict]:
         tables = out / "tables"
         tables.mkdir(exist_ok=True)
         write_csv(tables / "headline.csv", rows)
-        write_text_atomic(tables / "headline.md", markdown_table(rows) + "\n")
+        write_text_atomic(tables / "headline.md", markdown_table(rows) + "\n\n" + labels.legend(rows[0]))
     return rows
 
 
@@ -182,4 +186,7 @@ def make_figures(run_dir: Path, out: Path, dpi: int) -> dict:
     made += hsr_by_level(run_dir, out, dpi) + sft_curve(run_dir, out, dpi)
     made += perplexity_distributions(run_dir, out, dpi)
     made += unlearning_figures(run_dir, out, dpi, headline)
+    run_index(out, made, "Figures of this run (stage 08)",
+              "A multi-seed run's intervals across seeds and the findings' forest plot are in the run's `seeds/` "
+              "folder, with an index of their own.")
     return {"figures": made, "models": [r["model"] for r in headline if not r["model"].startswith(NULL_PREFIX)]}

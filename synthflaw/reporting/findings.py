@@ -185,131 +185,162 @@ def run_margins(aggregated: dict) -> dict[str, float]:
     return out
 
 
+class _Rules:
+    """The checks of one aggregate under its margins: d(metric; a - b) tested directionally or for non-inferiority,
+    and which models a finding needs that did not run."""
+
+    def __init__(self, aggregated: dict, margins: dict[str, float]):
+        self.d, self.per_seed, self.margins = Contrasts(aggregated), aggregated["per_seed"], margins
+        self.confidence = aggregated["confidence"]
+
+    def missing(self, *models) -> str | None:
+        absent = [m for m in models if m not in self.per_seed]
+        return f"not run: {', '.join(absent)}" if absent else None
+
+    def directional(self, metric: str, a: str, b: str, sign: int) -> dict:
+        stats = self.d.diff(metric, a, b)
+        rule = f"d({metric}; {a} - {b}) {'> 0' if sign > 0 else '< 0' if sign < 0 else '!= 0 (two-sided)'}"
+        return _check(f"{metric}: {a} - {b}", rule, stats, _directional(stats, sign), sign=sign,
+                      delta=self.margins.get(metric))
+
+    def non_inferior(self, metric: str, a: str, b: str) -> dict:
+        delta = self.margins.get(metric)
+        stats = self.d.diff(metric, a, b)
+        rule = (f"d({metric}; {a} - {b}) > -delta (non-inferior; delta = "
+                f"{'none' if delta is None else f'{delta:.4f}'})")
+        return _check(f"{metric}: {a} - {b}", rule, stats, _non_inferior(stats, delta), kind="non_inferior",
+                      delta=delta)
+
+
 def findings(aggregated: dict, unlearning_method: str = "lower_bounded",
              margins: dict[str, float] | None = None) -> list[dict]:
     """The positive control and the paper's findings (rules in the module docstring, docs/preregistration.md and
     each check's rule string; d(X; a - b) is the paired contrast of metric X between models a and b). `margins`:
     the pre-registered paper-sized effects per endpoint, used where the positive control ran (the registration's rules
     need it); otherwise, or with None, they are derived from the run (`run_margins`) and said to be."""
-    d = Contrasts(aggregated)
-    per_seed = aggregated["per_seed"]
+    registered = margins is not None and CONTROL in aggregated["per_seed"]
+    rules = _Rules(aggregated, dict(margins) if registered else run_margins(aggregated))
+    control = _positive_control(rules)
+    detected = control["detected"]
+    out = [control, *_after_sft(rules, detected), *_output_shift(rules),
+           _unlearning(rules, aggregated, unlearning_method, detected), *_more_data(rules, detected)]
+    two = next(f for f in out if f["id"] == "2")
+    two["power"] = power(aggregated, two)
     margin = ni_margin(aggregated)
-    registered = margins is not None and CONTROL in per_seed
-    margins = dict(margins) if registered else run_margins(aggregated)
+    for f in out:
+        f["ni_margin"] = margin
+        f["margins"] = {"values": rules.margins, "registered": registered}
+    return out
 
-    def missing(*models):
-        absent = [m for m in models if m not in per_seed]
-        return f"not run: {', '.join(absent)}" if absent else None
 
-    def directional(metric: str, a: str, b: str, sign: int) -> dict:
-        stats = d.diff(metric, a, b)
-        rule = f"d({metric}; {a} - {b}) {'> 0' if sign > 0 else '< 0' if sign < 0 else '!= 0 (two-sided)'}"
-        return _check(f"{metric}: {a} - {b}", rule, stats, _directional(stats, sign), sign=sign,
-                      delta=margins.get(metric))
-
-    def non_inferior(metric: str, a: str, b: str) -> dict:
-        delta = margins.get(metric)
-        stats = d.diff(metric, a, b)
-        rule = (f"d({metric}; {a} - {b}) > -delta (non-inferior; delta = "
-                f"{'none' if delta is None else f'{delta:.4f}'})")
-        return _check(f"{metric}: {a} - {b}", rule, stats, _non_inferior(stats, delta), kind="non_inferior",
-                      delta=delta)
-
-    out = []
-    control = [directional(m, CONTROL, "natural", -1) for m in ("learnable_HSR", "compliance_margin", "HSR",
-                                                                   "chat_preference")]
-    out.append(_finding("C", "positive control: SFT with a share of its replies ignoring one instruction "
-                             "(harmed) follows instructions worse than natural; the instrument can see a harm",
-                        control, missing("natural", CONTROL)))
+def _positive_control(rules: _Rules) -> dict:
+    """Finding C, harmed - natural, with the endpoints it detected and its exchange rate (margin per unit HSR)."""
+    control = _finding("C", "positive control: SFT with a share of its replies ignoring one instruction "
+                            "(harmed) follows instructions worse than natural; the instrument can see a harm",
+                       [rules.directional(m, CONTROL, "natural", -1) for m in ("learnable_HSR", "compliance_margin",
+                                                                                "HSR", "chat_preference")],
+                       rules.missing("natural", CONTROL))
     # detected: the control's check reproduces under the rules (Holm within its primary family)
-    detected = ({c["check"].split(":")[0]: c["verdict"] == verdicts.REPRODUCES for c in out[-1]["checks"]}
-                if CONTROL in per_seed else {})
-    hsr_effect, margin_effect = (d.diff(m, CONTROL, "natural") for m in ("learnable_HSR", "compliance_margin"))
+    detected = ({c["check"].split(":")[0]: c["verdict"] == verdicts.REPRODUCES for c in control["checks"]}
+                if CONTROL in rules.per_seed else {})
+    hsr_effect, margin_effect = (rules.d.diff(m, CONTROL, "natural") for m in ("learnable_HSR", "compliance_margin"))
     if hsr_effect is not None and margin_effect is not None and abs(hsr_effect["mean"]) > ZERO:
-        out[-1]["exchange_rate"] = margin_effect["mean"] / hsr_effect["mean"]  # margin (nats/token) per unit HSR
-    out[-1]["detected"] = detected
+        control["exchange_rate"] = margin_effect["mean"] / hsr_effect["mean"]  # margin (nats/token) per unit HSR
+    control["detected"] = detected
+    return control
 
-    gain = d.diff("benchmark", "synthetic", "natural")
-    did = contrast(per_seed, [("synthetic", "benchmark_synthqa_only", 1), ("natural", "benchmark_synthqa_only", -1),
-                              ("synthetic", "benchmark_stated", -1), ("natural", "benchmark_stated", 1)],
-                   aggregated["confidence"])
-    out.append(_finding("1", "SynthQA raises the knowledge benchmark over natural; the gain sits on the facts only "
-                             "SynthQA carries", [
+
+def _after_sft(rules: _Rules, detected: dict) -> list[dict]:
+    """Findings 1 (the benchmark gain and where it sits), 2 (instruction following) and 2c (chat)."""
+    directional, missing = rules.directional, rules.missing("natural", "synthetic")
+    did = contrast(rules.per_seed, [("synthetic", "benchmark_synthqa_only", 1),
+                                    ("natural", "benchmark_synthqa_only", -1),
+                                    ("synthetic", "benchmark_stated", -1), ("natural", "benchmark_stated", 1)],
+                   rules.confidence)
+    one = _finding("1", "SynthQA raises the knowledge benchmark over natural; the gain sits on the facts only "
+                        "SynthQA carries", [
         directional("benchmark", "synthetic", "natural", 1),
         directional("benchmark_synthqa_only", "synthetic", "natural", 1),
         _check("gain on synthqa_only - gain on stated", "d(synthqa_only; syn - nat) - d(stated; syn - nat) > 0",
-               did, _directional(did, 1))], missing("natural", "synthetic"), detected))
-    out[-1]["reported"] = {"sft_benchmark: synthetic - natural": d.diff("sft_benchmark", "synthetic", "natural")}
-
-    out.append(_finding("2", "after identical SFT, synthetic follows instructions worse than natural (learnable tier, "
-                             "by greedy generation and by likelihood)", [
+               did, _directional(did, 1))], missing, detected)
+    one["reported"] = {"sft_benchmark: synthetic - natural": rules.d.diff("sft_benchmark", "synthetic", "natural")}
+    two = _finding("2", "after identical SFT, synthetic follows instructions worse than natural (learnable tier, "
+                        "by greedy generation and by likelihood)", [
         directional("learnable_HSR", "synthetic", "natural", -1),
-        directional("compliance_margin", "synthetic", "natural", -1)], missing("natural", "synthetic"), detected))
-    out[-1]["reported"] = {
-        "HSR (out-of-distribution suite): synthetic - natural": d.diff("HSR", "synthetic", "natural"),
+        directional("compliance_margin", "synthetic", "natural", -1)], missing, detected)
+    two["reported"] = {
+        "HSR (out-of-distribution suite): synthetic - natural": rules.d.diff("HSR", "synthetic", "natural"),
         "learnable_HSR: synthetic - rewritten (format beyond displacement)":
-            d.diff("learnable_HSR", "synthetic", "rewritten")}
-    out.append(_finding("2c", "after identical SFT, synthetic chats worse than natural", [
+            rules.d.diff("learnable_HSR", "synthetic", "rewritten")}
+    chat = _finding("2c", "after identical SFT, synthetic chats worse than natural", [
         directional("chat_preference", "synthetic", "natural", -1),
-        directional("chat_score", "synthetic", "natural", -1)], missing("natural", "synthetic"), detected))
+        directional("chat_score", "synthetic", "natural", -1)], missing, detected)
+    return [one, two, chat]
 
+
+def _output_shift(rules: _Rules) -> list[dict]:
+    """Findings 3 (after SFT) and 3b (before SFT): the output shifts toward the SynthQA template."""
+    directional = rules.directional
     # The KL is measured from natural's SFT model: natural's own is 0 by construction, so the check needs another
     # model as its reference (rewritten) and is left out where none ran.
     shift = [directional("template_pull", "synthetic", "natural", 1)]
-    if "rewritten" in per_seed:
+    if "rewritten" in rules.per_seed:
         shift.append(directional("kl_from_natural", "synthetic", "rewritten", 1))
-    out.append(_finding("3", "after SFT, the output distribution shifts toward the SynthQA template (template pull, "
-                             "next-token KL)", shift,
-                        missing("natural", "synthetic") or (None if "rewritten" in per_seed else
-                                                            "KL check not run: needs the rewritten branch")))
-    out[-1]["reported"] = {f"{m}: synthetic - natural": d.diff(m, "synthetic", "natural")
-                           for m in ("leakage", "ppl_mean", "ppl_std", "kl_from_natural")}
-    out.append(_finding("3b", "before SFT, the CPT model's output shifts (template leakage and pull, perplexity "
-                              "distribution narrower)", [
+    three = _finding("3", "after SFT, the output distribution shifts toward the SynthQA template (template pull, "
+                          "next-token KL)", shift,
+                     rules.missing("natural", "synthetic") or (None if "rewritten" in rules.per_seed else
+                                                               "KL check not run: needs the rewritten branch"))
+    three["reported"] = {f"{m}: synthetic - natural": rules.d.diff(m, "synthetic", "natural")
+                         for m in ("leakage", "ppl_mean", "ppl_std", "kl_from_natural")}
+    before = _finding("3b", "before SFT, the CPT model's output shifts (template leakage and pull, perplexity "
+                            "distribution narrower)", [
         directional("pre_sft_template_pull", "synthetic", "natural", 1),
         directional("pre_sft_ppl_std", "synthetic", "natural", -1),
         directional("pre_sft_leakage", "synthetic", "natural", 1),
-        directional("pre_sft_ppl_mean", "synthetic", "natural", 0)], missing("natural", "synthetic")))
+        directional("pre_sft_ppl_mean", "synthetic", "natural", 0)], rules.missing("natural", "synthetic"))
+    return [three, before]
 
-    u = f"unlearn-{unlearning_method}"
-    kept = d("benchmark", [(u, 1.0), ("synthetic", -0.5), ("natural", -0.5)])
+
+def _unlearning(rules: _Rules, aggregated: dict, method: str, detected: dict) -> dict:
+    """Finding 4: the unlearned model against natural (non-inferior) and synthetic, and the benchmark gain kept."""
+    u = f"unlearn-{method}"
+    gain = rules.d.diff("benchmark", "synthetic", "natural")
+    kept = rules.d("benchmark", [(u, 1.0), ("synthetic", -0.5), ("natural", -0.5)])
     retention = None
     if kept is not None and gain is not None and abs(gain["mean"]) > 1e-12:
         retention = (kept["mean"] + gain["mean"] / 2) / gain["mean"]  # (acc_u - acc_nat) / (acc_syn - acc_nat)
-    cost = aggregated.get("unlearning_cost", {}).get(unlearning_method)
-    out.append(_finding("4", f"{u} brings instruction following back to natural's, chat above synthetic's, and keeps "
-                             "most of the benchmark gain, at a small fraction of the CPT cost", [
-        non_inferior("learnable_HSR", u, "natural"),
+    cost = aggregated.get("unlearning_cost", {}).get(method)
+    four = _finding("4", f"{u} brings instruction following back to natural's, chat above synthetic's, and keeps "
+                         "most of the benchmark gain, at a small fraction of the CPT cost", [
+        rules.non_inferior("learnable_HSR", u, "natural"),
         _check(f"benchmark: {u} - (synthetic + natural)/2",
                f"retention >= 0.5, i.e. d(benchmark; {u} - (synthetic + natural)/2) > 0, given a significant gain",
                kept, _directional(kept, 1) if _directional(gain, 1) else None, retention=retention),
-        directional("learnable_HSR", u, "synthetic", 1),
-        directional("compliance_margin", u, "synthetic", 1),
-        directional("chat_preference", u, "synthetic", 1)],
-        missing("natural", "synthetic", u), detected))
-    out[-1]["unlearning_tokens_fraction_of_cpt"] = None if cost is None else cost["mean"]
+        rules.directional("learnable_HSR", u, "synthetic", 1),
+        rules.directional("compliance_margin", u, "synthetic", 1),
+        rules.directional("chat_preference", u, "synthetic", 1)],
+        rules.missing("natural", "synthetic", u), detected)
+    four["unlearning_tokens_fraction_of_cpt"] = None if cost is None else cost["mean"]
     if _directional(gain, 1) is not True:  # retention has no meaning without a gain to retain
-        for c in out[-1]["checks"]:
+        for c in four["checks"]:
             if c["check"].startswith("benchmark:"):
                 c["verdict"] = verdicts.INCONCLUSIVE
-        out[-1]["verdict"] = verdicts.combine([c["verdict"] for c in out[-1]["checks"] if c["primary"]])
+        four["verdict"] = verdicts.combine([c["verdict"] for c in four["checks"] if c["primary"]])
+    return four
 
-    out.append(_finding("5", "more natural data recovers only part of the loss: learnable HSR of more_natural "
-                             "between synthetic's and natural's", [
-        directional("learnable_HSR", "more_natural", "synthetic", 1),
-        directional("learnable_HSR", "natural", "more_natural", 1)], missing("natural", "synthetic", "more_natural"),
-        detected))
 
-    out.append(_finding("6", "rewritten (SynthQA's facts in diverse formats) gives the benchmark gain without the "
-                             "instruction-following loss", [
-        directional("benchmark", "rewritten", "natural", 1),
-        non_inferior("learnable_HSR", "rewritten", "natural")], missing("natural", "rewritten"), detected))
-    two = next(f for f in out if f["id"] == "2")
-    two["power"] = power(aggregated, two)
-    for f in out:
-        f["ni_margin"] = margin
-        f["margins"] = {"values": margins, "registered": registered}
-    return out
+def _more_data(rules: _Rules, detected: dict) -> list[dict]:
+    """Findings 5 (more natural data recovers part of the loss) and 6 (rewritten keeps the gain without the loss)."""
+    five = _finding("5", "more natural data recovers only part of the loss: learnable HSR of more_natural "
+                         "between synthetic's and natural's", [
+        rules.directional("learnable_HSR", "more_natural", "synthetic", 1),
+        rules.directional("learnable_HSR", "natural", "more_natural", 1)],
+        rules.missing("natural", "synthetic", "more_natural"), detected)
+    six = _finding("6", "rewritten (SynthQA's facts in diverse formats) gives the benchmark gain without the "
+                        "instruction-following loss", [
+        rules.directional("benchmark", "rewritten", "natural", 1),
+        rules.non_inferior("learnable_HSR", "rewritten", "natural")], rules.missing("natural", "rewritten"), detected)
+    return [five, six]
 
 
 def power(aggregated: dict, finding: dict) -> list[dict]:

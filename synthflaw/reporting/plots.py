@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from synthflaw.records import read_csv, write_bytes_atomic
+from synthflaw.reporting import labels
 from synthflaw.reporting.tables import NULL_PREFIX, num
 
-# The headline bars: metric column, label, scale (scores out of 10 drawn /10).
-HEADLINE_BARS = (("benchmark", "benchmark acc", 1), ("learnable_HSR", "learnable HSR", 1),
-                 ("chat_score", "chat score / 10", 10))
+# The headline figures' panels, one endpoint each: knowledge, instruction following (generation, likelihood), chat.
+HEADLINE_PANELS = ("benchmark", "learnable_HSR", "compliance_margin", "chat_preference", "chat_score")
 
 
 def new_figure(size=(6.4, 4.8), rows: int | None = None, cols: int | None = None):
@@ -34,7 +36,8 @@ def save_figure(fig, png_path, dpi: int = 120) -> str:
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    # no "Software" entry: the bytes then depend on what is drawn, not on which matplotlib version wrote them
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     write_bytes_atomic(png_path, buf.getvalue())
     return png_path.name
 
@@ -50,16 +53,17 @@ def colors(names: list[str]) -> dict[str, tuple]:
 def plot_loss_curves(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
     rows = read_csv(csv_path)
     stages = list(dict.fromkeys(r["stage"] for r in rows))
-    fig, axes = new_figure((4.2 * len(stages), 3.4), cols=len(stages))
+    fig, axes = new_figure((4.2 * len(stages), 3.8), cols=len(stages))
     for ax, stage in zip(axes[0], stages):
         for variant in dict.fromkeys(r["variant"] for r in rows if r["stage"] == stage):
             pts = [(num(r["step"]), num(r["loss"])) for r in rows
                    if r["stage"] == stage and r["variant"] == variant and num(r["loss"]) is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=variant, lw=1.2)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
+        ax.set_title(labels.STAGES.get(stage, stage), fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"{labels.LOSS.words}\n({labels.LOSS.unit})", fontsize=8)
         ax.legend(fontsize=7)
+    fig.suptitle(f"Training loss per step of every training stage, per model ({labels.LOSS.better})")
     return save_figure(fig, png_path, dpi)
 
 
@@ -73,31 +77,58 @@ def plot_loss_csv(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
         vals = [num(r[col]) for r in rows]
         if any(v is not None for v in vals):
             ax.plot(steps, vals, lw=1.2, label=col)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"loss term\n({labels.LOSS.unit})", fontsize=8)
+    # no direction: an unlearning step logs terms it pushes up (the forget set's NLL) beside ones it pushes down
+    ax.set_title("Loss terms of one training or unlearning step, per optimizer step", fontsize=9)
     ax.legend(fontsize=7)
     return save_figure(fig, png_path, dpi)
 
 
 def plot_headline(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
-    """Benchmark accuracy, learnable-tier HSR and chat score (/10) side by side per model (one run), each metric's
-    best null (the highest-scoring trivial reply) as a dashed line in its colour."""
+    """The headline endpoints of one run, a panel each (see `_headline_panels`)."""
     rows = read_csv(csv_path)
-    models = [r for r in rows if not r["model"].startswith(NULL_PREFIX)]
-    nulls = [r for r in rows if r["model"].startswith(NULL_PREFIX)]
-    fig, ax = new_figure((max(5, 1.1 * len(models) + 2), 3.6))
-    width = 0.8 / len(HEADLINE_BARS)
-    for k, (col, label, scale) in enumerate(HEADLINE_BARS):
-        vals = [(num(r.get(col)) or 0.0) / scale for r in models]
-        bars = ax.bar([i + k * width for i in range(len(models))], vals, width, label=label)
-        null_values = [num(r.get(col)) for r in nulls if num(r.get(col)) is not None]
-        if null_values:
-            ax.axhline(max(null_values) / scale, ls="--", lw=0.9, color=bars.patches[0].get_facecolor(),
-                       label=f"best null, {label}")
-    ax.set_xticks([i + width for i in range(len(models))], [r["model"] for r in models], rotation=30, ha="right")
-    ax.set_ylabel("score")
-    ax.legend(fontsize=7)
-    ax.set_title("Benchmark vs instruction following vs chat quality")
+    values = {(r["model"], metric): (num(r.get(metric)), None, None) for r in rows for metric in HEADLINE_PANELS}
+    return _headline_panels(values, [r["model"] for r in rows], png_path, dpi, "one seed")
+
+
+def plot_headline_ci(csv_path, png_path, dpi: int = 120) -> str:
+    """The headline endpoints across seeds, a panel each: the mean and its interval (see `_headline_panels`)."""
+    rows = read_csv(csv_path, required=("model", "metric", "mean", "low", "high"))
+    values = {(r["model"], r["metric"]): (num(r["mean"]), num(r["low"]), num(r["high"])) for r in rows}
+    return _headline_panels(values, list(dict.fromkeys(r["model"] for r in rows)), png_path, dpi,
+                            "mean and 95% interval over seeds")
+
+
+def _headline_panels(values: dict, names: list[str], png_path, dpi: int, what: str) -> str:
+    """One panel per endpoint (`HEADLINE_PANELS`), each on its own axis in its own unit: each model's value as a
+    point with its interval (when there is one), and the best null reply (the highest-scoring trivial reply) as a
+    dashed line; the legend in the last panel, clear of the data."""
+    models = [m for m in names if not m.startswith(NULL_PREFIX)]
+    fig, axes = new_figure((12.5, 6.6), rows=2, cols=3)
+    for ax, metric in zip(axes.flat, HEADLINE_PANELS):
+        label = labels.metric(metric)
+        for i, model in enumerate(models):
+            mean, low, high = values.get((model, metric), (None, None, None))
+            if mean is None:
+                continue
+            errors = None if low is None else [[mean - low], [high - mean]]
+            ax.errorbar([i], [mean], yerr=errors, fmt="o", color="tab:blue", capsize=4, ms=6)
+        nulls = [values[(m, metric)][0] for m in names if m.startswith(NULL_PREFIX)
+                 and values.get((m, metric), (None,))[0] is not None]
+        if nulls:
+            ax.axhline(max(nulls), ls="--", lw=1.0, color="tab:gray")
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(models) - 0.5)
+        ax.set_title(textwrap.fill(label.words, 45), fontsize=9)
+        ax.set_ylabel(f"{label.unit}\n({label.better})", fontsize=8)
+    legend = axes.flat[-1]
+    legend.axis("off")
+    legend.legend(handles=[Line2D([], [], color="tab:blue", marker="o", ls="none", label=f"model: {what}"),
+                           Line2D([], [], color="tab:gray", ls="--",
+                                  label="best null: a trivial reply (constant, echo, plain)")],
+                  loc="center", fontsize=9, frameon=False)
+    fig.suptitle("Headline endpoints per model: knowledge, instruction following, chat; each in its own unit")
     return save_figure(fig, png_path, dpi)
 
 
@@ -119,8 +150,8 @@ def plot_perplexity_distributions(csv_path: Path, png_path: Path, dpi: int = 120
         keep = [i for i, d in enumerate(data) if d]
         ax.violinplot([data[i] for i in keep], positions=keep, showmedians=True)
         ax.set_xticks(range(len(models)), models, rotation=25, ha="right", fontsize=8)
-        ax.set_ylabel("log perplexity per sample")
-        ax.set_title(name)
+        ax.set_ylabel("log perplexity per text\n(nats per token; lower = fits better)", fontsize=8)
+        ax.set_title(f"Per-text log perplexity on {labels.TEXT_SETS.get(name, name)}, per model", fontsize=9)
     return save_figure(fig, png_path, dpi)
 
 
@@ -137,10 +168,10 @@ def plot_unlearning_losses(csv_path: Path, png_path: Path, dpi: int = 120) -> st
         steps = [num(r["step"]) for r in mine]
         for term in [k for k in mine[0] if k not in skip and num(mine[0][k]) is not None]:
             ax.plot(steps, [num(r[term]) for r in mine], lw=1.1, label=term)
-        ax.set_title(method, fontsize=9)
-        ax.set_xlabel("step")
+        ax.set_title(f"{method}: loss terms", fontsize=9)
+        ax.set_xlabel("optimizer step")
         ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("loss term")
+    axes[0][0].set_ylabel("loss term (nats per token)")
     last = axes[0][-1]
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
@@ -150,15 +181,16 @@ def plot_unlearning_losses(csv_path: Path, png_path: Path, dpi: int = 120) -> st
             tau = num(mine[0].get("tau"))
             if tau is not None:
                 last.axhline(tau, ls="--", lw=0.9, color=line.get_color(), label=f"tau ({method})")
-    last.set_title("forget-set NLL per token", fontsize=9)
-    last.set_xlabel("step")
+    last.set_title("forget-set negative log-likelihood\n(nats per token; higher = more forgotten)", fontsize=9)
+    last.set_xlabel("optimizer step")
     last.legend(fontsize=6)
+    fig.suptitle("Unlearning: each method's loss terms, and how far it pushes the forget set's likelihood down")
     return save_figure(fig, png_path, dpi)
 
 
 def plot_tradeoff(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
     rows = read_csv(csv_path)
-    fig, ax = new_figure((5, 4))
+    fig, ax = new_figure((5.6, 4.4))
     for r in rows:
         x, y = num(r["benchmark_retention"]), num(r["hsr_recovery"])
         x = x if x is not None else 0.0
@@ -167,41 +199,10 @@ def plot_tradeoff(csv_path: Path, png_path: Path, dpi: int = 120) -> str:
         ax.annotate(r["method"], (x, y), fontsize=8)
     ax.axhline(1.0, ls="--", c="grey", lw=0.8)
     ax.axvline(1.0, ls="--", c="grey", lw=0.8)
-    ax.set_xlabel("benchmark gain kept (1 = all of SynthQA's gain)")
-    ax.set_ylabel("HSR recovered (1 = back to natural)")
-    ax.set_title("Unlearning: recovery vs retention")
-    return save_figure(fig, png_path, dpi)
-
-
-def plot_headline_ci(csv_path, png_path, dpi: int = 120) -> str:
-    """Benchmark accuracy, learnable-tier HSR and chat score / 10 per model, bars at the mean with the CI as error
-    bars, and each metric's best null (the highest-scoring trivial reply) as a dashed line in its colour."""
-    rows = read_csv(csv_path, required=("model", "metric", "mean", "low", "high"))
-    models = [m for m in dict.fromkeys(r["model"] for r in rows) if not m.startswith(NULL_PREFIX)]
-    by_key = {(r["model"], r["metric"]): r for r in rows}
-    fig, ax = new_figure((max(5, 1.1 * len(models) + 2), 3.8))
-    width = 0.8 / len(HEADLINE_BARS)
-    for k, (metric, label, scale) in enumerate(HEADLINE_BARS):
-        xs, means, errs = [], [], [[], []]
-        for i, model in enumerate(models):
-            r = by_key.get((model, metric))
-            if r is None or num(r["mean"]) is None:
-                continue
-            mean, low, high = (num(r[c]) / scale for c in ("mean", "low", "high"))
-            xs.append(i + k * width)
-            means.append(mean)
-            errs[0].append(mean - low)
-            errs[1].append(high - mean)
-        bars = ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
-        nulls = [num(r["mean"]) for (m, metric_), r in by_key.items()
-                 if m.startswith(NULL_PREFIX) and metric_ == metric and num(r["mean"]) is not None]
-        if nulls and xs:
-            ax.axhline(max(nulls) / scale, ls="--", lw=0.9, color=bars.patches[0].get_facecolor(),
-                       label=f"best null, {label}")
-    ax.set_xticks([i + width for i in range(len(models))], models, rotation=30, ha="right")
-    ax.set_ylabel("score (mean and CI over seeds)")
-    ax.legend(fontsize=7)
-    ax.set_title("Benchmark vs instruction following vs chat quality, across seeds")
+    ax.set_xlabel("share of SynthQA's benchmark gain kept\n(1 = all of it; higher = better)")
+    ax.set_ylabel("share of the learnable-tier instruction-following loss recovered\n(1 = back to natural; "
+                  "higher = better)", fontsize=8)
+    ax.set_title("Unlearning, per method: instruction following recovered\nvs SynthQA's knowledge kept", fontsize=10)
     return save_figure(fig, png_path, dpi)
 
 
@@ -222,17 +223,19 @@ def plot_hsr_by_level_ci(csv_path, png_path, dpi: int = 120) -> str:
                 ax.fill_between([p[0] for p in pts], [p[2] for p in pts], [p[3] for p in pts],
                                 color=line.get_color(), alpha=0.15, lw=0)
         ax.set_xticks(sorted({int(r["level"]) for r in mine}))
-        ax.set_xlabel("constraints per instruction (level)")
-        ax.set_ylabel("hard satisfaction rate")
-        ax.set_title(f"{tier}: hard satisfaction rate by level", fontsize=9)
+        label = labels.metric("HSR")
+        ax.set_xlabel("constraints per prompt (level)")
+        ax.set_ylabel(f"instructions fully followed\n({label.unit}; {label.better})", fontsize=8)
+        ax.set_title(f"{labels.TIERS.get(tier, tier)}:\nprompts whose every constraint is met, by level", fontsize=9)
         ax.legend(fontsize=6)
+    nulls = any(r["model"].startswith(NULL_PREFIX) for r in rows)
+    fig.suptitle("Instruction following by number of constraints per prompt, per model"
+                 + (" (dashed: null replies)" if nulls else ""), fontsize=10)
     return save_figure(fig, png_path, dpi)
 
 
-# The SFT curve's panels: metric, axis label.
-CURVE_PANELS = (("learnable_hard_satisfaction_rate", "learnable-tier HSR"),
-                ("compliance_margin", "compliance margin (nats/token)"),
-                ("template_pull", "template pull (nats/reply)"))
+# The SFT curve's panels (the compliance margin's null is drawn dashed in its panel).
+CURVE_PANELS = ("learnable_hard_satisfaction_rate", "compliance_margin", "template_pull")
 
 
 def plot_sft_curve(csv_path, png_path, dpi: int = 120) -> str:
@@ -245,12 +248,12 @@ def plot_sft_curve(csv_path, png_path, dpi: int = 120) -> str:
 def plot_sft_curve_ci(csv_path, png_path, dpi: int = 120) -> str:
     """The same across seeds: the mean with its CI shaded."""
     return _plot_curve(read_csv(csv_path, required=("model", "fraction", "metric", "mean", "low", "high")), png_path,
-                       dpi, "along SFT (mean and CI over seeds)")
+                       dpi, "along SFT, mean and 95% interval over seeds")
 
 
 def _plot_curve(rows: list[dict], png_path, dpi: int, title: str) -> str:
     fig, axes = new_figure((4.4 * len(CURVE_PANELS), 3.6), cols=len(CURVE_PANELS))
-    for ax, (metric, label) in zip(axes[0], CURVE_PANELS):
+    for ax, metric in zip(axes[0], CURVE_PANELS):
         for model in dict.fromkeys(r["model"] for r in rows):
             pts = sorted((num(r["fraction"]), num(r["mean"]), num(r.get("low")), num(r.get("high")))
                          for r in rows if r["model"] == model and r["metric"] == metric)
@@ -264,8 +267,11 @@ def _plot_curve(rows: list[dict], png_path, dpi: int, title: str) -> str:
                 null = sorted((num(r["fraction"]), num(r["mean"])) for r in rows
                               if r["model"] == model and r["metric"] == "compliance_margin_null")
                 ax.plot([p[0] for p in null], [p[1] for p in null], ls="--", lw=0.8, color=line.get_color())
+        label = labels.metric(metric)
         ax.set_xlabel("fraction of the SFT budget")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label}, {title}", fontsize=8)
-        ax.legend(fontsize=6)
+        ax.set_ylabel(f"{label.unit}\n({label.better})", fontsize=8)
+        ax.set_title(textwrap.fill(label.words, 40), fontsize=8)
+    fig.legend(handles=axes[0][0].get_lines(), loc="outside right upper", fontsize=7)  # one legend, off the curves
+    fig.suptitle(f"Learnable-tier instruction following and template pull {title}; dashed: the compliance margin's "
+                 "null", fontsize=10)
     return save_figure(fig, png_path, dpi)

@@ -5,10 +5,12 @@ Writes into ``<sweep>/figures/``:
 
 - ``values.csv``: every headline value per point, seed and model (what everything else is computed from);
 - ``<metric>__<key>.png`` beside ``<metric>__<key>.csv``: the metric against the swept key, one line per model at
-  the mean over seeds with its Student-t interval (one panel per combination of the other keys' values), for the
+  the mean over seeds with its Student-t interval, and beside it the trend test's contrast (treated - control,
+  paired within seeds) with its interval (a row of panels per combination of the other keys' values), for the
   primary endpoints first, then every other headline metric that was measured;
 - ``trend_tests.csv`` / ``trend_tests.md``: the trend test of the manifest (per seed, the OLS slope of the treated
-  model's metric minus the control's over the key's values; the mean slope with its t interval across seeds).
+  model's metric minus the control's over the key's values; the mean slope with its t interval across seeds);
+- ``README.md``: the index of the figures (what each shows, the finding it speaks to, its CSV).
 
 The same files give the same CSV and Markdown, byte for byte: rows follow the grid's order and the study's model
 order, and nothing reads the clock.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,8 @@ import numpy as np
 from synthflaw.metrics.statistics import mean_ci, seed_key
 from synthflaw.records import read_csv, write_csv, write_text_atomic
 from synthflaw.registry import EVALUATE, model_order
+from synthflaw.reporting import labels
+from synthflaw.reporting.index import sweep_row, write_index
 from synthflaw.reporting.plots import colors, new_figure, save_figure
 from synthflaw.reporting.tables import headline_values, markdown_table, num
 from synthflaw.runs import load_marker
@@ -88,24 +93,38 @@ def _point_at(manifest: dict, values: dict) -> str | None:
 
 
 def summary_rows(data: dict, manifest: dict, metric: str, key: str, models: list[str]) -> list[dict]:
-    """Mean and t interval over seeds of `metric`, per slice, model and value of `key`."""
+    """Mean and t interval over seeds of `metric`, per slice, model and value of `key`; then the same of the trend
+    test's contrast, treated - control paired within each seed (model "<treated> - <control>")."""
     grid, seeds = manifest["grid"], [str(s) for s in manifest["seeds"]]
-    confidence = manifest["trend_test"]["confidence"]
+    test = manifest["trend_test"]
+    confidence = test["confidence"]
     numeric = _numeric(grid[key])
+    contrast = f"{test['treated']} - {test['control']}"
     rows = []
     for fixed in slices(grid, key):
-        for model in models:
+        for model in [*models, contrast]:
             for position, x in enumerate(grid[key]):
                 point = _point_at(manifest, {**fixed, key: x})
-                have = [s for s in seeds if (point, s, model, metric) in data]
+                have, values = _per_seed(data, point, seeds, metric, model, contrast, test)
                 if not have:
                     continue
-                stats = mean_ci([data[(point, s, model, metric)] for s in have], confidence)
+                stats = mean_ci(values, confidence)
                 rows.append({"key": key, "value": value_text(x), "x": x if numeric else position,
                              "slice": _slice_label(fixed), "model": model, "n": stats["n"], "mean": stats["mean"],
                              "std": stats["std"], "low": stats["low"], "high": stats["high"],
                              "half_width": stats["half_width"], "seeds": ";".join(have)})
     return rows
+
+
+def _per_seed(data: dict, point: str, seeds: list[str], metric: str, model: str, contrast: str, test: dict):
+    """(seeds, values) of one model at one point, or of the contrast: treated - control within each seed that
+    measured both."""
+    if model != contrast:
+        have = [s for s in seeds if (point, s, model, metric) in data]
+        return have, [data[(point, s, model, metric)] for s in have]
+    treated, control = test["treated"], test["control"]
+    have = [s for s in seeds if (point, s, treated, metric) in data and (point, s, control, metric) in data]
+    return have, [data[(point, s, treated, metric)] - data[(point, s, control, metric)] for s in have]
 
 
 def ols_slope(xs, ys) -> float:
@@ -167,30 +186,67 @@ def trend_rows(data: dict, manifest: dict) -> list[dict]:
 
 
 def plot_metric_against_key(csv_path, png_path, metric: str, key: str, dpi: int = 120) -> str:
-    """One panel per slice: each model's mean over seeds against the key's value, with its interval as error
-    bars; drawn from the CSV only."""
+    """Per slice, two panels drawn from the CSV only: each model's mean over seeds against the key's value with its
+    interval, and beside it the contrast (treated - control, paired within seeds) with its interval. The paper's
+    value of the key is marked; a control that does not change with the key (natural has no SynthQA whatever its
+    share) is one point at its own x (`labels.Key.control_x`), not a line across every value."""
     rows = read_csv(csv_path, required=SUMMARY_COLUMNS)
     panels = list(dict.fromkeys(r["slice"] for r in rows))
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    contrast = next((m for m in dict.fromkeys(r["model"] for r in rows) if " - " in m), None)
+    models = [m for m in dict.fromkeys(r["model"] for r in rows) if m != contrast]
     palette = colors(models)
+    label, swept = labels.metric(metric), labels.key(key)
     numeric = all(num(r["value"]) is not None for r in rows)
-    fig, axes = new_figure((4.2 * len(panels) + 1.2, 3.6), rows=1, cols=len(panels))
-    for ax, panel in zip(axes[0], panels):
+    fig, axes = new_figure((10.5, 3.9 * len(panels) + 0.9), rows=len(panels), cols=2)
+    for (left, right), panel in zip(axes, panels):
+        mine = [r for r in rows if r["slice"] == panel]
         for model in models:
-            mine = [r for r in rows if r["slice"] == panel and r["model"] == model]
-            if not mine:
-                continue
-            xs, means = [num(r["x"]) for r in mine], [num(r["mean"]) for r in mine]
-            errs = [[m - num(r["low"]) for m, r in zip(means, mine)], [num(r["high"]) - m for m, r in zip(means, mine)]]
-            ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, color=palette[model], label=model)
-        if not numeric:
-            ticks = list(dict.fromkeys((num(r["x"]), r["value"]) for r in rows if r["slice"] == panel))
-            ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks], rotation=20)
-        ax.set_xlabel(key)
-        ax.set_title(panel or f"{metric} vs {key}", fontsize=9)
-    axes[0][0].set_ylabel(f"{metric} (mean, t interval over seeds)")
-    axes[0][-1].legend(fontsize=7)
+            _draw_model(left, [r for r in mine if r["model"] == model], model, palette[model],
+                        swept.control_x if numeric and contrast and contrast.endswith(f" - {model}") else None)
+        _errorbars(right, [r for r in mine if r["model"] == contrast], "black", contrast)
+        right.axhline(0, color="0.3", lw=0.8)
+        for ax in (left, right):
+            if not numeric:
+                ticks = list(dict.fromkeys((num(r["x"]), r["value"]) for r in mine))
+                ax.set_xticks([t for t, _ in ticks], [v for _, v in ticks], rotation=20)
+            elif swept.paper is not None:
+                ax.axvline(swept.paper, color="tab:purple", ls=":", lw=1.2, label=swept.paper_words, zorder=0)
+            ax.set_xlabel(swept.axis(), fontsize=8)
+        left.set_ylabel(f"{label.unit}\n({label.better})", fontsize=8)
+        left.set_title(f"each model, mean and 95% interval over seeds{_slice_words(panel)}", fontsize=8)
+        right.set_ylabel(f"difference, {label.unit}", fontsize=8)
+        right.set_title(f"{contrast}, paired within seeds (0 = no difference)", fontsize=8)
+        left.legend(fontsize=7)
+        right.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(f"{label.words}, against the {swept.words}", 100), fontsize=10)
     return save_figure(fig, png_path, dpi)
+
+
+def _draw_model(ax, mine: list[dict], model: str, colour, control_x) -> None:
+    """A model's curve; a control whose value is the same at every point, as one point at `control_x`."""
+    if not mine:
+        return
+    if control_x is not None and len({r["mean"] for r in mine}) == 1:
+        mine = [{**mine[0], "x": control_x}]
+        model = f"{model} (the same model at every value)"
+    _errorbars(ax, mine, colour, model)
+
+
+def _errorbars(ax, mine: list[dict], colour, name: str) -> None:
+    if not mine:
+        return
+    xs, means = [num(r["x"]) for r in mine], [num(r["mean"]) for r in mine]
+    lows = [m - num(r["low"]) if num(r["low"]) is not None else 0.0 for m, r in zip(means, mine)]
+    highs = [num(r["high"]) - m if num(r["high"]) is not None else 0.0 for m, r in zip(means, mine)]
+    ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3, color=colour, label=name)
+
+
+def _slice_words(panel: str) -> str:
+    """A slice ("key=value,...") with each key in words; empty for a one-key grid."""
+    if not panel:
+        return ""
+    parts = [part.split("=", 1) for part in panel.split(",")]
+    return "\nat " + ", ".join(f"{labels.key(k).words} = {v}" for k, v in parts)
 
 
 def _trend_markdown(rows: list[dict], manifest: dict) -> str:
@@ -202,7 +258,8 @@ def _trend_markdown(rows: list[dict], manifest: dict) -> str:
     table = markdown_table(rows, columns, fmt=cell) if rows else "(no metric measured for both models yet)"
     return (f"# Trend tests: {test['treated']} - {test['control']}\n\n"
             f"Stated in sweep.json at {manifest.get('stated_at', '?')}, before any point ran.\n\n"
-            f"Statistic: {test['statistic']}\n\nReading: {test['reading']}\n\n{table}\n")
+            f"Statistic: {test['statistic']}\n\nReading: {test['reading']}\n\n{table}\n"
+            + (f"\n{legend}" if (legend := labels.legend(r["metric"] for r in rows)) else ""))
 
 
 def render(root, manifest: dict, dpi: int = 120) -> dict:
@@ -217,7 +274,9 @@ def render(root, manifest: dict, dpi: int = 120) -> dict:
     measured = {metric for (_, _, _, metric) in data}
     metrics = [m for m in dict.fromkeys([*manifest["trend_test"]["primary"], *manifest["trend_test"]["metrics"]])
                if m in measured]
-    written, figures = [], []
+    written, figures, index = [], [], []
+    test = manifest["trend_test"]
+    contrast = f"the contrast {test['treated']} - {test['control']} paired within seeds"
     values = {p["name"]: p["values"] for p in manifest["points"]}
     value_rows = [{"point": point, **{k: value_text(values[point][k]) for k in grid}, "seed": seed, "model": model,
                    "metric": metric, "value": v}
@@ -234,10 +293,15 @@ def render(root, manifest: dict, dpi: int = 120) -> dict:
             write_csv(out / f"{stem}.csv", rows, list(SUMMARY_COLUMNS))
             figures.append(plot_metric_against_key(out / f"{stem}.csv", out / f"{stem}.png", metric, key, dpi))
             written += [f"{stem}.csv", f"{stem}.png"]
+            index.append(sweep_row(f"{stem}.png", f"{stem}.csv", metric, key, contrast))
     trends = trend_rows(data, manifest)
     write_csv(out / "trend_tests.csv", trends, list(TREND_COLUMNS))
     write_text_atomic(out / "trend_tests.md", _trend_markdown(trends, manifest))
     written += ["trend_tests.csv", "trend_tests.md"]
+    written.append(write_index(out, index, "Figures of this sweep",
+                               "Each metric against the swept key, one model per line at its mean over seeds with the "
+                               "95% interval, the paper's value of the key marked. The trend tests: trend_tests.md; "
+                               "each point's findings: `points/<point>/seeds/`."))
     for path in out.iterdir():
         if path.suffix in (".png", ".csv", ".md") and path.name not in written:
             path.unlink()
