@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from synthflaw.config import StudyConfig, from_dict
+from synthflaw.config import StudyConfig
 from synthflaw.records import write_json, write_text_atomic
 from synthflaw.registry import STAGES, Stage
 from synthflaw.registry import stage as find_stage
@@ -686,11 +686,6 @@ def open_step(run_dir: str | Path, stage: str | Stage, variant: str | None, cfg:
               overwrite: bool = False) -> Step:
     """The notebooks' entry point: the step's folder, prepared for `cfg`."""
     return Step(Path(run_dir), stage, variant or None).open(cfg, overwrite=overwrite)
-
-
-def load_config(step_path: Path) -> StudyConfig:
-    """The resolved study configuration a finished step ran with (downstream stages read it from disk)."""
-    return from_dict(json.loads((Path(step_path) / "config.json").read_text())["study"])
 
 
 def _git_commit() -> str | None:

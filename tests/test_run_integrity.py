@@ -368,11 +368,30 @@ def test_a_second_process_on_the_same_run_fails_at_once_naming_the_holder(tmp_pa
     assert not (run_dir / ".lock.pid").exists()
 
 
+def _lockable(run_dir) -> bool:
+    """Whether another open file could take the run's lock now (flock locks of two open files conflict, even in
+    one process)."""
+    import fcntl
+
+    fd = os.open(run_dir / runs.LOCK_NAME, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 def test_the_lock_is_reentrant_within_a_process(tmp_path):
-    with runs.run_lock(tmp_path / "r"), runs.run_lock(tmp_path / "r"):
-        pass
-    with runs.run_lock(tmp_path / "r"):  # released by the outer one
-        pass
+    run_dir = tmp_path / "r"
+    with runs.run_lock(run_dir):
+        with runs.run_lock(run_dir):  # the same process again: entered at once, no RunLocked
+            assert not _lockable(run_dir)
+        # leaving the inner one keeps the outer one's lock and its pid file
+        assert not _lockable(run_dir) and len(runs.held_lock_fds()) == 1
+        assert (run_dir / runs.PID_NAME).read_text().split() == [str(os.getpid())]
+    assert _lockable(run_dir) and runs.held_lock_fds() == [] and not (run_dir / runs.PID_NAME).exists()
 
 
 def test_run_figures_and_export_refuse_a_run_held_by_another_process(tmp_path, fake_stages):
