@@ -21,6 +21,7 @@ import pytest
 
 from synthflaw import cli, config, runner, runs, stages
 from synthflaw.registry import models_of, sft_start, study_steps
+from synthflaw.registry import stage as stage_named
 from synthflaw.runner import StepFailed, regenerate, run_study
 from synthflaw.runs import Step, StepConfigChanged
 
@@ -109,7 +110,7 @@ def fake_stages(monkeypatch):
     keep: set[str] = set()
 
     def stage_module(stage):
-        number = runs.find_stage(stage).number
+        number = stage_named(stage).number
         return real(stage) if number in keep else FakeStage(number, calls)
 
     monkeypatch.setattr(stages, "stage_module", stage_module)
@@ -156,7 +157,7 @@ def test_product_files_leave_out_bookkeeping_notebooks_pictures_and_working_fold
         "loss.csv", "model/config.json", "model/model.safetensors", "result.json", "tokenizer/tokenizer.json"]
     digests = runs.product_digests(step)
     assert digests["loss.csv"].startswith("sha256:")
-    monkeypatch.setattr(runs, "LARGE_FILE_BYTES", 10)  # over the limit: size and modification time stand for it
+    monkeypatch.setattr(runs.markers, "LARGE_FILE_BYTES", 10)  # over the limit: size and modification time stand for it
     assert runs.product_digests(step)["model/model.safetensors"].startswith("size:23:mtime_ns:")
 
 
@@ -490,7 +491,7 @@ def test_freshness_names_every_cause_of_staleness(tmp_path, fake_stages, monkeyp
         (data / f"extra{k}.jsonl").write_text("{}\n")
     hashed = []
     real = runs.product_digests
-    monkeypatch.setattr(runs, "product_digests", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setattr(runs.staleness, "product_digests", lambda path: hashed.append(path) or real(path))
     fresh = runs.Freshness(run_dir)
     assert [str(c) for c in fresh.causes("01_generate_data")] == [
         "01_generate_data is stale: data/extra0.jsonl was added; data/extra1.jsonl was added; data/extra2.jsonl "
