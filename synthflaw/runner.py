@@ -45,8 +45,8 @@ from synthflaw.runs import (
     refuse_other_kind,
     run_folder,
     run_lock,
+    decide,
     step_named,
-    upstream_causes,
     write_json_atomic,
 )
 
@@ -106,6 +106,7 @@ def _run_papermill(stage: Stage, variants: list[str], run_dir: Path, preset: str
 
     notebook = NOTEBOOKS_DIR / stage.notebook
     out = Path(run_dir) / stage.name / "notebook.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)  # the notebook opens the steps, after papermill writes here
     if variants and out.exists():  # an earlier execution ran other variants: keep its record
         out.rename(out.with_name(f"notebook-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(out.stat().st_mtime))}.ipynb"))
     # papermill writes the parameters as Python source and has no translator for tuples (it writes their str()):
@@ -400,9 +401,9 @@ def _execute(run_dir: Path, cfg, specs: list[StepSpec], plan: Plan, preset: str,
     with contextlib.ExitStack() as stack:
         km = None
         for stage in dict.fromkeys(spec.stage for spec in specs):  # stages in order
-            todo = [(spec, _prepare(run_dir, cfg, spec, plan, ran, prefix, log)) for spec in specs
+            todo = [(spec, _prepare(run_dir, cfg, spec, plan, ran, overwrite, prefix, log)) for spec in specs
                     if spec.stage == stage]
-            todo = [(spec, step.open(cfg, overwrite=overwrite)) for spec, step in todo if step is not None]
+            todo = [(spec, step) for spec, step in todo if step is not None]
             if not todo:
                 continue
             t0 = time.time()
@@ -421,7 +422,7 @@ def _execute(run_dir: Path, cfg, specs: list[StepSpec], plan: Plan, preset: str,
             else:
                 for spec, step in todo:
                     t0 = time.time()
-                    _run_inprocess(spec, step)
+                    _run_inprocess(spec, step.open(cfg, overwrite=overwrite))
                     step.complete()
                     log(finished(spec, time.time() - t0))
             for spec, step in todo:
@@ -431,28 +432,20 @@ def _execute(run_dir: Path, cfg, specs: list[StepSpec], plan: Plan, preset: str,
     log(f"run {run_dir} finished in {time.time() - started:.1f} s")
 
 
-def _prepare(run_dir: Path, cfg, spec: StepSpec, plan: Plan, ran: set[str], prefix, log) -> Step | None:
-    """The step to run for `spec` at its turn (its folder reset where it must start over), or None to skip it."""
+def _prepare(run_dir: Path, cfg, spec: StepSpec, plan: Plan, ran: set[str], overwrite: bool, prefix,
+             log) -> Step | None:
+    """The step to run for `spec` at its turn (its folder reset where it must start over), or None to skip it: the
+    lifecycle's decision (:func:`synthflaw.runs.decide`), said in the run's log."""
     step = Step(run_dir, spec.stage, spec.variant)
-    if spec.name in plan.reset:
-        step.reset()
-        return step
-    marker = step.marker()
-    if marker is not None:
-        causes = [f"{name} ran again in this run" for name in marker.get("upstream", {}) if name in ran]
-        causes += [c.text for c in upstream_causes(step, marker)]
-        if not causes:
-            log(f"{prefix(spec, spec.name)} skipped (done, same config)")
-            return None
-        log(f"{prefix(spec, spec.name)} runs again: {causes[0]}")
-        step.reset()
-        return step
-    again = [s.name for s in _upstream_candidates(cfg, spec) if s.name in ran]
-    if step.path.exists() and again:
-        # its checkpoints were trained on what the upstream held before: resuming would mix the two
-        log(f"{prefix(spec, spec.name)} starts over: {again[0]} ran again since it started")
-        step.reset()
-    return step
+    decision = decide(step, cfg, overwrite=overwrite, reset=spec.name in plan.reset, ran=ran,
+                      restart_after=[s.name for s in _upstream_candidates(cfg, spec)])
+    if decision.action == "skip":
+        log(f"{prefix(spec, spec.name)} skipped (done, same config)")
+        return None
+    if decision.action == "reset" and spec.name not in plan.reset:
+        verb = "runs again" if step.done else "starts over"
+        log(f"{prefix(spec, spec.name)} {verb}: {decision.reason}")
+    return decision.enact(step)
 
 
 def regenerate(run_id: str, runs_root: str | Path = "runs", engine: str = "papermill", log=print) -> Path:

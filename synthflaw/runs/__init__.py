@@ -12,7 +12,8 @@ which steps are stale and why.
 
 The rooms: :mod:`~synthflaw.runs.folders` (run ids, run and sweep folders, the lock), :mod:`~synthflaw.runs.markers`
 (a step's configuration and fingerprint, the digests of its products, its done.json), :mod:`~synthflaw.runs.step`
-(:class:`Step`, what it reads, its provenance) and :mod:`~synthflaw.runs.staleness` (:class:`Freshness`). Their
+(:class:`Step`, what it reads, its provenance), :mod:`~synthflaw.runs.staleness` (:class:`Freshness`) and
+:mod:`~synthflaw.runs.lifecycle` (the one decision to skip, run, resume, reset or refuse a step). Their
 names are imported here: callers say ``from synthflaw.runs import Step``.
 """
 
@@ -66,7 +67,6 @@ from synthflaw.runs.step import (
     config_difference,
     environment,
     finished_steps,
-    open_step,
     step_named,
 )
 from synthflaw.runs.staleness import (
@@ -74,8 +74,11 @@ from synthflaw.runs.staleness import (
     Freshness,
     upstream_causes,
 )
+from synthflaw.runs.lifecycle import Decision, decide
 
 __all__ = [
+    "Decision",
+    "decide",
     "BrokenRunFile",
     "BrokenStepFile",
     "Cause",
@@ -113,7 +116,6 @@ __all__ = [
     "load_marker",
     "lock_holder",
     "note_kernel",
-    "open_step",
     "product_digests",
     "product_files",
     "read_run_json",

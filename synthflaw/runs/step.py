@@ -239,12 +239,6 @@ def finished_steps(run_dir: str | Path, before: Stage | None = None) -> list[Ste
     return found
 
 
-def open_step(run_dir: str | Path, stage: str | Stage, variant: str | None, cfg: StudyConfig,
-              overwrite: bool = False) -> Step:
-    """The notebooks' entry point: the step's folder, prepared for `cfg`."""
-    return Step(Path(run_dir), stage, variant or None).open(cfg, overwrite=overwrite)
-
-
 def _git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
