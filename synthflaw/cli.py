@@ -12,15 +12,8 @@ from pathlib import Path
 from synthflaw import config
 from synthflaw import sweep as sweeps
 from synthflaw.registry import stage as find_stage
-from synthflaw.runner import StepFailed, run_study, study_specs
-from synthflaw.runs import (
-    RunLocked,
-    StepConfigChanged,
-    UpstreamMissing,
-    refuse_other_kind,
-    run_folder,
-    run_lock,
-)
+from synthflaw.runner import StepFailed, resolve_study, run_seeds, run_study
+from synthflaw.runs import RunLocked, StepConfigChanged, UpstreamMissing, refuse_other_kind, run_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,10 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 import json
 
-                from synthflaw.stages import check
-                resolved = config.resolve(args.preset or "default", config.parse_overrides(args.overrides))
-                check(resolved)  # the stages' own checks (an unknown unlearning method, ...), as `run` makes them
-                print(json.dumps(resolved.to_dict(), indent=2))
+                # the stages' own checks too (an unknown unlearning method, ...), as `run` makes them
+                resolved = resolve_study(args.preset or "default", config.parse_overrides(args.overrides))
+                print(json.dumps(resolved.cfg.to_dict(), indent=2))
             return 0
         # Every command checks its run id (and where it writes) before it writes or deletes anything.
         if args.command == "export":
@@ -213,24 +205,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds and len(args.seeds) > 1:
             if len(set(args.seeds)) != len(args.seeds):
                 raise config.ConfigError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: give each once")
+            studies = {}
             for seed in args.seeds:  # every seed's configuration and stages, before any folder or lock is made
                 try:
-                    study_specs(args.preset, {**overrides, "seed": seed}, args.stages)
+                    studies[seed] = resolve_study(args.preset, {**overrides, "seed": seed})
                 except config.ConfigError as error:
                     raise config.ConfigError(f"seed {seed}: {error}") from None
+                studies[seed].steps(args.stages)
             refuse_other_kind(run_dir, "run")
-            with run_lock(run_dir):  # the seeds' folders and the summary across them: one process at a time
-                for seed in args.seeds:
-                    run_study(args.preset, f"seed-{seed}", {**overrides, "seed": seed}, overwrite=args.overwrite,
-                              runs_root=run_dir, engine=args.engine, only=args.stages)
-                from synthflaw.reporting.aggregate import summarize
-                summary = summarize(run_dir)
+            summary = run_seeds(run_dir, args.seeds, lambda seed: run_study(
+                studies[seed], f"seed-{seed}", overwrite=args.overwrite, runs_root=run_dir, engine=args.engine,
+                only=args.stages))
             print(f"across seeds {summary['seeds']}: {run_dir / 'seeds'}")
         else:
             if args.seeds:
                 overrides["seed"] = args.seeds[0]
-            run_study(args.preset, run_id, overrides, overwrite=args.overwrite, runs_root=args.runs_root,
-                      engine=args.engine, only=args.stages)
+            run_study(resolve_study(args.preset, overrides), run_id, overwrite=args.overwrite,
+                      runs_root=args.runs_root, engine=args.engine, only=args.stages)
         return 0
     except (config.ConfigError, StepConfigChanged, RunLocked, UpstreamMissing, ValueError, FileExistsError) as err:
         print(f"synthflaw: error: {err}", file=sys.stderr)

@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 
 from synthflaw.records import write_json
+from synthflaw.resources import PACKAGE, shipped
 from synthflaw.runs import die_with_parent
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-ACCELERATE_CONFIGS = REPO_ROOT / "accelerate"
+ACCELERATE_CONFIGS = shipped("accelerate")
 DEFAULT_ACCELERATE_CONFIG = ACCELERATE_CONFIGS / "ddp.yaml"
 LOG_TAIL_LINES = 40
 
@@ -50,14 +50,15 @@ def per_device_batch_size(batch_size: int, compute, num_processes: int | None = 
 
 
 def accelerate_config_path(name: str) -> Path:
-    """The accelerate config file `name` (empty: the shipped ddp.yaml), as given or relative to the repository."""
+    """The accelerate config file `name` (empty: the shipped ddp.yaml), as given, or a shipped one named as in the
+    repository (``accelerate/fsdp.yaml``)."""
     if not name:
         return DEFAULT_ACCELERATE_CONFIG
-    for candidate in (Path(name).expanduser(), REPO_ROOT / name):
+    for candidate in (Path(name).expanduser(), ACCELERATE_CONFIGS.parent / name):
         if candidate.is_file():
             return candidate.resolve()
-    shipped = ", ".join(str(p.relative_to(REPO_ROOT)) for p in sorted(ACCELERATE_CONFIGS.glob("*.yaml")))
-    raise FileNotFoundError(f"compute.accelerate_config={name!r} is not a file; the shipped ones: {shipped}")
+    known = ", ".join(f"accelerate/{p.name}" for p in sorted(ACCELERATE_CONFIGS.glob("*.yaml")))
+    raise FileNotFoundError(f"compute.accelerate_config={name!r} is not a file; the shipped ones: {known}")
 
 
 def _free_port() -> int:
@@ -94,7 +95,7 @@ def launch_job(job: dict, work_dir: str | Path, *, num_processes: int, config_fi
     write_json(job_path, job)
     command = accelerate_command(job_path, num_processes, accelerate_config_path(str(config_file)))
     # The package must be importable in the children however this process found it (installed or from the repo).
-    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    python_path = os.pathsep.join(p for p in (str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")) if p)
     child_env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
     log_path = work_dir / "launch.log"
