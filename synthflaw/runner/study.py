@@ -121,7 +121,7 @@ def _execute(run_dir: Path, study: Study, specs: list[StepSpec], plan: Plan, eng
             else:
                 for spec, step in todo:
                     t0 = time.time()
-                    _run_inprocess(spec, step.open(study.cfg, overwrite=overwrite))
+                    _run_inprocess(spec, step.open(study.cfg))
                     step.complete()
                     log(finished(spec, time.time() - t0))
             for spec, step in todo:

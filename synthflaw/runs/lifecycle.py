@@ -55,8 +55,7 @@ def decide(step: Step, cfg: StudyConfig, *, overwrite: bool = False, reset: bool
         state = "changed"
     if state == "changed":
         if not overwrite:
-            raise StepConfigChanged(f"{step.path} ran with a different configuration; use another run id, or "
-                                    "overwrite=True (--overwrite) to delete it and run again")
+            raise StepConfigChanged(step.changed_message())
         return Decision("reset", "it ran with a different configuration")
     marker = step.marker()
     if marker is not None:

@@ -103,21 +103,13 @@ class Step:
             return "changed"
         return "done" if self.done else "todo"
 
-    def open(self, cfg: StudyConfig, overwrite: bool = False) -> "Step":
-        """Prepare the folder for `cfg`: refuse a changed config unless `overwrite`, which deletes the old step."""
+    def open(self, cfg: StudyConfig) -> "Step":
+        """Prepare the folder for `cfg`. A folder that holds another configuration is refused (StepConfigChanged;
+        BrokenStepFile for an unreadable config.json): whether to reset it is the lifecycle's decision
+        (:func:`synthflaw.runs.decide`), made before."""
         self.cfg = cfg
-        try:
-            state = self.status(cfg)
-        except BrokenStepFile:
-            if not overwrite:
-                raise
-            state = "changed"
-        if state == "changed":
-            if not overwrite:
-                raise StepConfigChanged(
-                    f"{self.path} ran with a different configuration; use another run id, or overwrite=True "
-                    f"(--overwrite) to delete it and run again")
-            self.reset()
+        if self.status(cfg) == "changed":
+            raise StepConfigChanged(self.changed_message())
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / "config.json").exists():
             sc = step_config(cfg, self.stage, self.variant)
@@ -125,6 +117,10 @@ class Step:
                               {"fingerprint": fingerprint(sc), "step": self.name, "study": cfg.to_dict()})
         self._started = time.time()
         return self
+
+    def changed_message(self) -> str:
+        return (f"{self.path} ran with a different configuration; use another run id, or overwrite=True "
+                "(--overwrite) to delete it and run again")
 
     def reset(self) -> None:
         """Delete the step's folder (products, checkpoints, marker): it runs from scratch when opened again."""

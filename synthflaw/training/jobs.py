@@ -10,6 +10,7 @@ to the Trainer.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ class Job:
     """
 
     KIND: ClassVar[str] = ""
+    FUNCTION: ClassVar[str] = ""  # "module:function", the kind's training function
     INPUTS: ClassVar[tuple[str, ...]] = ()  # fields that name a JSONL file, read when the job runs
 
     model_name_or_path: str
@@ -61,14 +63,12 @@ class Job:
                      if f.name not in ("model_name_or_path", "trust_remote_code")}
         for name in self.INPUTS:
             arguments[name] = self.read_input(name)
-        return self.function()(model, tokenizer, **arguments)
+        module, name = self.FUNCTION.split(":")
+        # imported here: the training modules import torch and transformers, a job's JSON needs neither
+        return getattr(importlib.import_module(module), name)(model, tokenizer, **arguments)
 
     def read_input(self, name: str) -> list:
         return [record["text"] for record in read_jsonl(getattr(self, name))]
-
-    @staticmethod
-    def function():
-        raise NotImplementedError  # each kind names its training function
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +76,7 @@ class PretrainJob(Job):
     """Next-token training from scratch on NonSynth (stage 03): :func:`synthflaw.training.pretraining.pretrain`."""
 
     KIND: ClassVar[str] = "pretrain"
+    FUNCTION: ClassVar[str] = "synthflaw.training.pretraining:pretrain"
     INPUTS: ClassVar[tuple[str, ...]] = ("texts",)
 
     texts: str
@@ -88,18 +89,13 @@ class PretrainJob(Job):
         return cls(model_name_or_path=str(model), out_dir=str(out_dir), texts=str(data_dir / "nonsynth.jsonl"),
                    max_tokens=b.max_tokens, block_size=b.block_size, **cls.optimisation(b, cfg.seed))
 
-    @staticmethod
-    def function():
-        from synthflaw.training.pretraining import pretrain
-
-        return pretrain
-
 
 @dataclass(frozen=True, kw_only=True)
 class ContinuedPretrainingJob(Job):
     """One CPT branch (stage 04): :func:`synthflaw.training.pretraining.continue_pretraining`."""
 
     KIND: ClassVar[str] = "continue_pretraining"
+    FUNCTION: ClassVar[str] = "synthflaw.training.pretraining:continue_pretraining"
     INPUTS: ClassVar[tuple[str, ...]] = ("nonsynth", "synthqa", "rewritten", "extra_natural")
 
     branch: str
@@ -122,18 +118,13 @@ class ContinuedPretrainingJob(Job):
     def read_input(self, name: str) -> list:
         return super().read_input(name) if getattr(self, name) else []  # a branch reads only its own corpora
 
-    @staticmethod
-    def function():
-        from synthflaw.training.pretraining import continue_pretraining
-
-        return continue_pretraining
-
 
 @dataclass(frozen=True, kw_only=True)
 class SFTJob(Job):
     """The one SFT every model gets (stage 06): :func:`synthflaw.training.sft.supervised_finetune`."""
 
     KIND: ClassVar[str] = "supervised_finetune"
+    FUNCTION: ClassVar[str] = "synthflaw.training.sft:supervised_finetune"
     INPUTS: ClassVar[tuple[str, ...]] = ("records",)
 
     records: str
@@ -150,12 +141,6 @@ class SFTJob(Job):
 
     def read_input(self, name: str) -> list:
         return read_jsonl(self.records)  # chats: whole records, not texts
-
-    @staticmethod
-    def function():
-        from synthflaw.training.sft import supervised_finetune
-
-        return supervised_finetune
 
 
 KINDS = (PretrainJob, ContinuedPretrainingJob, SFTJob)

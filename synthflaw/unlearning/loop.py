@@ -161,20 +161,24 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
             raise ValueError(f"select_fn returned step {selected!r}, which was not evaluated; "
                              f"evaluated steps: {[row['step'] for row in evaluations.history]}")
     model_dir = _write_model(trainer, out_dir, checkpoints_dir, selected, steps)
-
     rows = [{k: float(v) for k, v in row.items() if k in method.terms and v != ""}
             for row in read_csv(out_dir / LOSS_CSV)]
+    wall = loss_curve.elapsed() if rows else time.monotonic() - started
+    return {"method": method.name, "hyperparameters": method.hyperparameters, "steps": steps,
+            "resumed_from_step": resumed_from,
+            **{f"{group}_tokens": n for group, n in data.tokens_seen(steps * batch_size).items()},
+            **_run_record(method, rows, wall, selected, evaluations.history, model_dir, out_dir)}
+
+
+def _run_record(method, rows: list[dict], wall: float, selected: int, history: list, model_dir: Path,
+                out_dir: Path) -> dict:
+    """The rest of unlearning's summary: time, the last step's and the mean terms, the selection, the paths."""
     return {
-        "method": method.name,
-        "hyperparameters": method.hyperparameters,
-        "steps": steps,
-        "resumed_from_step": resumed_from,
-        **{f"{group}_tokens": n for group, n in data.tokens_seen(steps * batch_size).items()},
-        "wall_seconds": round(loss_curve.elapsed() if rows else time.monotonic() - started, 3),
+        "wall_seconds": round(wall, 3),
         "final_losses": {term: rows[-1][term] for term in method.terms} if rows else {},
         "mean_losses": {term: sum(r[term] for r in rows) / len(rows) for term in method.terms} if rows else {},
         "selected_step": selected,
-        "evaluations": evaluations.history,
+        "evaluations": history,
         "model_dir": str(model_dir),
         "loss_csv": str(out_dir / LOSS_CSV),
     }
