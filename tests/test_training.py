@@ -418,7 +418,7 @@ def test_accumulation_and_checkpointing_train_the_same_weights(tokenizer, tmp_pa
 
 
 def test_unlearning_with_accumulation_and_checkpointing_matches_the_plain_run(tokenizer, tmp_path, tiny_model):
-    from synthflaw.unlearning import make_method, unlearn
+    from synthflaw.unlearning import UnlearnJob, make_method, unlearn
 
     # Cut to 8 tokens each: a token-mean loss over micro-batches equals the whole batch's when every sequence has the
     # same length (with unequal lengths, micro-batches are weighted equally and the step differs slightly).
@@ -427,9 +427,9 @@ def test_unlearning_with_accumulation_and_checkpointing_matches_the_plain_run(to
     for name, options in (("plain", {}), ("accumulated", {"gradient_accumulation_steps": 2}),
                           ("checkpointed", {"gradient_checkpointing": True})):
         model = tiny_model(tokenizer)
-        summary = unlearn(model, tokenizer, make_method("gradient_difference"), forget, replay, tmp_path / name,
-                          max_steps=3, batch_size=4, learning_rate=1e-2, seed=0, max_length=8, save_steps=10,
-                          replay_loss_bound=float("inf"), **options)
+        job = UnlearnJob(max_steps=3, batch_size=4, learning_rate=1e-2, seed=0, max_length=8, save_steps=10,
+                         replay_loss_bound=float("inf"), **options)
+        summary = unlearn(model, tokenizer, make_method("gradient_difference"), forget, replay, tmp_path / name, job)
         runs[name] = (summary, weights(model), read_curve(tmp_path / name / "loss.csv"))
     plain, plain_weights, plain_curve = runs["plain"]
     for name in ("accumulated", "checkpointed"):
@@ -441,5 +441,6 @@ def test_unlearning_with_accumulation_and_checkpointing_matches_the_plain_run(to
             assert abs(float(a["loss"]) - float(b["loss"])) < 1e-5, name
     with pytest.raises(ValueError, match="gradient_accumulation_steps=3 .* divides batch_size=4"):
         unlearn(tiny_model(tokenizer), tokenizer, make_method("gradient_difference"), forget, replay,
-                tmp_path / "bad", max_steps=1, batch_size=4, learning_rate=1e-2, seed=0, max_length=32,
-                save_steps=10, replay_loss_bound=float("inf"), gradient_accumulation_steps=3)
+                tmp_path / "bad", UnlearnJob(max_steps=1, batch_size=4, learning_rate=1e-2, seed=0, max_length=32,
+                                             save_steps=10, replay_loss_bound=float("inf"),
+                                             gradient_accumulation_steps=3))
