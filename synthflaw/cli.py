@@ -148,6 +148,38 @@ def _sweep(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    """`synthflaw run`: one seed into runs/<run_id>/, or several into its seed-<k>/ folders and the summary across
+    them; every seed's configuration resolved and checked before any folder or lock is made."""
+    overrides = config.parse_overrides(args.overrides)
+    run_id = args.run_id if args.run_id is not None else f"{args.preset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_dir = run_folder(args.runs_root, run_id)
+    seeds = args.seeds
+    if seeds is None and "seed" not in overrides:
+        seeds = list(config.PRESET_SEEDS.get(args.preset, ())) or None
+    if not seeds or len(seeds) == 1:
+        if seeds:
+            overrides["seed"] = seeds[0]
+        run_study(resolve_study(args.preset, overrides), run_id, overwrite=args.overwrite, runs_root=args.runs_root,
+                  engine=args.engine, only=args.stages)
+        return 0
+    if len(set(seeds)) != len(seeds):
+        raise config.ConfigError(f"--seeds {' '.join(map(str, seeds))} repeats a seed: give each once")
+    studies = {}
+    for seed in seeds:
+        try:
+            studies[seed] = resolve_study(args.preset, {**overrides, "seed": seed})
+        except config.ConfigError as error:
+            raise config.ConfigError(f"seed {seed}: {error}") from None
+        studies[seed].steps(args.stages)
+    refuse_other_kind(run_dir, "run")
+    summary = run_seeds(run_dir, seeds, lambda seed: run_study(
+        studies[seed], f"seed-{seed}", overwrite=args.overwrite, runs_root=run_dir, engine=args.engine,
+        only=args.stages))
+    print(f"across seeds {summary['seeds']}: {run_dir / 'seeds'}")
+    return 0
+
+
 def _in_runs_folder(err: OSError, args) -> bool:
     """Whether the file an OSError names lies in the runs folder (or the export's target, or is that folder)."""
     roots = [Path(getattr(args, "runs_root", None) or "runs")] + ([Path(args.to)] if getattr(args, "to", None) else [])
@@ -196,33 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sweep":
             return _sweep(args)
-        overrides = config.parse_overrides(args.overrides)
-        run_id = args.run_id if args.run_id is not None else \
-            f"{args.preset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-        run_dir = run_folder(args.runs_root, run_id)
-        if args.seeds is None and "seed" not in overrides:
-            args.seeds = list(config.PRESET_SEEDS.get(args.preset, ())) or None
-        if args.seeds and len(args.seeds) > 1:
-            if len(set(args.seeds)) != len(args.seeds):
-                raise config.ConfigError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: give each once")
-            studies = {}
-            for seed in args.seeds:  # every seed's configuration and stages, before any folder or lock is made
-                try:
-                    studies[seed] = resolve_study(args.preset, {**overrides, "seed": seed})
-                except config.ConfigError as error:
-                    raise config.ConfigError(f"seed {seed}: {error}") from None
-                studies[seed].steps(args.stages)
-            refuse_other_kind(run_dir, "run")
-            summary = run_seeds(run_dir, args.seeds, lambda seed: run_study(
-                studies[seed], f"seed-{seed}", overwrite=args.overwrite, runs_root=run_dir, engine=args.engine,
-                only=args.stages))
-            print(f"across seeds {summary['seeds']}: {run_dir / 'seeds'}")
-        else:
-            if args.seeds:
-                overrides["seed"] = args.seeds[0]
-            run_study(resolve_study(args.preset, overrides), run_id, overwrite=args.overwrite,
-                      runs_root=args.runs_root, engine=args.engine, only=args.stages)
-        return 0
+        return _run(args)
     except (config.ConfigError, StepConfigChanged, RunLocked, UpstreamMissing, ValueError, FileExistsError) as err:
         print(f"synthflaw: error: {err}", file=sys.stderr)
         return 2

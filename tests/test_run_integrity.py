@@ -127,6 +127,35 @@ def marker(run_dir: Path, name: str) -> dict:
     return json.loads((run_dir / name / "done.json").read_text())
 
 
+def test_the_lifecycle_decides_skip_reset_resume_and_refuse_for_both_engines(tmp_path, fake_stages):
+    from synthflaw.runs import decide
+
+    run_dir = fake_run(tmp_path)
+    cfg = config.resolve("smoke")
+    sft = Step(run_dir, "06", "natural")
+    assert decide(sft, cfg).action == "skip"
+    # an upstream it read ran again in this run (the runner's case): it runs again, the reason named
+    again = decide(sft, cfg, ran={"04_continued_pretraining/natural"})
+    assert (again.action, again.reason) == ("reset", "04_continued_pretraining/natural ran again in this run")
+    # its own products edited: stale; refused unless overwrite (a notebook asks with the products' digests)
+    (sft.path / "model" / "weights.bin").write_text("edited")
+    fresh = runs.Freshness(run_dir)
+    with pytest.raises(runs.StepStale, match="06_sft/natural is stale: model/weights.bin changed"):
+        decide(sft, cfg, causes=lambda step, marker: fresh.causes(step.name))
+    assert decide(sft, cfg, overwrite=True, causes=lambda step, marker: fresh.causes(step.name)).action == "reset"
+    # another configuration: refused unless overwrite
+    other = config.resolve("smoke", {"sft.learning_rate": 0.123})
+    with pytest.raises(StepConfigChanged, match="ran with a different configuration"):
+        decide(sft, other)
+    assert decide(sft, other, overwrite=True).action == "reset"
+    # started, not finished: resumed, unless what it may read ran again since it started
+    (sft.path / "done.json").unlink()
+    assert decide(sft, cfg).action == "resume"
+    assert decide(sft, cfg, ran={"03_base_model"}, restart_after=["03_base_model"]).action == "reset"
+    assert decide(Step(run_dir, "06", "elsewhere"), cfg).action == "run"
+    assert decide(sft, cfg, reset=True).action == "reset"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 1. The provenance chain
 # --------------------------------------------------------------------------------------------------------------
