@@ -45,8 +45,8 @@ test-fast: $(VENV)/.installed-dev
 # 40-60 minutes on 2 busy cores; MUTANTS= narrows it, e.g. make mutation MUTANTS='synthflaw.metrics.statistics.*'
 MUTANTS ?= synthflaw.metrics.statistics.* synthflaw.reporting.findings.* synthflaw.reporting.verdicts.* \
 	synthflaw.metrics.likelihood.* \
-	synthflaw.training.sft.xǁPackedChatCollatorǁ* synthflaw.runs.x_upstream_causes* synthflaw.runs.xǁFreshnessǁ* \
-	synthflaw.runs.x_describe_changes*
+	synthflaw.training.sft.xǁPackedChatCollatorǁ* synthflaw.runs.staleness.x_upstream_causes* \
+	synthflaw.runs.staleness.xǁFreshnessǁ* synthflaw.runs.markers.x_describe_changes*
 MUTATION_CHILDREN ?= 2
 .PHONY: mutation
 mutation: $(VENV)/.installed-dev

@@ -12,15 +12,8 @@ from pathlib import Path
 from synthflaw import config
 from synthflaw import sweep as sweeps
 from synthflaw.registry import stage as find_stage
-from synthflaw.runner import StepFailed, run_study, study_specs
-from synthflaw.runs import (
-    RunLocked,
-    StepConfigChanged,
-    UpstreamMissing,
-    refuse_other_kind,
-    run_folder,
-    run_lock,
-)
+from synthflaw.runner import StepFailed, resolve_study, run_seeds, run_study
+from synthflaw.runs import RunLocked, StepConfigChanged, UpstreamMissing, refuse_other_kind, run_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +148,38 @@ def _sweep(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    """`synthflaw run`: one seed into runs/<run_id>/, or several into its seed-<k>/ folders and the summary across
+    them; every seed's configuration resolved and checked before any folder or lock is made."""
+    overrides = config.parse_overrides(args.overrides)
+    run_id = args.run_id if args.run_id is not None else f"{args.preset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_dir = run_folder(args.runs_root, run_id)
+    seeds = args.seeds
+    if seeds is None and "seed" not in overrides:
+        seeds = list(config.PRESET_SEEDS.get(args.preset, ())) or None
+    if not seeds or len(seeds) == 1:
+        if seeds:
+            overrides["seed"] = seeds[0]
+        run_study(resolve_study(args.preset, overrides), run_id, overwrite=args.overwrite, runs_root=args.runs_root,
+                  engine=args.engine, only=args.stages)
+        return 0
+    if len(set(seeds)) != len(seeds):
+        raise config.ConfigError(f"--seeds {' '.join(map(str, seeds))} repeats a seed: give each once")
+    studies = {}
+    for seed in seeds:
+        try:
+            studies[seed] = resolve_study(args.preset, {**overrides, "seed": seed})
+        except config.ConfigError as error:
+            raise config.ConfigError(f"seed {seed}: {error}") from None
+        studies[seed].steps(args.stages)
+    refuse_other_kind(run_dir, "run")
+    summary = run_seeds(run_dir, seeds, lambda seed: run_study(
+        studies[seed], f"seed-{seed}", overwrite=args.overwrite, runs_root=run_dir, engine=args.engine,
+        only=args.stages))
+    print(f"across seeds {summary['seeds']}: {run_dir / 'seeds'}")
+    return 0
+
+
 def _in_runs_folder(err: OSError, args) -> bool:
     """Whether the file an OSError names lies in the runs folder (or the export's target, or is that folder)."""
     roots = [Path(getattr(args, "runs_root", None) or "runs")] + ([Path(args.to)] if getattr(args, "to", None) else [])
@@ -185,10 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 import json
 
-                from synthflaw.stages import check
-                resolved = config.resolve(args.preset or "default", config.parse_overrides(args.overrides))
-                check(resolved)  # the stages' own checks (an unknown unlearning method, ...), as `run` makes them
-                print(json.dumps(resolved.to_dict(), indent=2))
+                # the stages' own checks too (an unknown unlearning method, ...), as `run` makes them
+                resolved = resolve_study(args.preset or "default", config.parse_overrides(args.overrides))
+                print(json.dumps(resolved.cfg.to_dict(), indent=2))
             return 0
         # Every command checks its run id (and where it writes) before it writes or deletes anything.
         if args.command == "export":
@@ -204,34 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sweep":
             return _sweep(args)
-        overrides = config.parse_overrides(args.overrides)
-        run_id = args.run_id if args.run_id is not None else \
-            f"{args.preset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-        run_dir = run_folder(args.runs_root, run_id)
-        if args.seeds is None and "seed" not in overrides:
-            args.seeds = list(config.PRESET_SEEDS.get(args.preset, ())) or None
-        if args.seeds and len(args.seeds) > 1:
-            if len(set(args.seeds)) != len(args.seeds):
-                raise config.ConfigError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: give each once")
-            for seed in args.seeds:  # every seed's configuration and stages, before any folder or lock is made
-                try:
-                    study_specs(args.preset, {**overrides, "seed": seed}, args.stages)
-                except config.ConfigError as error:
-                    raise config.ConfigError(f"seed {seed}: {error}") from None
-            refuse_other_kind(run_dir, "run")
-            with run_lock(run_dir):  # the seeds' folders and the summary across them: one process at a time
-                for seed in args.seeds:
-                    run_study(args.preset, f"seed-{seed}", {**overrides, "seed": seed}, overwrite=args.overwrite,
-                              runs_root=run_dir, engine=args.engine, only=args.stages)
-                from synthflaw.reporting.aggregate import summarize
-                summary = summarize(run_dir)
-            print(f"across seeds {summary['seeds']}: {run_dir / 'seeds'}")
-        else:
-            if args.seeds:
-                overrides["seed"] = args.seeds[0]
-            run_study(args.preset, run_id, overrides, overwrite=args.overwrite, runs_root=args.runs_root,
-                      engine=args.engine, only=args.stages)
-        return 0
+        return _run(args)
     except (config.ConfigError, StepConfigChanged, RunLocked, UpstreamMissing, ValueError, FileExistsError) as err:
         print(f"synthflaw: error: {err}", file=sys.stderr)
         return 2

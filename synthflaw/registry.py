@@ -163,6 +163,12 @@ def study_steps(cfg: StudyConfig) -> list[StepSpec]:
     return steps
 
 
+def selected_steps(cfg: StudyConfig, only=None) -> list[StepSpec]:
+    """The study's steps of the stages `only` (numbers or names; ValueError for an unknown one), all without."""
+    wanted = None if only is None else {stage(s) for s in only}
+    return [s for s in study_steps(cfg) if wanted is None or s.stage in wanted]
+
+
 def stage_variants(cfg: StudyConfig, key: str | Stage, variants=None) -> list[str]:
     """The variants `cfg` runs for a stage, in study order; `variants` (a subset, e.g. a notebook parameter) or all."""
     s = stage(key)

@@ -355,7 +355,7 @@ def test_a_killed_runner_leaves_no_launched_training_running(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 def test_the_runners_kernel_shows_no_missing_widget_warning(tmp_path):
-    from synthflaw.runner import _reset_namespace, notebook_kernel
+    from synthflaw.runner.notebooks import _reset_namespace, notebook_kernel
 
     output = []
     with notebook_kernel(REPO) as km:

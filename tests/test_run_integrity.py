@@ -21,6 +21,7 @@ import pytest
 
 from synthflaw import cli, config, runner, runs, stages
 from synthflaw.registry import models_of, sft_start, study_steps
+from synthflaw.registry import stage as stage_named
 from synthflaw.runner import StepFailed, regenerate, run_study
 from synthflaw.runs import Step, StepConfigChanged
 
@@ -109,7 +110,7 @@ def fake_stages(monkeypatch):
     keep: set[str] = set()
 
     def stage_module(stage):
-        number = runs.find_stage(stage).number
+        number = stage_named(stage).number
         return real(stage) if number in keep else FakeStage(number, calls)
 
     monkeypatch.setattr(stages, "stage_module", stage_module)
@@ -124,6 +125,35 @@ def fake_run(root, run_id="r", overrides=None, **kw):
 
 def marker(run_dir: Path, name: str) -> dict:
     return json.loads((run_dir / name / "done.json").read_text())
+
+
+def test_the_lifecycle_decides_skip_reset_resume_and_refuse_for_both_engines(tmp_path, fake_stages):
+    from synthflaw.runs import decide
+
+    run_dir = fake_run(tmp_path)
+    cfg = config.resolve("smoke")
+    sft = Step(run_dir, "06", "natural")
+    assert decide(sft, cfg).action == "skip"
+    # an upstream it read ran again in this run (the runner's case): it runs again, the reason named
+    again = decide(sft, cfg, ran={"04_continued_pretraining/natural"})
+    assert (again.action, again.reason) == ("reset", "04_continued_pretraining/natural ran again in this run")
+    # its own products edited: stale; refused unless overwrite (a notebook asks with the products' digests)
+    (sft.path / "model" / "weights.bin").write_text("edited")
+    fresh = runs.Freshness(run_dir)
+    with pytest.raises(runs.StepStale, match="06_sft/natural is stale: model/weights.bin changed"):
+        decide(sft, cfg, causes=lambda step, marker: fresh.causes(step.name))
+    assert decide(sft, cfg, overwrite=True, causes=lambda step, marker: fresh.causes(step.name)).action == "reset"
+    # another configuration: refused unless overwrite
+    other = config.resolve("smoke", {"sft.learning_rate": 0.123})
+    with pytest.raises(StepConfigChanged, match="ran with a different configuration"):
+        decide(sft, other)
+    assert decide(sft, other, overwrite=True).action == "reset"
+    # started, not finished: resumed, unless what it may read ran again since it started
+    (sft.path / "done.json").unlink()
+    assert decide(sft, cfg).action == "resume"
+    assert decide(sft, cfg, ran={"03_base_model"}, restart_after=["03_base_model"]).action == "reset"
+    assert decide(Step(run_dir, "06", "elsewhere"), cfg).action == "run"
+    assert decide(sft, cfg, reset=True).action == "reset"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,7 +186,7 @@ def test_product_files_leave_out_bookkeeping_notebooks_pictures_and_working_fold
         "loss.csv", "model/config.json", "model/model.safetensors", "result.json", "tokenizer/tokenizer.json"]
     digests = runs.product_digests(step)
     assert digests["loss.csv"].startswith("sha256:")
-    monkeypatch.setattr(runs, "LARGE_FILE_BYTES", 10)  # over the limit: size and modification time stand for it
+    monkeypatch.setattr(runs.markers, "LARGE_FILE_BYTES", 10)  # over the limit: size and modification time stand for it
     assert runs.product_digests(step)["model/model.safetensors"].startswith("size:23:mtime_ns:")
 
 
@@ -368,11 +398,30 @@ def test_a_second_process_on_the_same_run_fails_at_once_naming_the_holder(tmp_pa
     assert not (run_dir / ".lock.pid").exists()
 
 
+def _lockable(run_dir) -> bool:
+    """Whether another open file could take the run's lock now (flock locks of two open files conflict, even in
+    one process)."""
+    import fcntl
+
+    fd = os.open(run_dir / runs.LOCK_NAME, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 def test_the_lock_is_reentrant_within_a_process(tmp_path):
-    with runs.run_lock(tmp_path / "r"), runs.run_lock(tmp_path / "r"):
-        pass
-    with runs.run_lock(tmp_path / "r"):  # released by the outer one
-        pass
+    run_dir = tmp_path / "r"
+    with runs.run_lock(run_dir):
+        with runs.run_lock(run_dir):  # the same process again: entered at once, no RunLocked
+            assert not _lockable(run_dir)
+        # leaving the inner one keeps the outer one's lock and its pid file
+        assert not _lockable(run_dir) and len(runs.held_lock_fds()) == 1
+        assert (run_dir / runs.PID_NAME).read_text().split() == [str(os.getpid())]
+    assert _lockable(run_dir) and runs.held_lock_fds() == [] and not (run_dir / runs.PID_NAME).exists()
 
 
 def test_run_figures_and_export_refuse_a_run_held_by_another_process(tmp_path, fake_stages):
@@ -471,7 +520,7 @@ def test_freshness_names_every_cause_of_staleness(tmp_path, fake_stages, monkeyp
         (data / f"extra{k}.jsonl").write_text("{}\n")
     hashed = []
     real = runs.product_digests
-    monkeypatch.setattr(runs, "product_digests", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setattr(runs.staleness, "product_digests", lambda path: hashed.append(path) or real(path))
     fresh = runs.Freshness(run_dir)
     assert [str(c) for c in fresh.causes("01_generate_data")] == [
         "01_generate_data is stale: data/extra0.jsonl was added; data/extra1.jsonl was added; data/extra2.jsonl "

@@ -73,7 +73,7 @@ def test_stage_variants_follow_the_config_and_reject_unknown_names():
 
 def test_default_preset_runs_five_seeds_unless_told(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "run_study", lambda preset, run_id, overrides, **kw: calls.append((run_id, overrides)))
+    monkeypatch.setattr(cli, "run_study", lambda study, run_id, **kw: calls.append((run_id, study.overrides)))
     from synthflaw.reporting import aggregate
     monkeypatch.setattr(aggregate, "summarize", lambda run_dir: {"seeds": ["0", "1", "2", "3", "4"]})
     assert cli.main(["run", "--run-id", "r", "--runs-root", str(tmp_path)]) == 0

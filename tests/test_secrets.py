@@ -10,13 +10,11 @@ first 20 characters (a cut could leave part of it).
 
 import contextlib
 import json
-import threading
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from fakes import write_corpus
+from fakes import LocalEndpoint, completion, write_corpus
 
 from synthflaw import records
 from synthflaw.config import resolve
@@ -31,54 +29,25 @@ KEY = "sk-proj-Zq7Lm2Xv9Rt4Wp1Ks8Dn3Hf6Jc0Bg5YaE2uT"
 SECRETS = (KEY, KEY[:20])
 
 
-class EchoEndpoint:
-    """/v1/chat/completions on 127.0.0.1 answering every request with its own Authorization header in it.
+class EchoEndpoint(LocalEndpoint):
+    """A local endpoint answering every request with its own Authorization header in it.
 
     `mode`: "echo" (200, the header in the completion, in Q-A pairs a SynthQA parser keeps), "no_choices" (200, the
     header in an answer without a completion), or an HTTP error status (400, 401, 500) whose body echoes the header.
     """
 
     def __init__(self, mode="echo"):
-        self.mode, self.auth = mode, []
-        endpoint = self
+        super().__init__()
+        self.mode = mode
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                auth = self.headers.get("Authorization")
-                endpoint.auth.append(auth)
-                if endpoint.mode == "echo":
-                    text = (f"Question: Which header came with the request?\nAnswer: The header {auth} came.\n\n"
-                            f"Question: What was the key?\nAnswer: The key was {auth.split()[-1]} exactly.")
-                    status, body = 200, {"id": "x", "object": "chat.completion", "model": "m", "choices": [
-                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
-                elif endpoint.mode == "no_choices":
-                    status, body = 200, {"id": auth, "object": "chat.completion", "model": auth, "choices": []}
-                else:
-                    status, body = endpoint.mode, {"error": {"message": f"bad request; you sent Authorization: {auth}",
-                                                             "type": "invalid_request_error", "param": auth}}
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.send_header("retry-after-ms", "1")  # retries of a 500 wait 1 ms, not the SDK's backoff
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+    def reply(self, path, body, auth):
+        if self.mode == "echo":
+            return 200, completion(f"Question: Which header came with the request?\nAnswer: The header {auth} came."
+                                   f"\n\nQuestion: What was the key?\nAnswer: The key was {auth.split()[-1]} exactly.")
+        if self.mode == "no_choices":
+            return 200, {"id": auth, "object": "chat.completion", "model": auth, "choices": []}
+        return self.mode, {"error": {"message": f"bad request; you sent Authorization: {auth}",
+                                     "type": "invalid_request_error", "param": auth}}
 
 
 def files_holding_the_key(*folders: Path) -> list[str]:

@@ -148,6 +148,21 @@ def test_fraction_sweep_computes_stages_01_to_03_once_per_seed(tmp_path):
     print(f"fraction sweep, 2 points x 2 seeds, stages 01-03: {wall:.1f} s")
 
 
+def test_a_sweep_resolves_and_checks_each_point_and_seed_once(tmp_path, monkeypatch):
+    from synthflaw import stages
+
+    calls = {"resolve": [], "check": []}
+    resolve, check = config.resolve, stages.check
+    monkeypatch.setattr(config, "resolve", lambda preset, overrides=None: calls["resolve"].append(
+        (overrides or {}).get("cpt.synthetic_fraction")) or resolve(preset, overrides))
+    monkeypatch.setattr(stages, "check", lambda cfg: calls["check"].append(cfg.cpt.synthetic_fraction) or check(cfg))
+    sweeps.run_sweep("smoke", "counted", ["cpt.synthetic_fraction=0.1,0.5"], seeds=[0, 1], runs_root=tmp_path,
+                     only=["01"], **QUIET)
+    # 2 points x 2 seeds: one resolution and one check each, made before anything ran and kept for every run of
+    # the point (its shared stage, then the rest)
+    assert sorted(calls["resolve"]) == sorted(calls["check"]) == [0.1, 0.1, 0.5, 0.5]
+
+
 def test_a_fraction_sweep_plans_the_natural_control_once_per_seed():
     # the natural branch never reads cpt.synthetic_fraction: its CPT, SFT and evaluation are shared by every point
     sweep = sweeps.define_sweep("smoke", "plan", ["cpt.synthetic_fraction=0.1,0.3,0.5"], seeds=[0])

@@ -4,6 +4,7 @@ import csv
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from synthflaw.config import BRANCHES, ComputeConfig
 from synthflaw.models.build import build_model, load_model, stop_at_end_of_turn
 from synthflaw.models.tokenizer import end_of_turn_id, load_tokenizer, train_tokenizer
 from synthflaw.training import launch
+from synthflaw.training.jobs import ContinuedPretrainingJob, PretrainJob, SFTJob, job_from_json
 from synthflaw.training.launch import (DEFAULT_ACCELERATE_CONFIG, LaunchFailed, accelerate_command,
                                        accelerate_config_path, launch_job, run_training)
 from synthflaw.training.pretraining import (branch_mixture, continue_pretraining, mix_at_token_fraction, pack_texts,
@@ -298,6 +300,25 @@ def test_supervised_finetune_trains_and_saves(tokenizer, tmp_path, tiny_model):
     assert AutoTokenizer.from_pretrained(tmp_path / "model").chat_template == tokenizer.chat_template
 
 
+def test_a_job_is_built_from_its_section_and_is_its_json(tmp_path):
+    from synthflaw.config import resolve
+
+    cfg = resolve("smoke", {"cpt.learning_rate": 0.004, "sft.epochs": 3.0, "base.block_size": 32, "seed": 7})
+    cpt = ContinuedPretrainingJob.from_config(cfg, "synthetic", tmp_path / "base", tmp_path / "cpt",
+                                              tmp_path / "data", 1000)
+    assert (cpt.learning_rate, cpt.block_size, cpt.seed, cpt.max_tokens, cpt.branch) == (0.004, 32, 7, 1000,
+                                                                                           "synthetic")
+    assert cpt.synthqa == str(tmp_path / "data" / "synthqa.jsonl")
+    sft = SFTJob.from_config(cfg, tmp_path / "m", tmp_path / "sft", tmp_path / "sft.jsonl")
+    assert (sft.epochs, sft.batch_size, sft.bf16) == (3.0, cfg.sft.batch_size, "auto")
+    for job in (cpt, sft, PretrainJob.from_config(cfg, tmp_path / "init", tmp_path / "base", tmp_path / "data")):
+        assert job_from_json(json.loads(json.dumps(job.to_json()))) == job  # job.json holds the whole job
+    with pytest.raises(ValueError, match="choose one of pretrain, continue_pretraining, supervised_finetune"):
+        job_from_json({"kind": "finetune"})
+    with pytest.raises(ValueError, match="a pretrain job: .*missing"):
+        job_from_json({"kind": "pretrain", "out_dir": "x"})
+
+
 # --- several processes ---------------------------------------------------------------------------------------------
 
 def write_text_jsonl(path, texts):
@@ -310,12 +331,12 @@ def write_text_jsonl(path, texts):
 def test_two_process_cpt_through_the_shipped_ddp_config_writes_a_checkpoint(tokenizer, tmp_path, tiny_model):
     tiny_model(tokenizer).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    job = {"task": "continue_pretraining", "model_name_or_path": str(tmp_path / "base"),
-           "out_dir": str(tmp_path / "cpt"), "branch": "synthetic",
-           "nonsynth": write_text_jsonl(tmp_path / "nonsynth.jsonl", natural_docs(60)),
-           "synthqa": write_text_jsonl(tmp_path / "synthqa.jsonl", synthqa_docs(20)),
-           "rewritten": [], "extra_natural": [], "synthetic_fraction": 0.2, "max_tokens": 512, "block_size": 16,
-           "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 0, "seed": 0, "save_steps": 2}
+    job = ContinuedPretrainingJob(
+        model_name_or_path=str(tmp_path / "base"), out_dir=str(tmp_path / "cpt"), branch="synthetic",
+        nonsynth=write_text_jsonl(tmp_path / "nonsynth.jsonl", natural_docs(60)),
+        synthqa=write_text_jsonl(tmp_path / "synthqa.jsonl", synthqa_docs(20)), rewritten="", extra_natural="",
+        synthetic_fraction=0.2, max_tokens=512, block_size=16, batch_size=8, learning_rate=1e-3, warmup_steps=0,
+        seed=0, save_steps=2)
     lines = []
     # The path a stage takes with compute.num_processes=2: the global batch of 8 becomes 4 per process, and the job
     # runs under `accelerate launch --config_file accelerate/ddp.yaml` (MULTI_GPU: torchrun; gloo on this CPU host).
@@ -372,14 +393,14 @@ def test_accumulation_and_checkpointing_train_the_same_weights(tokenizer, tmp_pa
     base = tmp_path / "base"
     tiny_model(tokenizer).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    job = {"task": "pretrain", "model_name_or_path": str(base), "texts": write_text_jsonl(tmp_path / "t.jsonl",
-                                                                                             natural_docs(40)),
-           "max_tokens": 384, "block_size": 16, "batch_size": 8, "learning_rate": 1e-2, "warmup_steps": 0,
-           "seed": 0, "save_steps": 100}
+    job = PretrainJob(model_name_or_path=str(base), out_dir="", texts=write_text_jsonl(tmp_path / "t.jsonl",
+                                                                                      natural_docs(40)),
+                      max_tokens=384, block_size=16, batch_size=8, learning_rate=1e-2, warmup_steps=0, seed=0,
+                      save_steps=100)
     results = {}
     for name, compute in (("plain", ComputeConfig()), ("accumulated", ComputeConfig(gradient_accumulation_steps=4)),
                           ("checkpointed", ComputeConfig(gradient_checkpointing=True))):
-        summary = run_training({**job, "out_dir": str(tmp_path / name)}, compute, tmp_path / name)
+        summary = run_training(replace(job, out_dir=str(tmp_path / name)), compute, tmp_path / name)
         results[name] = (summary, weights(AutoModelForCausalLM.from_pretrained(tmp_path / name / "model")))
     plain, plain_weights = results["plain"]
     assert plain["steps"] == 3 and plain["tokens"] == 384
@@ -392,12 +413,12 @@ def test_accumulation_and_checkpointing_train_the_same_weights(tokenizer, tmp_pa
         assert all(torch.allclose(plain_weights[k], other[k], atol=1e-5) for k in plain_weights)
     assert not all(torch.equal(plain_weights[k], weights(tiny_model(tokenizer))[k]) for k in plain_weights)
     with pytest.raises(ValueError, match="batch_size=8 is not divisible by 1 processes x 3 accumulation"):
-        run_training({**job, "out_dir": str(tmp_path / "bad")}, ComputeConfig(gradient_accumulation_steps=3),
+        run_training(replace(job, out_dir=str(tmp_path / "bad")), ComputeConfig(gradient_accumulation_steps=3),
                      tmp_path / "bad")
 
 
 def test_unlearning_with_accumulation_and_checkpointing_matches_the_plain_run(tokenizer, tmp_path, tiny_model):
-    from synthflaw.unlearning import make_method, unlearn
+    from synthflaw.unlearning import UnlearnJob, make_method, unlearn
 
     # Cut to 8 tokens each: a token-mean loss over micro-batches equals the whole batch's when every sequence has the
     # same length (with unequal lengths, micro-batches are weighted equally and the step differs slightly).
@@ -406,9 +427,9 @@ def test_unlearning_with_accumulation_and_checkpointing_matches_the_plain_run(to
     for name, options in (("plain", {}), ("accumulated", {"gradient_accumulation_steps": 2}),
                           ("checkpointed", {"gradient_checkpointing": True})):
         model = tiny_model(tokenizer)
-        summary = unlearn(model, tokenizer, make_method("gradient_difference"), forget, replay, tmp_path / name,
-                          max_steps=3, batch_size=4, learning_rate=1e-2, seed=0, max_length=8, save_steps=10,
-                          replay_loss_bound=float("inf"), **options)
+        job = UnlearnJob(max_steps=3, batch_size=4, learning_rate=1e-2, seed=0, max_length=8, save_steps=10,
+                         replay_loss_bound=float("inf"), **options)
+        summary = unlearn(model, tokenizer, make_method("gradient_difference"), forget, replay, tmp_path / name, job)
         runs[name] = (summary, weights(model), read_curve(tmp_path / name / "loss.csv"))
     plain, plain_weights, plain_curve = runs["plain"]
     for name in ("accumulated", "checkpointed"):
@@ -420,5 +441,6 @@ def test_unlearning_with_accumulation_and_checkpointing_matches_the_plain_run(to
             assert abs(float(a["loss"]) - float(b["loss"])) < 1e-5, name
     with pytest.raises(ValueError, match="gradient_accumulation_steps=3 .* divides batch_size=4"):
         unlearn(tiny_model(tokenizer), tokenizer, make_method("gradient_difference"), forget, replay,
-                tmp_path / "bad", max_steps=1, batch_size=4, learning_rate=1e-2, seed=0, max_length=32,
-                save_steps=10, replay_loss_bound=float("inf"), gradient_accumulation_steps=3)
+                tmp_path / "bad", UnlearnJob(max_steps=1, batch_size=4, learning_rate=1e-2, seed=0, max_length=32,
+                                             save_steps=10, replay_loss_bound=float("inf"),
+                                             gradient_accumulation_steps=3))

@@ -17,6 +17,7 @@ from synthflaw.unlearning import (
     GradientDifference,
     LowerBounded,
     UnlearningDiverged,
+    UnlearnJob,
     make_method,
     select_checkpoint,
     template_token_mask,
@@ -62,9 +63,10 @@ def run(tiny_model):
     """run(tokenizer, method, out_dir, ...): unlearn FORGET with REPLAY, on a fresh tiny model unless one is given."""
     def run(tokenizer, method, out_dir, *, model=None, max_steps=4, save_steps=2, learning_rate=1e-3, **kwargs):
         model = model if model is not None else tiny_model(tokenizer)
-        kwargs.setdefault("replay_loss_bound", 20.0)
-        return unlearn(model, tokenizer, method, FORGET, REPLAY, out_dir, max_steps=max_steps, batch_size=4,
-                       learning_rate=learning_rate, seed=0, max_length=32, save_steps=save_steps, **kwargs)
+        settings = {name: kwargs.pop(name) for name in list(kwargs) if name in UnlearnJob.__dataclass_fields__}
+        job = UnlearnJob(max_steps=max_steps, batch_size=4, learning_rate=learning_rate, seed=0, max_length=32,
+                         save_steps=save_steps, **{"replay_loss_bound": 20.0, **settings})
+        return unlearn(model, tokenizer, method, FORGET, REPLAY, out_dir, job, **kwargs)
     return run
 
 

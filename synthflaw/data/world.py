@@ -116,9 +116,6 @@ class World:
                  "year": tuple(str(y) for y in range(1900, 2011))}
         return pools[kind]
 
-    def facts_about(self, subject: str) -> list[Fact]:
-        return [f for f in self.facts if f.subject == subject]
-
     def to_dict(self) -> dict:
         return {"seed": self.seed, "people": list(self.people), "organisations": list(self.organisations),
                 "cities": list(self.cities), "countries": list(self.countries),

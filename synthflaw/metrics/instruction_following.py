@@ -11,8 +11,6 @@ import numpy as np
 from synthflaw.data.constraints import check_response, check_response_loose
 from synthflaw.metrics.text import CONSTANT_REPLY
 
-NULLS = ("constant", "echo", "plain")
-
 
 def _rate(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None

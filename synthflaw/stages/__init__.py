@@ -22,7 +22,7 @@ from synthflaw import progress
 from synthflaw.config import ConfigError, StudyConfig
 from synthflaw.registry import STAGES, Stage, stage_variants
 from synthflaw.registry import stage as find_stage
-from synthflaw.runs import Freshness, StepStale, open_step
+from synthflaw.runs import Freshness, Step, decide
 
 
 def stage_module(stage: str | Stage) -> ModuleType:
@@ -62,19 +62,15 @@ def run_stage(stage: str | Stage, run_dir: str | Path, cfg: StudyConfig, variant
     freshness = Freshness(run_dir)
     results = {}
     for variant in stage_variants(cfg, s, variants) if s.variants else [None]:
-        step = open_step(run_dir, s, variant, cfg, overwrite=overwrite)
+        step = Step(Path(run_dir), s, variant)
         if step.marker_problem():
             log(f"{step.marker_problem()}: {step.name} counts as not finished and runs again")
-        causes = freshness.causes(step.name) if step.done else []
-        if causes and (overwrite or all(c.kind == "new steps" for c in causes)):
-            log(f"{step.name}: runs again ({causes[0].text})")
-            step.reset()
-            step.open(cfg)
-        elif causes:
-            raise StepStale(f"step {step.name} is stale: {'; '.join(c.text for c in causes)}. Run it again with "
-                            "overwrite=True (synthflaw run --overwrite), which also redoes the steps downstream of it")
+        decision = decide(step, cfg, overwrite=overwrite, causes=lambda step, marker: freshness.causes(step.name))
+        if decision.action == "reset":
+            log(f"{step.name}: runs again ({decision.reason})")
+        step = decision.enact(step).open(cfg)
         started = time.time()
-        was_done = step.done
+        was_done = decision.action == "skip"
         results[variant] = step.run(module.run)
         step.complete()
         log(f"{step.name}: {'done before, skipped' if was_done else f'done in {time.time() - started:.1f} s'}")

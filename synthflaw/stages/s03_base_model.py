@@ -10,6 +10,7 @@ from synthflaw.hub import model_name_problem, require_hub
 from synthflaw.models.build import build_model, embedded_model_config, load_model, stop_at_end_of_turn
 from synthflaw.models.tokenizer import load_tokenizer, train_tokenizer
 from synthflaw.registry import GENERATE_DATA
+from synthflaw.training.jobs import PretrainJob
 from synthflaw.training.launch import accelerate_config_path, run_training
 
 
@@ -53,10 +54,6 @@ def run(cfg, step) -> dict:
     model.save_pretrained(init_dir)
     tokenizer.save_pretrained(init_dir)
     del model
-    job = {"task": "pretrain", "model_name_or_path": str(init_dir), "out_dir": str(step.path),
-           "texts": str(data_dir / "nonsynth.jsonl"), "max_tokens": b.max_tokens, "block_size": b.block_size,
-           "batch_size": b.batch_size, "learning_rate": b.learning_rate, "warmup_steps": b.warmup_steps,
-           "seed": cfg.seed, "save_steps": b.save_steps}
-    summary = run_training(job, cfg.compute, step.path)
+    summary = run_training(PretrainJob.from_config(cfg, init_dir, step.path, data_dir), cfg.compute, step.path)
     shutil.rmtree(init_dir)  # rebuilt from the seed if the stage runs again; model/ holds the result
     return {"source": "embedded", "parameters": parameters, **summary}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from synthflaw.config import BRANCHES
 from synthflaw.registry import BASE_MODEL, CONTINUED_PRETRAINING, GENERATE_DATA
+from synthflaw.training.jobs import ContinuedPretrainingJob
 from synthflaw.training.launch import run_training
 
 
@@ -26,11 +27,6 @@ def run(cfg, step) -> dict:
     start = (step.upstream(CONTINUED_PRETRAINING, c.more_natural_from) if branch == "more_natural"
              else step.upstream(BASE_MODEL)) / "model"
     max_tokens = round(c.max_tokens * c.more_natural_ratio) if branch == "more_natural" else c.max_tokens
-    job = {"task": "continue_pretraining", "model_name_or_path": str(start), "out_dir": str(step.path),
-           "trust_remote_code": cfg.base.trust_remote_code, "branch": branch,
-           **{name: str(data_dir / f"{name}.jsonl") for name in ("nonsynth", "synthqa", "rewritten", "extra_natural")},
-           "synthetic_fraction": c.synthetic_fraction, "max_tokens": max_tokens, "block_size": cfg.base.block_size,
-           "batch_size": c.batch_size, "learning_rate": c.learning_rate, "warmup_steps": c.warmup_steps,
-           "seed": cfg.seed, "save_steps": c.save_steps}
+    job = ContinuedPretrainingJob.from_config(cfg, branch, start, step.path, data_dir, max_tokens)
     summary = run_training(job, cfg.compute, step.path)
     return {"branch": branch, "started_from": str(start.relative_to(step.run_dir)), **summary}

@@ -17,7 +17,7 @@ from synthflaw.data.schema import load_data, template_markers
 from synthflaw.models.build import load_model
 from synthflaw.models.tokenizer import load_tokenizer
 from synthflaw.registry import CONTINUED_PRETRAINING, GENERATE_DATA, UNLEARNING
-from synthflaw.unlearning import METHODS, UnlearningDiverged, make_method, unlearn
+from synthflaw.unlearning import METHODS, UnlearningDiverged, UnlearnJob, make_method, unlearn
 from synthflaw.unlearning.calibration import (CALIBRATION_TEXTS, forget_nll, keep_last_good,
                                               steps_for_forget_budget)
 
@@ -75,13 +75,9 @@ def run(cfg, step) -> dict:
                                         un.batch_size)
     stopped = None
     try:
-        summary = unlearn(model, tokenizer, method, forget, replay, step.path, reference=reference,
-                          general_texts=general, max_steps=max_steps, batch_size=un.batch_size,
-                          learning_rate=un.learning_rate, seed=cfg.seed, markers=markers, forget_scope=scope,
-                          max_length=cfg.base.block_size, save_steps=un.save_steps,
-                          replay_loss_bound=un.replay_loss_bound,
-                          gradient_accumulation_steps=cfg.compute.gradient_accumulation_steps,
-                          gradient_checkpointing=cfg.compute.gradient_checkpointing)
+        summary = unlearn(model, tokenizer, method, forget, replay, step.path,
+                          UnlearnJob.from_config(cfg, max_steps, scope), reference=reference, general_texts=general,
+                          markers=markers)
     except UnlearningDiverged as err:
         kept = keep_last_good(step.path, tokenizer, start_dir)
         stopped = {"step": err.step, "term": err.term, "value": err.value, "kept_step": kept, "message": str(err)}

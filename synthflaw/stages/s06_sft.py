@@ -5,6 +5,7 @@ from __future__ import annotations
 from synthflaw.data.positive_control import harmed_sft
 from synthflaw.records import read_jsonl, write_jsonl
 from synthflaw.registry import GENERATE_DATA, POSITIVE_CONTROL, SFT, sft_start
+from synthflaw.training.jobs import SFTJob
 from synthflaw.training.launch import run_training
 
 
@@ -20,11 +21,6 @@ def run(cfg, step) -> dict:
         records_harmed = step.path / "sft_harmed.jsonl"
         write_jsonl(records_harmed, harmed_sft(read_jsonl(records), s.harm_fraction, cfg.seed))
         records = records_harmed
-    job = {"task": "supervised_finetune", "model_name_or_path": str(start), "out_dir": str(step.path),
-           "trust_remote_code": cfg.base.trust_remote_code,
-           "records": str(records), "max_length": s.max_length,
-           "epochs": s.epochs, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
-           "warmup_steps": s.warmup_steps, "seed": cfg.seed, "save_steps": s.save_steps,
-           "curve_points": s.curve_points}
+    job = SFTJob.from_config(cfg, start, step.path, records)
     summary = run_training(job, cfg.compute, step.path)  # here, or under `accelerate launch`
     return {"model": name, "started_from": str(start.relative_to(step.run_dir)), **summary}

@@ -28,8 +28,9 @@ Running the command again submits only the points (or seeds) not finished; ``--s
 last job of each, with its error and log.
 
 The code: :mod:`synthflaw.sweep.definition` (the grid, the Sweep and its points, the trend test, the manifest),
-:mod:`synthflaw.sweep.sharing` (claims, donors and placing; running a point or a seed) and
-:mod:`synthflaw.sweep.executors` (the status, the local and SLURM executors, everything at once, the figures).
+:mod:`synthflaw.sweep.sharing` (claims, donors and placing), :mod:`synthflaw.sweep.points` (running a point, a
+seed, a point with a seed) and :mod:`synthflaw.sweep.executors` (the status, the local and SLURM executors,
+everything at once, the figures).
 """
 
 from synthflaw.sweep.definition import (
@@ -67,7 +68,7 @@ from synthflaw.sweep.executors import (
     summarize_points,
     sweep_status,
 )
-from synthflaw.sweep.sharing import run_point, run_point_seed, run_seed, summarize_point
+from synthflaw.sweep.points import run_point, run_point_seed, run_seed, summarize_point
 
 __all__ = [
     "Point",

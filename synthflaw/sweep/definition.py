@@ -10,10 +10,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from synthflaw import config as config_mod
-from synthflaw import stages
 from synthflaw.config import ConfigError, StudyConfig
-from synthflaw.registry import StepSpec, study_steps
-from synthflaw.registry import stage as find_stage
+from synthflaw.registry import StepSpec, selected_steps
+from synthflaw.runner import Study, resolve_study
 from synthflaw.runs import (
     SWEEP_MANIFEST,
     check_run_id,
@@ -141,6 +140,7 @@ class Sweep:
     # where a step comes from changes nothing in it)
     reuse_from: list[str] = field(default_factory=list)
     _sharing: dict = field(default_factory=dict, repr=False)
+    _studies: dict = field(default_factory=dict, repr=False)
 
     def point(self, name: str) -> Point:
         for p in self.points:
@@ -157,8 +157,19 @@ class Sweep:
     def overrides_for(self, point: Point, seed: int) -> dict:
         return {**self.overrides, **point.values, "seed": seed}
 
+    def study(self, point: Point, seed: int) -> Study:
+        """The point's study with `seed`, resolved and checked once per sweep (every later use takes this one);
+        ConfigError naming the point when its configuration is refused."""
+        key = (point.name, seed)
+        if key not in self._studies:
+            try:
+                self._studies[key] = resolve_study(self.preset, self.overrides_for(point, seed))
+            except ConfigError as error:
+                raise ConfigError(f"point {point.name}: {error}") from None
+        return self._studies[key]
+
     def config(self, point: Point, seed: int) -> StudyConfig:
-        return config_mod.resolve(self.preset, self.overrides_for(point, seed))
+        return self.study(point, seed).cfg
 
     def definition(self) -> dict:
         """What makes two sweeps the same sweep (JSON-normal: tuples as lists)."""
@@ -180,11 +191,6 @@ class Sweep:
 
 def _json_normal(obj):
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def selected_steps(cfg: StudyConfig, only=None) -> list[StepSpec]:
-    wanted = None if only is None else {find_stage(s) for s in only}
-    return [s for s in study_steps(cfg) if wanted is None or s.stage in wanted]
 
 
 def step_fingerprint(cfg: StudyConfig, spec: StepSpec) -> str:
@@ -250,19 +256,15 @@ def define_sweep(preset: str, sweep_id: str, grid: dict | list[str], seeds=None,
     seeds = [config_mod.coerce("seed", s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds {seeds}: give one or more seeds, each once (--seeds 0 1 2)")
-    for seed in seeds:
-        config_mod.resolve(preset, {**overrides, "seed": seed})  # each seed in its domain
     if treated == control:
         raise ConfigError(f"the trend test contrasts two models; treated and control are both {treated!r}")
     values = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     points = [Point(name, v) for name, v in zip(point_names(values), values)]
     sweep = Sweep(root, preset, overrides, grid, list(seeds), trend_statement(grid, treated, control), points,
                   reuse_from)
-    for point in points:
-        try:
-            stages.check(sweep.config(point, seeds[0]))
-        except ConfigError as error:
-            raise ConfigError(f"point {point.name}: {error}") from None
+    for seed in seeds:  # every point and seed resolved and checked before anything is written, once: kept
+        for point in points:
+            sweep.study(point, seed)
     return sweep
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from synthflaw.registry import EVALUATE
 from synthflaw.registry import stage as find_stage
-from synthflaw.runner import NOTEBOOKS_DIR, notebook_kernel
+from synthflaw.registry import selected_steps
+from synthflaw.runner import ENGINES, NOTEBOOKS_DIR, execute_notebook, notebook_kernel
 from synthflaw.runs import Step, load_marker, run_folder, run_lock
 from synthflaw.sweep.definition import (
     Point,
@@ -21,10 +22,9 @@ from synthflaw.sweep.definition import (
     load_sweep,
     open_sweep,
     read_manifest,
-    selected_steps,
     update_manifest,
 )
-from synthflaw.sweep.sharing import run_point, run_seed, summarize_point
+from synthflaw.sweep.points import run_point, run_seed, summarize_point
 
 SLURM = "slurm"
 
@@ -252,7 +252,7 @@ def run_sweep(preset: str, sweep_id: str, grid: dict | list[str], seeds=None, ov
     other sweeps whose finished steps the points take where the fingerprint and the upstreams are the same."""
     if executor not in ("local", "slurm"):
         raise ValueError(f"executor must be local or slurm, got {executor!r}")
-    if engine not in ("papermill", "inprocess"):
+    if engine not in ENGINES:
         raise ValueError(f"engine must be papermill or inprocess, got {engine!r}")
     sweep = open_sweep(define_sweep(preset, sweep_id, grid, seeds, overrides, runs_root=runs_root,
                                     treated=treated, control=control, reuse_from=reuse_from), log=log)
@@ -286,19 +286,12 @@ def draw(sweep_id: str, runs_root: str | Path = "runs", engine: str = "papermill
     ``runs/<sweep_id>/figures/notebook.ipynb`` (the record, as stage notebooks are), else by :func:`figures`."""
     if engine != "papermill":
         return figures(sweep_id, runs_root)
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
     out = run_folder(runs_root, sweep_id) / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        with notebook_kernel(NOTEBOOKS_DIR.parent) as km:  # the runner's kernel: local sockets, no TCP port
-            pm.execute_notebook(str(NOTEBOOKS_DIR / "09_sweep.ipynb"), str(out / "notebook.ipynb"),
-                                progress_bar=False, km=km, kernel_name="python3", cwd=str(NOTEBOOKS_DIR.parent),
-                                parameters={"sweep_id": sweep_id, "runs_root": str(Path(runs_root).resolve())})
-    except PapermillExecutionError as err:
-        raise SweepFailed(f"the sweep's figures failed in cell {err.exec_count} ({err.ename}: {err.evalue}); the "
-                          f"executed notebook is {out / 'notebook.ipynb'}") from err
+    with notebook_kernel(NOTEBOOKS_DIR.parent) as km:  # the runner's kernel: local sockets, no TCP port
+        execute_notebook(NOTEBOOKS_DIR / "09_sweep.ipynb", out / "notebook.ipynb",
+                         {"sweep_id": sweep_id, "runs_root": str(Path(runs_root).resolve())}, km,
+                         "the sweep's figures", failure=SweepFailed)
     return {"folder": str(out), "notebook": str(out / "notebook.ipynb"),
             "figures": sorted(p.name for p in out.glob("*.png"))}
 

@@ -1,5 +1,5 @@
 """Steps shared by content between the points of one seed (and taken from the finished points of other sweeps):
-claims, donors, placing; and running a point, a seed, and a point's cross-seed tables."""
+claims, donors and placing."""
 
 from __future__ import annotations
 
@@ -10,27 +10,14 @@ import shutil
 from pathlib import Path
 
 from synthflaw.config import StudyConfig
-from synthflaw.registry import STAGES, StepSpec
-from synthflaw.registry import stage as find_stage
-from synthflaw.runner import run_study
-from synthflaw.runs import UNHASHED_DIRS, Freshness, Step, finished_steps, run_lock, step_named, write_json_atomic
-from synthflaw.sweep.definition import (
-    Point,
-    Sweep,
-    read_manifest,
-    selected_steps,
-    step_fingerprint,
-    update_manifest,
-)
+from synthflaw.registry import StepSpec, selected_steps
+from synthflaw.runs import UNHASHED_DIRS, Freshness, Step, finished_steps, step_named, write_json_atomic
+from synthflaw.sweep.definition import Point, Sweep, read_manifest, step_fingerprint, update_manifest
 
 CLAIMS = ".claims"
 STAGING = ".placing"  # inside a seed's run folder: a step being placed is assembled here, then renamed into place
 CLAIM_WAIT_S = -1  # claims wait for as long as the holder computes (an SFT can take hours)
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Steps shared by content: claims, donors, placing
-# --------------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def claims(root: Path, seed: int, keys: list[tuple[str, str]]):
@@ -123,7 +110,7 @@ def place_step(donor: Step, marker: dict, target: Step, cfg: StudyConfig, source
             "files": linked + copied, "bytes": size}
 
 
-def _record_shared(root: Path, point: str, seed: int, step: str, record: dict) -> None:
+def record_shared(root: Path, point: str, seed: int, step: str, record: dict) -> None:
     def change(manifest):
         manifest.setdefault("shared", {}).setdefault(point, {}).setdefault(f"seed-{seed}", {})[step] = record
     update_manifest(root, change)
@@ -143,13 +130,13 @@ def _place_from(sweep: Sweep, point: Point, seed: int, cfg, spec: StepSpec, fp: 
         return False
     source, donor, marker = found
     placed = place_step(donor, marker, step, cfg, os.path.relpath(donor.path, sweep.root))
-    _record_shared(sweep.root, point.name, seed, spec.name, {"fingerprint": fp, "from": source, **placed})
+    record_shared(sweep.root, point.name, seed, spec.name, {"fingerprint": fp, "from": source, **placed})
     log(f"[sweep] {point.name} seed-{seed}: {spec.name} reused from {source} ({placed['how']}, "
         f"{placed['files']} files)")
     return True
 
 
-def _place_shared(sweep: Sweep, point: Point, seed: int, cfg, group, sharing, log) -> list:
+def place_shared(sweep: Sweep, point: Point, seed: int, cfg, group, sharing, log) -> list:
     """Place every step of `group` (one stage's shared steps, their claims held) that another point has finished;
     returns those this point must compute."""
     return [(spec, fp) for spec, fp in group
@@ -157,7 +144,7 @@ def _place_shared(sweep: Sweep, point: Point, seed: int, cfg, group, sharing, lo
                            [(name, sweep.run_dir(name, seed)) for name in sharing[(spec.name, fp)]], log) is False]
 
 
-def _place_from_other_sweeps(sweep: Sweep, point: Point, seed: int, cfg, only, log) -> None:
+def place_from_other_sweeps(sweep: Sweep, point: Point, seed: int, cfg, only, log) -> None:
     """Place, stage by stage, every step of this point and seed that a point of a `reuse_from` sweep finished with
     the same fingerprint and the same upstreams (the other sweep's files are only read: no claim is needed)."""
     if not sweep.reuse_from:
@@ -166,77 +153,3 @@ def _place_from_other_sweeps(sweep: Sweep, point: Point, seed: int, cfg, only, l
                   for other in sweep.reuse_from for p in read_manifest(sweep.root.parent / other)["points"]]
     for spec in selected_steps(cfg, only):
         _place_from(sweep, point, seed, cfg, spec, step_fingerprint(cfg, spec), candidates, log)
-
-
-def _stages_through(stage, only) -> list[str]:
-    wanted = None if only is None else {find_stage(s) for s in only}
-    return [s.number for s in STAGES if s.number <= stage.number and (wanted is None or s in wanted)]
-
-
-def run_point_seed(sweep: Sweep, point: Point, seed: int, *, engine: str = "papermill", only=None, log=print,
-                   shared_only: bool = False) -> Path:
-    """One point with one seed: its shared steps placed from another point or computed under their claims, stage by
-    stage, then (unless `shared_only`) the rest of the study by the runner, which skips what is done."""
-    cfg = sweep.config(point, seed)
-    run_dir = sweep.run_dir(point, seed)
-    overrides = sweep.overrides_for(point, seed)
-    sharing = sweep.sharing(seed, only)
-    mine = [(spec, fp) for spec in selected_steps(cfg, only)
-            if (spec.name, fp := step_fingerprint(cfg, spec)) in sharing]
-    with run_lock(run_dir):
-        if (run_dir / STAGING).exists():
-            shutil.rmtree(run_dir / STAGING)  # left by a kill while placing: nothing in it was in place yet
-        _place_from_other_sweeps(sweep, point, seed, cfg, only, log)
-        for stage in dict.fromkeys(spec.stage for spec, _ in mine):
-            group = [(spec, fp) for spec, fp in mine if spec.stage == stage]
-            with claims(sweep.root, seed, [(spec.name, fp) for spec, fp in group]):
-                pending = _place_shared(sweep, point, seed, cfg, group, sharing, log)
-                if not pending:
-                    continue
-                log(f"[sweep] {point.name} seed-{seed}: computing shared {', '.join(s.name for s, _ in pending)}")
-                run_study(sweep.preset, run_dir.name, overrides, runs_root=run_dir.parent, engine=engine,
-                          only=_stages_through(stage, only), log=log)
-                for spec, fp in pending:
-                    if Step(run_dir, spec.stage, spec.variant).done:
-                        _record_shared(sweep.root, point.name, seed, spec.name,
-                                       {"fingerprint": fp, "from": None, "how": "computed"})
-        if not shared_only:
-            run_study(sweep.preset, run_dir.name, overrides, runs_root=run_dir.parent, engine=engine, only=only,
-                      log=log)
-    return run_dir
-
-
-def run_point(sweep: Sweep, point: Point | str, *, engine: str = "papermill", only=None, log=print) -> Path:
-    """Every seed of one point, in order (the unit of the local executor and of a per-point job); then the
-    point's cross-seed tables when every seed has evaluated."""
-    point = sweep.point(point) if isinstance(point, str) else point
-    point_dir = sweep.point_dir(point)
-    with run_lock(point_dir):  # one process per point (a job resubmitted while the first still runs fails fast)
-        for k, seed in enumerate(sweep.seeds, 1):
-            log(f"[sweep] point {point.name}, seed {seed} ({k}/{len(sweep.seeds)})")
-            run_point_seed(sweep, point, seed, engine=engine, only=only, log=log)
-        summarize_point(sweep, point, log=log)
-    return point_dir
-
-
-def summarize_point(sweep: Sweep, point: Point, log=print) -> bool:
-    """The point's cross-seed tables and findings into ``points/<point>/seeds/`` when every seed has evaluated
-    every model (:func:`synthflaw.reporting.aggregate.summarize`); False when they have not yet."""
-    from synthflaw.reporting.aggregate import seed_runs, summarize
-
-    point_dir = sweep.point_dir(point)
-    if not point_dir.is_dir() or len(seed_runs(point_dir)) != len(sweep.seeds):
-        return False
-    summarize(point_dir)
-    log(f"[sweep] point {point.name}: across seeds in {point_dir / 'seeds'}")
-    return True
-
-
-def run_seed(sweep: Sweep, seed: int, *, engine: str = "papermill", only=None, log=print) -> None:
-    """Every point of one seed (the unit of a per-seed job): the shared steps of every point first (computed once,
-    placed in the others), then each point's own steps."""
-    for point in sweep.points:
-        run_point_seed(sweep, point, seed, engine=engine, only=only, log=log, shared_only=True)
-    for point in sweep.points:
-        log(f"[sweep] point {point.name}, seed {seed}")
-        run_point_seed(sweep, point, seed, engine=engine, only=only, log=log)

@@ -1,7 +1,7 @@
 """Run a training stage's job in this process, or on several processes under `accelerate launch`.
 
-Stages 03, 04 and 06 describe their training as a plain JSON job (`synthflaw.training.jobs.run_job`: the task, the
-model folder, the data as JSONL paths, the hyperparameters). With `compute.num_processes = 1` the job runs here, in
+Stages 03, 04 and 06 describe their training as a typed job (:mod:`synthflaw.training.jobs`: the kind, the model
+folder, the data as JSONL paths, the hyperparameters). With `compute.num_processes = 1` the job runs here, in
 the notebook's or the runner's process. With more, it is written to ``<step>/job.json`` and run by
 
     python -m accelerate.commands.launch --config_file accelerate/ddp.yaml --num_processes N \\
@@ -27,10 +27,11 @@ import sys
 from pathlib import Path
 
 from synthflaw.records import write_json
+from synthflaw.resources import PACKAGE, shipped
 from synthflaw.runs import die_with_parent
+from synthflaw.training.jobs import Job, for_compute, run_job
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-ACCELERATE_CONFIGS = REPO_ROOT / "accelerate"
+ACCELERATE_CONFIGS = shipped("accelerate")
 DEFAULT_ACCELERATE_CONFIG = ACCELERATE_CONFIGS / "ddp.yaml"
 LOG_TAIL_LINES = 40
 
@@ -50,14 +51,15 @@ def per_device_batch_size(batch_size: int, compute, num_processes: int | None = 
 
 
 def accelerate_config_path(name: str) -> Path:
-    """The accelerate config file `name` (empty: the shipped ddp.yaml), as given or relative to the repository."""
+    """The accelerate config file `name` (empty: the shipped ddp.yaml), as given, or a shipped one named as in the
+    repository (``accelerate/fsdp.yaml``)."""
     if not name:
         return DEFAULT_ACCELERATE_CONFIG
-    for candidate in (Path(name).expanduser(), REPO_ROOT / name):
+    for candidate in (Path(name).expanduser(), ACCELERATE_CONFIGS.parent / name):
         if candidate.is_file():
             return candidate.resolve()
-    shipped = ", ".join(str(p.relative_to(REPO_ROOT)) for p in sorted(ACCELERATE_CONFIGS.glob("*.yaml")))
-    raise FileNotFoundError(f"compute.accelerate_config={name!r} is not a file; the shipped ones: {shipped}")
+    known = ", ".join(f"accelerate/{p.name}" for p in sorted(ACCELERATE_CONFIGS.glob("*.yaml")))
+    raise FileNotFoundError(f"compute.accelerate_config={name!r} is not a file; the shipped ones: {known}")
 
 
 def _free_port() -> int:
@@ -77,7 +79,7 @@ def accelerate_command(job_path: str | Path, num_processes: int, config_file: st
 
 def launch_job(job: dict, work_dir: str | Path, *, num_processes: int, config_file: str | Path = "",
                env: dict | None = None, echo=print) -> dict:
-    """Write `job` to ``<work_dir>/job.json``, run it under `accelerate launch` on `num_processes` processes, wait,
+    """Write `job` (a job's JSON, :meth:`synthflaw.training.jobs.Job.to_json`) to ``<work_dir>/job.json``, run it under `accelerate launch` on `num_processes` processes, wait,
     and return the summary the job wrote to ``<job out_dir>/train_summary.json``.
 
     Every output line is passed to `echo` and written to ``<work_dir>/launch.log``. A non-zero exit raises
@@ -94,7 +96,7 @@ def launch_job(job: dict, work_dir: str | Path, *, num_processes: int, config_fi
     write_json(job_path, job)
     command = accelerate_command(job_path, num_processes, accelerate_config_path(str(config_file)))
     # The package must be importable in the children however this process found it (installed or from the repo).
-    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    python_path = os.pathsep.join(p for p in (str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")) if p)
     child_env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
     log_path = work_dir / "launch.log"
@@ -132,20 +134,16 @@ def _release_cached_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_training(job: dict, compute, work_dir: str | Path, *, echo=print) -> dict:
-    """Run a training job (see `synthflaw.training.jobs.run_job`) as the `compute` config section says.
+def run_training(job: Job, compute, work_dir: str | Path, *, echo=print) -> dict:
+    """Run a training job (:mod:`synthflaw.training.jobs`) as the `compute` config section says.
 
-    `job["batch_size"]` is the global batch: it becomes the per-device batch here, and the job gets the section's
-    gradient accumulation and checkpointing. One process: the job runs in this process. More: under
-    `accelerate launch` with `compute.accelerate_config` (see `launch_job`; its output lines go to `echo`).
+    `job.batch_size` is the global batch: it becomes the per-device batch here, and the job gets the section's
+    gradient accumulation and checkpointing. One process: the job runs in this process. More: its ``job.json``
+    under `accelerate launch` with `compute.accelerate_config` (see `launch_job`; its output lines go to `echo`).
     Returns the job's summary.
     """
-    from synthflaw.training.jobs import run_job  # the job's modules import torch and transformers
-
-    job = {**job, "batch_size": per_device_batch_size(job["batch_size"], compute),
-           "gradient_accumulation_steps": compute.gradient_accumulation_steps,
-           "gradient_checkpointing": compute.gradient_checkpointing}
+    job = for_compute(job, per_device_batch_size(job.batch_size, compute), compute)
     if compute.num_processes == 1:
         return run_job(job)
-    return launch_job(job, work_dir, num_processes=compute.num_processes, config_file=compute.accelerate_config,
-                      echo=echo)
+    return launch_job(job.to_json(), work_dir, num_processes=compute.num_processes,
+                      config_file=compute.accelerate_config, echo=echo)

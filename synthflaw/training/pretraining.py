@@ -182,19 +182,13 @@ def pretrain(
     max_tokens: int,
     block_size: int,
     batch_size: int,
-    learning_rate: float,
-    warmup_steps: int,
-    seed: int,
-    save_steps: int,
-    logging_steps: int = 1,
-    bf16: bool | str = "auto",
-    resume: bool = True,
     gradient_accumulation_steps: int = 1,
     **train_kwargs,
 ) -> dict:
     """Next-token training on `texts` packed into blocks, for exactly the steps that `max_tokens` buys.
 
-    Stage 03 calls it on NonSynth with a fresh model; `continue_pretraining` calls it per branch. The summary is
+    Stage 03 calls it on NonSynth with a fresh model; `continue_pretraining` calls it per branch. `train_kwargs`
+    (learning rate, seed, checkpoints, ...) are :func:`synthflaw.training.scaffold.make_trainer`'s. The summary is
     `train_causal_lm`'s plus the budget: `tokens` trained on equals `planned_tokens` = steps * tokens per step.
     """
     if block_size > model.config.max_position_embeddings:
@@ -206,11 +200,8 @@ def pretrain(
     steps = steps_for_token_budget(max_tokens, block_size=block_size, batch_size=batch_size,
                                    num_processes=num_processes, gradient_accumulation_steps=gradient_accumulation_steps)
     dataset = pack_texts(tokenizer, texts, block_size)
-    summary = train_causal_lm(
-        model, tokenizer, dataset, out_dir, max_steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-        warmup_steps=warmup_steps, seed=seed, save_steps=save_steps, logging_steps=logging_steps, bf16=bf16,
-        resume=resume, gradient_accumulation_steps=gradient_accumulation_steps, **train_kwargs,
-    )
+    summary = train_causal_lm(model, tokenizer, dataset, out_dir, max_steps=steps, batch_size=batch_size,
+                              gradient_accumulation_steps=gradient_accumulation_steps, **train_kwargs)
     tokens_per_step = block_size * batch_size * num_processes * gradient_accumulation_steps
     return write_summary(out_dir, {
         **summary, "max_tokens": max_tokens, "planned_tokens": steps * tokens_per_step, "packed_blocks": len(dataset),
@@ -229,28 +220,16 @@ def continue_pretraining(
     rewritten: list[str],
     extra_natural: list[str],
     synthetic_fraction: float,
-    max_tokens: int,
-    block_size: int,
-    batch_size: int,
-    learning_rate: float,
-    warmup_steps: int,
     seed: int,
-    save_steps: int,
-    logging_steps: int = 1,
-    bf16: bool | str = "auto",
-    resume: bool = True,
-    **train_kwargs,
+    **pretrain_kwargs,
 ) -> dict:
     """CPT of `model` (the base; for `more_natural`, the natural branch's model) on one branch's corpus.
 
-    Every branch given the same `max_tokens` and batch shape trains on the same number of tokens. The summary
-    adds the corpus's composition (`corpus`: natural and mixed-in token counts, realised fraction).
+    `pretrain_kwargs` (the budget, the block and the training settings) are :func:`pretrain`'s. Every branch given
+    the same `max_tokens` and batch shape trains on the same number of tokens. The summary adds the corpus's
+    composition (`corpus`: natural and mixed-in token counts, realised fraction).
     """
     texts, corpus_stats = branch_mixture(branch, nonsynth, synthqa, rewritten, extra_natural, synthetic_fraction,
                                          seed, tokenizer=tokenizer)
-    summary = pretrain(
-        model, tokenizer, texts, out_dir, max_tokens=max_tokens, block_size=block_size, batch_size=batch_size,
-        learning_rate=learning_rate, warmup_steps=warmup_steps, seed=seed, save_steps=save_steps,
-        logging_steps=logging_steps, bf16=bf16, resume=resume, **train_kwargs,
-    )
+    summary = pretrain(model, tokenizer, texts, out_dir, seed=seed, **pretrain_kwargs)
     return write_summary(out_dir, {**summary, "branch": branch, "corpus": corpus_stats})

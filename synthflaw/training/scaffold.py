@@ -3,9 +3,9 @@
 Everything goes through `transformers.Trainer`: checkpoint/resume, progress bars, mixed precision, CUDA and
 multi-process data parallelism (`accelerate launch`) come from the ecosystem. What this module adds is small:
 one way to build the Trainer (`make_trainer`, which unlearning reuses with its own Trainer subclass), a padding
-collator that never puts loss on padding, the loss curve as CSV, an atomic final save, and resuming only from a
-complete checkpoint (`resume_checkpoint`): the Trainer writes a checkpoint file by file, so a kill during a save
-leaves a folder it cannot resume from.
+collator that never puts loss on padding, the loss curve as CSV (`synthflaw.training.callbacks`), an atomic final
+save, and resuming only from a complete checkpoint (`resume_checkpoint`): the Trainer writes a checkpoint file by
+file, so a kill during a save leaves a folder it cannot resume from.
 
 Several processes: `accelerate launch --config_file accelerate/ddp.yaml --num_processes 2 -m
 synthflaw.training.jobs job.json` runs one of the training tasks (see `synthflaw.training.jobs.run_job`) with DDP:
@@ -18,8 +18,6 @@ a gloo group because the TrainingArguments say `use_cpu`.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import shutil
 import time
@@ -29,9 +27,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from synthflaw import progress
 from synthflaw.models.batching import pad, pad_batch
-from synthflaw.records import append_csv_row, write_csv, write_json
+from synthflaw.records import write_json
+from synthflaw.training.callbacks import LossCurveCallback, StepProgress
 from synthflaw.training.checkpoints import (checkpoint_folders, checkpoint_step, last_complete_checkpoint,
                                             resume_checkpoint)
 
@@ -42,7 +40,6 @@ from synthflaw.training.checkpoints import (checkpoint_folders, checkpoint_step,
 CPU_BF16_AUTOCAST_IS_FASTER = False
 
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
-LOSS_CURVE_COLUMNS = ("step", "loss", "learning_rate", "tokens_seen", "elapsed_s")
 CHECKPOINTS_KEPT = 2
 
 @dataclass
@@ -61,106 +58,6 @@ class CausalLMCollator:
         input_ids, attention_mask = pad_batch(ids, self.pad_token_id)
         labels = pad([f.get("labels", f["input_ids"]) for f in features], IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-class LossCurveCallback(TrainerCallback):
-    """Appends one CSV row per logging step to `path`, flushed at once, so a killed run keeps its curve.
-
-    Columns: step, loss, learning_rate, tokens_seen (non-padding tokens, all processes), elapsed_s (training
-    seconds across resumes), then grad_norm and any other scalar the trainer logs (an unlearning trainer's loss
-    terms) as found in the first row. On resume, rows past the checkpoint's step are dropped: that work is redone.
-    """
-
-    NOT_CURVES = ("epoch", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second")
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.columns: list[str] | None = None
-        self.elapsed_offset = 0.0
-        self.start = time.perf_counter()
-        self.initial_tokens = 0
-        self.tokens_seen = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-        self.initial_tokens = state.num_input_tokens_seen
-        if not state.is_world_process_zero:
-            return
-        if state.global_step == 0 or not self.path.exists():
-            self.path.unlink(missing_ok=True)
-            return
-        text = self.path.read_text(encoding="utf-8")
-        # A last line without its newline was cut by a kill: dropped (records.py's rule for logs), else a row cut
-        # to "1" of "12,..." would come back as a second step 1.
-        reader = csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1], newline=""))
-        if not reader.fieldnames:  # even the header was cut: no curve to keep
-            self.path.unlink()
-            return
-        self.columns = list(reader.fieldnames)
-        rows = [r for r in reader if int(r["step"]) <= state.global_step]
-        if rows:
-            self.elapsed_offset = float(rows[-1]["elapsed_s"])
-        self._rewrite(rows)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        self.tokens_seen = state.num_input_tokens_seen
-        self.append(state.global_step, logs)
-
-    def elapsed(self) -> float:
-        """Training seconds so far, across resumes."""
-        return self.elapsed_offset + time.perf_counter() - self.start
-
-    def append(self, step: int, logs: dict) -> None:
-        """Write one row: the step, its loss, learning rate, tokens seen and time, and every other scalar in `logs`."""
-        row = {
-            "step": step,
-            "loss": logs.get("loss"),
-            "learning_rate": logs.get("learning_rate"),
-            "tokens_seen": self.tokens_seen,
-            "elapsed_s": round(self.elapsed(), 3),
-        }
-        extras = {k: v for k, v in logs.items() if k not in row and k not in self.NOT_CURVES}
-        row.update({k: v for k, v in extras.items() if isinstance(v, (int, float))})
-        if self.columns is None:
-            self.columns = list(LOSS_CURVE_COLUMNS) + [k for k in row if k not in LOSS_CURVE_COLUMNS]
-            self._rewrite([])
-        append_csv_row(self.path, self.columns, row)
-
-    def _rewrite(self, rows: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(self.path, rows, columns=self.columns)
-
-
-class StepProgress(TrainerCallback):
-    """The step's one bar (a widget in notebooks, `synthflaw.progress`): optimizer steps, with the last logged loss
-    and the tokens/s of this call as its postfix. Replaces the Trainer's own callbacks, which print every log as a
-    line (or a notebook table row): with a log per step that buries the notebook. The curve itself is in loss.csv.
-    """
-
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
-        self.start, self.initial_tokens = time.perf_counter(), 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.bar = progress.bar(state.max_steps, self.desc, initial=state.global_step, unit="step")
-            self.start, self.initial_tokens = time.perf_counter(), state.num_input_tokens_seen
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.bar is not None and logs and "loss" in logs:
-            tokens_per_s = (state.num_input_tokens_seen - self.initial_tokens) / (time.perf_counter() - self.start)
-            self.bar.set_postfix_str(f"loss={logs['loss']:.4f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def resolve_bf16(bf16: bool | str) -> bool:
@@ -202,7 +99,7 @@ def make_trainer(
     sequential: bool = False,
     count_padding_free_tokens: bool = True,
     **extra_args,
-) -> tuple[Trainer, str | None, "LossCurveCallback"]:
+) -> tuple[Trainer, str | None, LossCurveCallback]:
     """The one way this package builds a `transformers.Trainer`: (trainer, checkpoint to resume from, loss curve).
 
     Checkpoints go to `out_dir/checkpoints/` every `save_steps` (the last `checkpoints_kept`, None = all); with
@@ -218,32 +115,12 @@ def make_trainer(
     gradient_accumulation_steps` examples. `gradient_checkpointing` recomputes each block's activations in the
     backward pass instead of keeping them (less memory, ~30% more compute); the weights it trains are the same.
     """
-    for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("save_steps", save_steps),
-                        ("logging_steps", logging_steps), ("gradient_accumulation_steps", gradient_accumulation_steps)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}: must be a positive integer.")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps={warmup_steps}: must be >= 0.")
-    if collator is None and tokenizer.pad_token_id is None:
-        raise ValueError(
-            "The tokenizer has no pad token; load it with synthflaw.models.tokenizer.load_tokenizer (pads with eos)."
-        )
-    if len(train_dataset) < batch_size * data_parallel_processes():
-        raise ValueError(
-            f"The training set has {len(train_dataset)} examples, fewer than one batch of {batch_size} per process "
-            f"x {data_parallel_processes()} processes: pass more data or a smaller batch_size."
-        )
+    _check_inputs(tokenizer, train_dataset, collator, batch_size, warmup_steps,
+                  {"max_steps": max_steps, "batch_size": batch_size, "save_steps": save_steps,
+                   "logging_steps": logging_steps, "gradient_accumulation_steps": gradient_accumulation_steps})
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
-    if not resume and checkpoint_folders(checkpoint_dir):
-        complete = last_complete_checkpoint(checkpoint_dir)
-        raise FileExistsError(
-            f"{checkpoint_dir} already holds checkpoints and resume=False: pass resume=True to continue from "
-            + (Path(complete).name if complete else "the start (none of them is complete)")
-            + f", or delete {out_dir} to start over."
-        )
-    # Not the highest-numbered folder (transformers' get_last_checkpoint): a kill during a save leaves it incomplete.
-    last_checkpoint = resume_checkpoint(checkpoint_dir) if resume else None
+    last_checkpoint = _resume_from(checkpoint_dir, resume)
 
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -295,6 +172,38 @@ def make_trainer(
         trainer.remove_callback(default)
     trainer.add_callback(StepProgress(out_dir.name))  # labelled by the step folder: 03_base_model, natural, npo
     return trainer, last_checkpoint, loss_curve
+
+
+def _check_inputs(tokenizer, train_dataset, collator, batch_size: int, warmup_steps: int, counts: dict) -> None:
+    """ValueError for what `make_trainer` cannot train with, before anything is built."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive integer.")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps}: must be >= 0.")
+    if collator is None and tokenizer.pad_token_id is None:
+        raise ValueError(
+            "The tokenizer has no pad token; load it with synthflaw.models.tokenizer.load_tokenizer (pads with eos)."
+        )
+    if len(train_dataset) < batch_size * data_parallel_processes():
+        raise ValueError(
+            f"The training set has {len(train_dataset)} examples, fewer than one batch of {batch_size} per process "
+            f"x {data_parallel_processes()} processes: pass more data or a smaller batch_size."
+        )
+
+
+def _resume_from(checkpoint_dir: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from: the newest complete one with `resume`, else None (FileExistsError when
+    checkpoints are there and `resume` is off: a fresh run would save over them step by step)."""
+    if not resume and checkpoint_folders(checkpoint_dir):
+        complete = last_complete_checkpoint(checkpoint_dir)
+        raise FileExistsError(
+            f"{checkpoint_dir} already holds checkpoints and resume=False: pass resume=True to continue from "
+            + (Path(complete).name if complete else "the start (none of them is complete)")
+            + f", or delete {checkpoint_dir.parent} to start over."
+        )
+    # Not the highest-numbered folder (transformers' get_last_checkpoint): a kill during a save leaves it incomplete.
+    return resume_checkpoint(checkpoint_dir) if resume else None
 
 
 def train_causal_lm(model, tokenizer, train_dataset, out_dir: str | Path, **kwargs) -> dict:

@@ -181,13 +181,6 @@ def supervised_finetune(
     max_length: int,
     epochs: float,
     batch_size: int,
-    learning_rate: float,
-    warmup_steps: int,
-    seed: int,
-    save_steps: int,
-    logging_steps: int = 1,
-    bf16: bool | str = "auto",
-    resume: bool = True,
     gradient_accumulation_steps: int = 1,
     packed: bool = True,
     curve_points: int = 1,
@@ -199,6 +192,7 @@ def supervised_finetune(
     weights. `packed`: a step's chats share rows of `max_length` tokens (`PackedChatCollator`), else each is padded
     to the batch's longest. `curve_points` > 1 also saves the model at the curve's earlier points
     (`curve_steps`) into ``<out_dir>/curve/step-<N>/`` for the SFT budget curve (the last point is `model/`).
+    `train_kwargs` (learning rate, seed, checkpoints, ...) are :func:`synthflaw.training.scaffold.make_trainer`'s.
     Returns `train_causal_lm`'s summary plus the data's size (examples, dropped, assistant tokens) and the curve's
     steps.
     """
@@ -211,10 +205,9 @@ def supervised_finetune(
     snapshots = SnapshotCallback([s for s in curve if s < steps], Path(out_dir) / CURVE_DIR, tokenizer)
     train_kwargs["callbacks"] = (*train_kwargs.get("callbacks", ()), snapshots)
     summary = train_causal_lm(
-        model, tokenizer, dataset, out_dir, max_steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-        warmup_steps=warmup_steps, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
+        model, tokenizer, dataset, out_dir, max_steps=steps, batch_size=batch_size,
         collator=(PackedChatCollator(tokenizer.pad_token_id, max_length) if packed
-                  else CausalLMCollator(tokenizer.pad_token_id)), bf16=bf16, resume=resume,
+                  else CausalLMCollator(tokenizer.pad_token_id)),
         gradient_accumulation_steps=gradient_accumulation_steps, **train_kwargs,
     )
     assistant_tokens = sum(sum(label != IGNORE_INDEX for label in row) for row in dataset["labels"])

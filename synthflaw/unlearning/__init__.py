@@ -11,7 +11,7 @@ from synthflaw.unlearning.base import UnlearningMethod
 from synthflaw.unlearning.batches import template_token_mask
 from synthflaw.unlearning.gradient_ascent import GradientAscent
 from synthflaw.unlearning.gradient_difference import GradientDifference
-from synthflaw.unlearning.loop import UnlearningDiverged, select_checkpoint, unlearn
+from synthflaw.unlearning.loop import UnlearnJob, UnlearningDiverged, select_checkpoint, unlearn
 from synthflaw.unlearning.lower_bounded import LowerBounded
 from synthflaw.unlearning.npo import NPO
 from synthflaw.unlearning.simnpo import SimNPO
@@ -40,6 +40,6 @@ def make_method(name: str, **hyperparameters) -> UnlearningMethod:
 
 
 __all__ = [
-    "METHODS", "make_method", "unlearn", "select_checkpoint", "template_token_mask", "UnlearningDiverged",
+    "METHODS", "make_method", "unlearn", "UnlearnJob", "select_checkpoint", "template_token_mask", "UnlearningDiverged",
     "UnlearningMethod", "LowerBounded", "GradientAscent", "GradientDifference", "NPO", "SimNPO",
 ]

@@ -94,7 +94,7 @@ def scoped_labels(batch: dict, scope: str) -> torch.Tensor:
     if "forget_mask" not in batch:
         raise ValueError(
             "forget_scope='template' needs a 'forget_mask' in the forget batch; build the batches with "
-            "template markers (unlearn(..., forget_scope='template', markers=[...]))"
+            "template markers (unlearn(..., UnlearnJob(..., forget_scope='template'), markers=[...]))"
         )
     return batch["labels"].masked_fill(~batch["forget_mask"].bool(), IGNORE_INDEX)
 

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -77,13 +78,39 @@ def select_checkpoint(history: list[dict], *, recovery: str = "recovery", retent
     return max(history, key=lambda row: (row[retention], -row["step"]))["step"]
 
 
+@dataclass(frozen=True, kw_only=True)
+class UnlearnJob:
+    """The settings of one unlearning run, :func:`unlearn`'s one argument of settings; stage 05 builds it from the
+    unlearn section (:meth:`from_config`). `bf16`: True, False or "auto", as for every training of the package."""
+
+    max_steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    max_length: int
+    save_steps: int
+    replay_loss_bound: float
+    forget_scope: str = "all"
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    bf16: bool | str = "auto"
+    resume: bool = True
+
+    @classmethod
+    def from_config(cls, cfg, max_steps: int, forget_scope: str) -> "UnlearnJob":
+        un = cfg.unlearn
+        return cls(max_steps=max_steps, batch_size=un.batch_size, learning_rate=un.learning_rate, seed=cfg.seed,
+                   max_length=cfg.base.block_size, save_steps=un.save_steps, replay_loss_bound=un.replay_loss_bound,
+                   forget_scope=forget_scope, gradient_accumulation_steps=cfg.compute.gradient_accumulation_steps,
+                   gradient_checkpointing=cfg.compute.gradient_checkpointing)
+
+
 def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str], replay_texts: list[str],
-            out_dir, *, reference=None, general_texts: list[str] | None = None, max_steps: int, batch_size: int,
-            learning_rate: float, seed: int, markers: list[str] | None = None, forget_scope: str = "all",
-            max_length: int, save_steps: int, replay_loss_bound: float,
-            eval_fn: Callable | None = None, eval_every: int = 0, select_fn: Callable | None = None,
-            resume: bool = True, gradient_accumulation_steps: int = 1, gradient_checkpointing: bool = False) -> dict:
-    """Unlearn `forget_texts` (SynthQA) from `model` with `method`, replaying `replay_texts` (NonSynth).
+            out_dir, job: UnlearnJob, *, reference=None, general_texts: list[str] | None = None,
+            markers: list[str] | None = None, eval_fn: Callable | None = None, eval_every: int = 0,
+            select_fn: Callable | None = None) -> dict:
+    """Unlearn `forget_texts` (SynthQA) from `model` with `method`, replaying `replay_texts` (NonSynth), as `job`
+    sets it (its fields are named below without the ``job.``).
 
     Each step pairs batch_size forget texts with batch_size replay texts (and general texts when given, for the
     bias term), each drawn from its own seeded order. AdamW at a constant `learning_rate`, gradients clipped to
@@ -108,20 +135,23 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
     term over the run, the selected step and the paths written.
     """
     out_dir = Path(out_dir)
+    max_steps, batch_size, max_length = job.max_steps, job.batch_size, job.max_length
+    learning_rate, gradient_accumulation_steps = job.learning_rate, job.gradient_accumulation_steps
     _validate(method, forget_texts, replay_texts, reference, general_texts, max_steps, batch_size, learning_rate,
-              markers, forget_scope, max_length, save_steps, replay_loss_bound, eval_fn, eval_every, select_fn)
+              markers, job.forget_scope, max_length, job.save_steps, job.replay_loss_bound, eval_fn, eval_every,
+              select_fn)
     if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps < 1 or (
             batch_size % gradient_accumulation_steps):
         raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps!r} must be a positive integer "
                          f"that divides batch_size={batch_size}")
     data = PairedBatches(
-        forget=tokenize(tokenizer, forget_texts, max_length, markers if forget_scope == "template" else None),
+        forget=tokenize(tokenizer, forget_texts, max_length, markers if job.forget_scope == "template" else None),
         replay=tokenize(tokenizer, replay_texts, max_length),
         general=tokenize(tokenizer, general_texts, max_length) if general_texts else None,
-        total=max_steps * batch_size, seed=seed,
+        total=max_steps * batch_size, seed=job.seed,
     )
     checkpoints_dir = out_dir / CHECKPOINTS
-    if not resume and any(checkpoints_dir.glob("checkpoint-*")):
+    if not job.resume and any(checkpoints_dir.glob("checkpoint-*")):
         # A fresh run would save over these step by step; refuse rather than mix two runs.
         raise ValueError(f"{checkpoints_dir} already holds checkpoints; pass resume=True to continue that run, "
                          "or use a fresh out_dir")
@@ -130,12 +160,13 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
     started = time.monotonic()
     trainer, last_checkpoint, loss_curve = make_trainer(
         model, tokenizer, data, out_dir, max_steps=max_steps, batch_size=batch_size // gradient_accumulation_steps,
-        gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=gradient_checkpointing,
+        gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=job.gradient_checkpointing,
         learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=MAX_GRAD_NORM,
-        seed=seed, save_steps=save_steps, collator=PairedCollator(pad_id(tokenizer)), resume=resume,
+        seed=job.seed, save_steps=job.save_steps, bf16=job.bf16, collator=PairedCollator(pad_id(tokenizer)),
+        resume=job.resume,
         callbacks=(_StepGuard(evaluations, eval_fn, eval_every, max_steps), _LearningRateAsGiven()),
         trainer_cls=_UnlearningTrainer,
-        trainer_kwargs={"method": method, "reference": reference, "replay_loss_bound": replay_loss_bound},
+        trainer_kwargs={"method": method, "reference": reference, "replay_loss_bound": job.replay_loss_bound},
         # every checkpoint is kept: selection may pick any evaluated one, and a divergence rolls back to the last
         checkpoints_kept=None, sequential=True, count_padding_free_tokens=False,
         remove_unused_columns=False,  # batches are {"forget", "replay"[, "general"]} dicts
@@ -161,20 +192,24 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
             raise ValueError(f"select_fn returned step {selected!r}, which was not evaluated; "
                              f"evaluated steps: {[row['step'] for row in evaluations.history]}")
     model_dir = _write_model(trainer, out_dir, checkpoints_dir, selected, steps)
-
     rows = [{k: float(v) for k, v in row.items() if k in method.terms and v != ""}
             for row in read_csv(out_dir / LOSS_CSV)]
+    wall = loss_curve.elapsed() if rows else time.monotonic() - started
+    return {"method": method.name, "hyperparameters": method.hyperparameters, "steps": steps,
+            "resumed_from_step": resumed_from,
+            **{f"{group}_tokens": n for group, n in data.tokens_seen(steps * batch_size).items()},
+            **_run_record(method, rows, wall, selected, evaluations.history, model_dir, out_dir)}
+
+
+def _run_record(method, rows: list[dict], wall: float, selected: int, history: list, model_dir: Path,
+                out_dir: Path) -> dict:
+    """The rest of unlearning's summary: time, the last step's and the mean terms, the selection, the paths."""
     return {
-        "method": method.name,
-        "hyperparameters": method.hyperparameters,
-        "steps": steps,
-        "resumed_from_step": resumed_from,
-        **{f"{group}_tokens": n for group, n in data.tokens_seen(steps * batch_size).items()},
-        "wall_seconds": round(loss_curve.elapsed() if rows else time.monotonic() - started, 3),
+        "wall_seconds": round(wall, 3),
         "final_losses": {term: rows[-1][term] for term in method.terms} if rows else {},
         "mean_losses": {term: sum(r[term] for r in rows) / len(rows) for term in method.terms} if rows else {},
         "selected_step": selected,
-        "evaluations": evaluations.history,
+        "evaluations": history,
         "model_dir": str(model_dir),
         "loss_csv": str(out_dir / LOSS_CSV),
     }

@@ -1,8 +1,8 @@
 """The paper's mitigation: lower-bounded forgetting on SynthQA + replay on NonSynth + bias mitigation.
 
 Chen et al. (EMNLP 2024 Findings) name the three parts (a "controllable lower-bounded forgetting loss", a replay
-loss and a bias-mitigation loss) but publish no formulas. What follows is THIS PROJECT'S RECONSTRUCTION
-(see PAPER.md, "This project's reading"); every choice is a hyperparameter:
+loss and a bias-mitigation loss) but publish no formulas. What follows is THIS PROJECT'S RECONSTRUCTION,
+not the paper's formulas; every choice is a hyperparameter:
 
     L = w_f * L_forget + w_r * L_replay + w_b * L_bias
 
