@@ -81,7 +81,7 @@ def run(cfg, step) -> dict:
                           max_length=cfg.base.block_size, save_steps=un.save_steps,
                           replay_loss_bound=un.replay_loss_bound,
                           gradient_accumulation_steps=cfg.compute.gradient_accumulation_steps,
-                          gradient_checkpointing=cfg.compute.gradient_checkpointing)
+                          gradient_checkpointing=cfg.compute.gradient_checkpointing, bf16=cfg.compute.precision)
     except UnlearningDiverged as err:
         kept = keep_last_good(step.path, tokenizer, start_dir)
         stopped = {"step": err.step, "term": err.term, "value": err.value, "kept_step": kept, "message": str(err)}

@@ -144,7 +144,7 @@ def run_training(job: dict, compute, work_dir: str | Path, *, echo=print) -> dic
 
     job = {**job, "batch_size": per_device_batch_size(job["batch_size"], compute),
            "gradient_accumulation_steps": compute.gradient_accumulation_steps,
-           "gradient_checkpointing": compute.gradient_checkpointing}
+           "gradient_checkpointing": compute.gradient_checkpointing, "bf16": compute.precision}
     if compute.num_processes == 1:
         return run_job(job)
     return launch_job(job, work_dir, num_processes=compute.num_processes, config_file=compute.accelerate_config,

@@ -82,7 +82,8 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
             learning_rate: float, seed: int, markers: list[str] | None = None, forget_scope: str = "all",
             max_length: int, save_steps: int, replay_loss_bound: float,
             eval_fn: Callable | None = None, eval_every: int = 0, select_fn: Callable | None = None,
-            resume: bool = True, gradient_accumulation_steps: int = 1, gradient_checkpointing: bool = False) -> dict:
+            resume: bool = True, gradient_accumulation_steps: int = 1, gradient_checkpointing: bool = False,
+            bf16: bool | str = "auto") -> dict:
     """Unlearn `forget_texts` (SynthQA) from `model` with `method`, replaying `replay_texts` (NonSynth).
 
     Each step pairs batch_size forget texts with batch_size replay texts (and general texts when given, for the
@@ -131,7 +132,7 @@ def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str],
     trainer, last_checkpoint, loss_curve = make_trainer(
         model, tokenizer, data, out_dir, max_steps=max_steps, batch_size=batch_size // gradient_accumulation_steps,
         gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=gradient_checkpointing,
-        learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=MAX_GRAD_NORM,
+        bf16=bf16, learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=MAX_GRAD_NORM,
         seed=seed, save_steps=save_steps, collator=PairedCollator(pad_id(tokenizer)), resume=resume,
         callbacks=(_StepGuard(evaluations, eval_fn, eval_every, max_steps), _LearningRateAsGiven()),
         trainer_cls=_UnlearningTrainer,
