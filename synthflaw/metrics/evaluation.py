@@ -222,7 +222,8 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     continuations of `plain_prompt_probes` (null without a pre-SFT model).
 
     `progress`: the bar that shows which of `ENDPOINTS` is being measured (default: one of its own, closed at the
-    end); each one's seconds go into ``metrics["timings"]``.
+    end); each one's seconds go into ``metrics["timings"]``, and so do those the caller measures on the same bar
+    afterwards.
     """
     benchmark, learnable, suite, chat, heldout = (data[name] for name in EVAL_SETS)
     for m in (model, reference_model, pre_sft_model):
@@ -267,7 +268,8 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     if speed_prompts:
         metrics["generation_speed"] = generation_speed(model, tokenizer, [r["prompt"] for r in suite[:speed_prompts]],
                                                        max_new_tokens, batch_size)
-    metrics["timings"] = dict(endpoints.timings)
+    # the bar's own dict, not a copy: what a caller's bar goes on to measure (stage 07's SFT curve) is recorded too
+    metrics["timings"] = endpoints.timings
 
     for sample, ppl, pref in zip(chat_samples, shift.reference, preference):
         sample["reference_perplexity"], sample["chat_preference"] = float(ppl), pref
