@@ -196,7 +196,8 @@ def main() -> None:
         for (name, precision), values in samples.items():
             tps = statistics.median(values)
             rows.append({
-                "threads": threads, "overrides": args.overrides, "workload": name, "precision": "bf16-autocast" if precision == "bf16" else "fp32",
+                "threads": threads, "overrides": args.overrides, "workload": name,
+                "precision": "bf16-autocast" if precision == "bf16" else "fp32",
                 "tokens_per_s": round(tps, 1), "samples": [round(v, 1) for v in values],
                 "mfu_vs_fp32_matmul": round(6 * n_matmul * tps / peak["fp32"], 4),
                 "mfu_vs_bf16_matmul": round(6 * n_matmul * tps / peak["bf16"], 4),
