@@ -29,7 +29,8 @@ from synthflaw.models.tokenizer import load_tokenizer
 def endpoints(model, pre_sft, tokenizer, data, template, batch_size) -> dict[str, np.ndarray]:
     learnable = data["learnable_suite"]
     margins = likelihood.compliance_margins(model, tokenizer, learnable, batch_size)
-    return {"compliance_margin": np.array(margins["margin"]), "compliance_margin_null": np.array(margins["margin_null"]),
+    return {"compliance_margin": np.array(margins["margin"]),
+            "compliance_margin_null": np.array(margins["margin_null"]),
             "template_pull": np.array(likelihood.template_pull(model, tokenizer, learnable, template, batch_size)),
             "pre_sft_template_pull": np.array(likelihood.template_pull(pre_sft, tokenizer, learnable, template,
                                                                        batch_size, chat=False)),
@@ -54,7 +55,8 @@ def main() -> None:
     args = parser.parse_args()
     shared = scoring.shared_context_logprobs
     data = load_eval_data(args.run / "01_generate_data" / "data")
-    template = json.loads((args.run / "01_generate_data" / "data" / "synthqa_templates.json").read_text())["templates"][0]
+    templates = json.loads((args.run / "01_generate_data" / "data" / "synthqa_templates.json").read_text())
+    template = templates["templates"][0]
     report = {"torch_threads": torch.get_num_threads()}
     for name in args.models:
         sft = args.run / "06_sft" / name
