@@ -58,7 +58,10 @@ def test_auto_keeps_bf16_only_past_the_margin_and_caches_the_choice(model, monke
     assert precision.choose("auto", model, 2, 16) == first and precision.measure.calls == 1  # cached
     saved = json.loads((tmp_path / "precision.json").read_text())
     assert [entry["precision"] for entry in saved.values()] == [chosen]
-    precision.choose("auto", model, 4, 16)  # another batch shape is timed on its own
+    assert first["timed_batch"] == [2, 16]
+    assert precision.choose("auto", model, 4, 32) == first  # one choice per model shape: every stage makes the same
+    wider = type(model)(type(model.config)(**{**model.config.to_dict(), "hidden_size": 64}))
+    precision.choose("auto", wider, 2, 16)  # another model shape is timed on its own
     assert precision.measure.calls == 2
 
 

@@ -7,8 +7,8 @@ timing (its bf16 units are always the faster path).
 
 The timing: a few forward-backward-optimizer steps of the model being trained, at its batch shape, on random
 tokens, in both precisions, interleaved, the median step of each. It is cached per machine (CPU model, torch
-version, model shape, batch shape) in `cache_dir()`, so the stages of a run, and the runs after it, make the
-same choice; a choice differing between two stages of one run would break its bit-reproducibility.
+version, model shape) in `cache_dir()`, so the stages of a run, and the runs after it, make the same choice; a
+choice differing between two stages of one run would break its bit-reproducibility.
 """
 
 from __future__ import annotations
@@ -89,12 +89,13 @@ def measure(model, batch_size: int, seq_len: int, steps: int = TIMED_STEPS) -> d
     return {f"{name}_step_s": round(statistics.median(values), 5) for name, values in times.items()}
 
 
-def _cache_key(model, batch_size: int, seq_len: int) -> str:
+def _cache_key(model) -> str:
     c = model.config
     shape = (f"{c.model_type}-h{c.hidden_size}-i{getattr(c, 'intermediate_size', 0)}-l{c.num_hidden_layers}"
              f"-a{c.num_attention_heads}-v{c.vocab_size}")
-    # not the thread count: one machine's stages run at different counts, and must all make the same choice
-    return f"{cpu_name()}|torch {torch.__version__}|{shape}|{batch_size}x{seq_len}"
+    # Not the thread count nor the batch shape: the stages of a run train one model shape at different batch shapes
+    # and thread counts, and must all make the same choice. The first stage to ask times its own batch shape.
+    return f"{cpu_name()}|torch {torch.__version__}|{shape}"
 
 
 def choose(precision: str, model, batch_size: int, seq_len: int) -> dict:
@@ -108,12 +109,12 @@ def choose(precision: str, model, batch_size: int, seq_len: int) -> dict:
         supported = torch.cuda.is_bf16_supported()
         return {"precision": "bf16" if supported else "fp32", "setting": "auto",
                 "reason": "CUDA GPU " + ("with" if supported else "without") + " bf16 support"}
-    path, key = cache_dir() / "precision.json", _cache_key(model, batch_size, seq_len)
+    path, key = cache_dir() / "precision.json", _cache_key(model)
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if key not in cached:
         timings = measure(model, batch_size, seq_len)
         faster = timings["fp32_step_s"] / timings["bf16_step_s"]
-        cached[key] = {**timings, "bf16_speedup": round(faster, 3),
+        cached[key] = {**timings, "bf16_speedup": round(faster, 3), "timed_batch": [batch_size, seq_len],
                        "precision": "bf16" if faster >= BF16_SPEEDUP_NEEDED else "fp32"}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
