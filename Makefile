@@ -28,10 +28,10 @@ study: $(VENV)/.installed
 smoke: $(VENV)/.installed
 	$(VENV)/bin/synthflaw run --preset smoke --run-id smoke-$(shell date -u +%Y%m%d-%H%M%S)
 
-# The import contracts in pyproject.toml (layers, no cycles) first, then the tests.
+# The import contracts in pyproject.toml (layers, no cycles) first, then the tests, with the 15 slowest listed.
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # `make test-fast`: the test suite without the end-to-end tests marked slow (study, paper preset, reference, DDP launch).
 .PHONY: test-fast

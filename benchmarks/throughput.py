@@ -12,6 +12,8 @@ The 6N rule (Kaplan et al. 2020) leaves out attention-score FLOPs, 12 * layers *
 small here; for padded SFT it also counts no work on padding, which is the point: padding is wasted compute.
 
     PYTHONPATH=. python benchmarks/throughput.py --out docs/throughput_cpu.json [--threads 2] [--steps 12]
+    PYTHONPATH=. python benchmarks/throughput.py --out wide.json --set base.hidden_size=768 \
+        --set base.intermediate_size=2048   # the default model 4x wider
     PYTHONPATH=. python benchmarks/throughput.py --preset gpu --out runs/throughput_gpu.json --steps 20 --warmup 5
 """
 
@@ -43,8 +45,8 @@ LEARNING_RATE = 1e-3
 class Setup:
     """The preset's model shape, batch layouts, and the tokenizer and SFT chats of its embedded world (seed 0)."""
 
-    def __init__(self, preset: str, sft_chats: int):
-        cfg = config_mod.resolve(preset)
+    def __init__(self, preset: str, sft_chats: int, overrides: dict | None = None):
+        cfg = config_mod.resolve(preset, overrides)
         self.preset = preset
         self.cfg = cfg
         data = build_embedded(cfg.data, 0)
@@ -159,11 +161,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds over all workloads (median reported)")
     parser.add_argument("--threads", default=str(torch.get_num_threads()),
                         help="comma-separated torch thread counts (CPU only)")
-    parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32 and/or bf16 (autocast)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32 and/or bf16 (autocast)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, e.g. --set base.hidden_size=768 --set base.intermediate_size=2048 "
+                             "for the default model 4x wider")
     parser.add_argument("--sft-chats", type=int, default=1000, help="SFT chats of the embedded set to draw from")
     args = parser.parse_args()
 
-    setup = Setup(args.preset, args.sft_chats)
+    setup = Setup(args.preset, args.sft_chats, config_mod.parse_overrides(args.overrides))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     model = setup.make_model(0)
@@ -191,7 +196,8 @@ def main() -> None:
         for (name, precision), values in samples.items():
             tps = statistics.median(values)
             rows.append({
-                "threads": threads, "workload": name, "precision": "bf16-autocast" if precision == "bf16" else "fp32",
+                "threads": threads, "overrides": args.overrides, "workload": name,
+                "precision": "bf16-autocast" if precision == "bf16" else "fp32",
                 "tokens_per_s": round(tps, 1), "samples": [round(v, 1) for v in values],
                 "mfu_vs_fp32_matmul": round(6 * n_matmul * tps / peak["fp32"], 4),
                 "mfu_vs_bf16_matmul": round(6 * n_matmul * tps / peak["bf16"], 4),

@@ -226,7 +226,8 @@ class FiguresConfig:
 class ComputeConfig:
     """How the training stages use the hardware; none of it changes what is trained (not part of a step's
     fingerprint): every stage's batch_size stays the sequences per optimizer step, split over processes and
-    accumulation micro-steps."""
+    accumulation micro-steps. `precision` changes the weights' last bits, not the study: a step's result.json and
+    meta.json record the precision it ran in, and fp32 and bf16 runs agree within their seed-to-seed noise."""
 
     num_processes: int = _f(1, "processes (GPUs) for stages 03, 04 and 06; > 1 runs each of them under "
                                 "`accelerate launch` (unlearning and evaluation stay on one device)", low=1)
@@ -236,6 +237,9 @@ class ComputeConfig:
                                              "batch_size / (num_processes * this) sequences at a time (less memory)", low=1)
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass of stages 03-06 "
                                              "(~30% slower, much less activation memory)")
+    precision: str = _f("auto", "stages 03-06: fp32 | bf16 (autocast, fp32 master weights) | auto (bf16 on a CUDA "
+                                "GPU that has it; on a CPU, bf16 only where a timed step is >= 1.15x faster, "
+                                "cached per machine)")
 
 
 @dataclass(frozen=True)
@@ -511,6 +515,8 @@ def check(cfg: StudyConfig) -> None:
 def _compute_problems(cfg: StudyConfig) -> list[str]:
     """A stage's batch_size is split evenly over processes and accumulation micro-steps, or not at all."""
     c = cfg.compute
+    if c.precision not in ("auto", "fp32", "bf16"):
+        return [f"compute.precision={c.precision!r} must be auto, fp32 or bf16"]
     if c.num_processes < 1 or c.gradient_accumulation_steps < 1:
         return ["compute.num_processes and compute.gradient_accumulation_steps must be >= 1"]
     problems = []

@@ -1,11 +1,13 @@
 """Fixtures shared by the test modules: a tiny random Llama, a chat tokenizer trained on given texts, one torch
-thread for tiny models, the guard that fails a test on any connection beyond this machine, and what a sweep's
-regenerable tables are.
+thread for tiny models, the guard that fails a test on any connection beyond this machine, what a sweep's
+regenerable tables are, and the smoke study, run once per pytest session in-process and once through its notebooks
+for every slow test that reads a finished run.
 
 The fixtures give the machinery, not the numbers: each module passes the vocabulary size, the training texts and the
 config fields (initializer_range, max_position_embeddings) its assertions rely on.
 """
 
+import json
 import socket
 from pathlib import Path
 
@@ -37,6 +39,17 @@ def make_tiny_llama(tokenizer, seed=0, *, special_tokens=True, **config_override
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory):
+    """compute.precision=auto's per-machine timings go to a folder of this session (kernels and subprocesses
+    inherit it), not the user's cache."""
+    from synthflaw.training.precision import CACHE_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +119,43 @@ def _sweep_tables(root: Path) -> dict[str, bytes]:
 def sweep_tables():
     """A sweep's regenerable tables (test_sweep's export test and test_reference's committed sweeps compare them)."""
     return _sweep_tables
+
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """The smoke preset's study (stages 01-08), run in-process once per pytest session: its run folder
+    (``<root>/s``). The slow tests that read a finished run share it, so a test that changes it works on a copy
+    (`shutil.copytree` into its own tmp_path, keeping the name ``s``) or puts back what it changed."""
+    from synthflaw.runner import run_study
+
+    return run_study("smoke", "s", runs_root=tmp_path_factory.mktemp("smoke"), engine="inprocess",
+                     log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def smoke_notebooks(tmp_path_factory):
+    """The same study stepped through as a researcher runs it in JupyterLab: every stage notebook executed in order,
+    each in a kernel of its own, from ``notebooks/``, with the smoke preset and nothing else set, into one run
+    folder. {"run": the folder, "notebooks": {stage name: executed notebook}}. Compared with `smoke_study`, it is
+    the notebooks' reproduction of the in-process study."""
+    import papermill as pm
+
+    from synthflaw.progress import DEBUG_ENV, TEXT_BARS_ENV
+    from synthflaw.registry import STAGES
+
+    run = tmp_path_factory.mktemp("stepping") / "run"
+    out = tmp_path_factory.mktemp("executed")
+    executed = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(TEXT_BARS_ENV, raising=False)  # a kernel started as JupyterLab starts it: widget bars
+        mp.delenv(DEBUG_ENV, raising=False)
+        for stage in STAGES:
+            target = out / stage.notebook
+            pm.execute_notebook(str(NOTEBOOKS / stage.notebook), str(target), kernel_name="python3",
+                                parameters={"run_dir": str(run), "preset": "smoke"}, cwd=str(NOTEBOOKS),
+                                progress_bar=False)
+            executed[stage.name] = json.loads(target.read_text())
+    return {"run": run, "notebooks": executed}

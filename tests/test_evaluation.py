@@ -432,6 +432,19 @@ def test_evaluate_model_gives_metrics_samples_and_perplexities(model, tokenizer,
         float(shift.perplexities(model, tokenizer, ["The city of Kestrel Bay lies on the coast."], 1)[0]))
 
 
+def test_every_endpoints_seconds_are_recorded_also_those_the_caller_measures_after(model, tokenizer, data_dir):
+    from synthflaw.progress import Endpoints
+
+    bar = Endpoints(len(evaluation.ENDPOINTS) + 1, "test")
+    metrics = evaluate(model, tokenizer, data_dir, limit=1, markers=MARKERS, max_new_tokens=4, batch_size=2,
+                       progress=bar).metrics
+    with bar.measuring("sft_curve"):  # as stage 07 measures its SFT curve on the same bar
+        pass
+    bar.close()
+    assert list(metrics["timings"]) == [f"{name}_s" for name in (*evaluation.ENDPOINTS, "sft_curve")]
+    assert all(seconds >= 0 for seconds in metrics["timings"].values())
+
+
 def test_pre_sft_benchmark_scores_the_given_checkpoint(model, tokenizer, data_dir, tmp_path, tiny_model):
     other = tiny_model(tokenizer, 1)
     kwargs = dict(markers=MARKERS, max_new_tokens=2, batch_size=4)

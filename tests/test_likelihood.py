@@ -70,11 +70,11 @@ def test_template_forms_and_template_pull_in_nats_per_reply(monkeypatch):
                    ("", templated): (-3.0, 5), ("", plain): (-7.0, 2)}, batch_size=1)
     monkeypatch.setattr(likelihood, "reply_logprobs", table)
     assert likelihood.template_pull(MODEL, TOKENIZER, [item], TEMPLATE, batch_size=1) == pytest.approx([-6.0])
-    assert table.chat == [True, True]
+    assert table.chat == [True]  # both forms in one call: they share one pass over the prompt
     # before SFT: plain text after the start token (an empty context), not the chat prompt
     before = likelihood.template_pull(MODEL, TOKENIZER, [item], TEMPLATE, batch_size=1, chat=False)
     assert before == pytest.approx([4.0])
-    assert table.chat[2:] == [False, False]
+    assert table.chat[1:] == [False]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_reply_logprobs_scores_each_reply_after_its_chat_or_plain_context(monkey
         seen.update(pairs=pairs, batch_size=batch_size, pad=pad)
         return [(-float(len(reply)), len(reply)) for _, reply in pairs]
 
-    monkeypatch.setattr(likelihood, "continuation_logprobs", scorer)
+    monkeypatch.setattr(likelihood, "shared_context_logprobs", scorer)
     out = likelihood.reply_logprobs(MODEL, tokenizer, ["the city", "north"], ["a b", "here"], 3)
     assert seen["pairs"] == [(encode(tokenizer, chat_text(tokenizer, "the city")), encode(tokenizer, "a b")),
                              (encode(tokenizer, chat_text(tokenizer, "north")), encode(tokenizer, "here"))]

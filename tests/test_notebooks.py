@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 
 from synthflaw import config, progress
-from synthflaw.progress import DEBUG_ENV, TEXT_BARS_ENV
+from synthflaw.progress import DEBUG_ENV
 from synthflaw.registry import EVALUATE, STAGES, stage_variants
 
 slow = pytest.mark.slow  # the smoke study, one kernel per notebook
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 # The warnings the package means a researcher to see (warnings.warn / logging in synthflaw), as regular
@@ -49,23 +48,9 @@ def output_texts(output) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stepped_through(tmp_path_factory):
-    """{stage name: executed notebook}, every stage notebook run in order in a kernel of its own."""
-    import papermill as pm
-
-    run = tmp_path_factory.mktemp("stepping") / "run"
-    out = tmp_path_factory.mktemp("executed")
-    executed = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(TEXT_BARS_ENV, raising=False)  # a kernel started as JupyterLab starts it: widget bars
-        mp.delenv(DEBUG_ENV, raising=False)
-        for stage in STAGES:
-            target = out / stage.notebook
-            pm.execute_notebook(str(NOTEBOOKS / stage.notebook), str(target), kernel_name="python3",
-                                parameters={"run_dir": str(run), "preset": "smoke"}, cwd=str(NOTEBOOKS),
-                                progress_bar=False)
-            executed[stage.name] = json.loads(target.read_text())
-    return {"run": run, "notebooks": executed}
+def stepped_through(smoke_notebooks):
+    """{"run": folder, "notebooks": {stage name: executed notebook}}: conftest's `smoke_notebooks`."""
+    return smoke_notebooks
 
 
 @slow
@@ -83,7 +68,8 @@ def test_no_stderr_but_the_deliberate_warnings(stepped_through):
 
 @slow
 def test_no_absolute_path_in_any_output(stepped_through):
-    prefixes = {str(stepped_through["run"]), str(NOTEBOOKS.parent), sys.prefix, str(Path.home())}
+    prefixes = {str(stepped_through["run"]), str(Path(__file__).resolve().parent.parent), sys.prefix,
+                str(Path.home())}
     found = []
     for name, notebook in stepped_through["notebooks"].items():
         for cell in notebook["cells"]:

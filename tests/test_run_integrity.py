@@ -647,11 +647,13 @@ def test_a_line_per_step_as_its_done_json_appears(tmp_path):
 
 
 @pytest.mark.slow
-def test_papermill_runs_log_each_variant_as_it_finishes(tmp_path, capfd):
-    run_study("smoke", "p", runs_root=tmp_path, engine="inprocess", only=["01", "03"], log=lambda _: None)
+def test_papermill_runs_log_each_variant_as_it_finishes(smoke_study, tmp_path, capfd):
+    run = tmp_path / smoke_study.name  # a copy of the session's smoke study without stage 04
+    shutil.copytree(smoke_study, run)
+    shutil.rmtree(run / "04_continued_pretraining")
     capfd.readouterr()
     lines = []
-    run_study("smoke", "p", runs_root=tmp_path, engine="papermill", only=["04"], log=lines.append)
+    run_study("smoke", run.name, runs_root=tmp_path, engine="papermill", only=["04"], log=lines.append)
     # the kernel listens on local sockets (IPC), so IPKernelApp has no TCP-without-encryption warning to print
     console = "".join(capfd.readouterr())
     assert "encryption" not in console and "IPKernelApp" not in console, console
@@ -664,21 +666,16 @@ def test_papermill_runs_log_each_variant_as_it_finishes(tmp_path, capfd):
 # The smoke study itself (slow): the defects as first found
 # --------------------------------------------------------------------------------------------------------------
 
-# The smoke study cut to two branches, one method and 4 items per evaluation suite: 13 steps
-SMALL = {"cpt.branches": ("natural", "synthetic"), "unlearn.methods": ("npo",), "evaluate.limit": 4}
-
-
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    run_study("smoke", "P", SMALL, runs_root=root, engine="inprocess", log=lambda _: None)
-    return root / "P"
+def smoke_run(smoke_study):
+    """conftest's session smoke study: the tests below put back what they change."""
+    return smoke_study
 
 
 @pytest.mark.slow
 def test_smoke_new_sft_rate_with_stages_07_08_is_refused(smoke_run):
     with pytest.raises(StepConfigChanged, match=r"06_sft/natural, .* ran with a different configuration \(sft"):
-        run_study("smoke", "P", {**SMALL, "sft.learning_rate": 1e-3}, runs_root=smoke_run.parent, engine="inprocess",
+        run_study("smoke", smoke_run.name, {"sft.learning_rate": 1e-3}, runs_root=smoke_run.parent, engine="inprocess",
                   only=["07", "08"], overwrite=True, log=lambda _: None)
 
 
@@ -691,14 +688,14 @@ def test_smoke_cut_suite_and_deleted_model_are_refused(smoke_run):
     try:
         suite.write_text("".join(suite.read_text().splitlines(keepends=True)[:5]))
         with pytest.raises(runs.StepStale) as err:
-            run_study("smoke", "P", SMALL, runs_root=smoke_run.parent, engine="inprocess", log=lambda _: None)
+            run_study("smoke", smoke_run.name, runs_root=smoke_run.parent, engine="inprocess", log=lambda _: None)
         assert "01_generate_data is stale: data/instruction_suite.jsonl changed" in str(err.value)
         assert "06_sft/synthetic is stale: model/ was deleted" in str(err.value)
     finally:
         suite.write_bytes(original)
         model.with_name("model.away").rename(model)
     lines = []
-    run_study("smoke", "P", SMALL, runs_root=smoke_run.parent, engine="inprocess", log=lines.append)
+    run_study("smoke", smoke_run.name, runs_root=smoke_run.parent, engine="inprocess", log=lines.append)
     assert all("skipped" in line for line in lines[:-1])  # restored: current again
 
 

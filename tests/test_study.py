@@ -1,8 +1,9 @@
 """The whole smoke study end to end, and every notebook executed through papermill.
 
-The study runs once in-process (the same library calls the notebooks make). Then one step of every stage is deleted
-and re-executed through its notebook with papermill: the notebook must run, complete the step, and reproduce the
-in-process result exactly (seeded and deterministic on CPU).
+The study runs once in-process (the same library calls the notebooks make; conftest's `smoke_study`) and once
+through its notebooks (conftest's `smoke_notebooks`, which test_notebooks.py reads as a researcher sees it): every
+step of the notebook run must reproduce the in-process result exactly (seeded and deterministic on CPU). One step
+deleted and re-executed through `run_study`'s papermill engine must run its stage's notebook for that variant only.
 """
 
 import json
@@ -17,10 +18,6 @@ from synthflaw.runner import run_study
 
 pytestmark = pytest.mark.slow  # end to end
 
-# One step per stage, re-executed through its notebook; the variant whose products a later step does not replace.
-NOTEBOOK_STEPS = [("01_generate_data", None), ("02_data_flaws", None), ("03_base_model", None),
-                  ("04_continued_pretraining", "rewritten"), ("05_unlearning", "simnpo"),
-                  ("06_sft", "unlearn-simnpo"), ("07_evaluate", "unlearn-simnpo"), ("08_figures", None)]
 # What must match between the in-process and the papermill execution (timings excluded).
 COMPARE = {"01_generate_data": ("counts", "words"), "02_data_flaws": ("sets",),
            "03_base_model": ("final_loss", "tokens", "parameters"), "04_continued_pretraining": ("final_loss", "tokens"),
@@ -32,10 +29,8 @@ COMPARE = {"01_generate_data": ("counts", "words"), "02_data_flaws": ("sets",),
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    run_study("smoke", "s", runs_root=root, engine="inprocess", log=lambda _: None)
-    return root / "s"
+def smoke_run(smoke_study):
+    return smoke_study
 
 
 def test_every_step_completed(smoke_run):
@@ -86,22 +81,34 @@ def test_branches_got_equal_token_budgets(smoke_run):
     assert len(set(tokens.values())) == 1, tokens
 
 
-@pytest.mark.parametrize("stage, variant", NOTEBOOK_STEPS, ids=[s for s, _ in NOTEBOOK_STEPS])
-def test_notebook_reproduces_the_inprocess_step(smoke_run, stage, variant, tmp_path):
+def step_results(run) -> dict[str, dict]:
+    """Every step's result.json in a run folder, by step name (``06_sft/natural``)."""
+    return {str(p.parent.relative_to(run)): json.loads(p.read_text())
+            for pattern in ("*/result.json", "*/*/result.json") for p in run.glob(pattern)}
+
+
+def test_the_notebooks_reproduce_the_inprocess_study(smoke_run, smoke_notebooks):
+    inprocess, notebooks = step_results(smoke_run), step_results(smoke_notebooks["run"])
+    assert set(notebooks) == set(inprocess) and {name.split("/")[0] for name in inprocess} >= set(COMPARE)
+    for name, before in inprocess.items():
+        for key in COMPARE[name.split("/")[0]]:
+            assert notebooks[name].get(key) == before.get(key), f"{name}: {key} differs between papermill and in-process"
+
+
+def test_a_deleted_step_is_redone_by_its_notebook_for_that_variant_only(smoke_run, tmp_path):
     # In a copy: redoing a step makes every finished step that read it stale, which the shared run must not be.
-    run = tmp_path / "s"
+    stage, variant = "05_unlearning", "simnpo"
+    run = tmp_path / smoke_run.name
     shutil.copytree(smoke_run, run)
-    step_dir = run / stage / variant if variant else run / stage
+    step_dir = run / stage / variant
     before = json.loads((step_dir / "result.json").read_text())
     shutil.rmtree(step_dir)
-    run_study("smoke", "s", runs_root=tmp_path, engine="papermill", only=[stage], log=lambda _: None)
+    run_study("smoke", run.name, runs_root=tmp_path, engine="papermill", only=[stage], log=lambda _: None)
     after = json.loads((step_dir / "result.json").read_text())
-    # one notebook execution per stage, for the stage's unfinished variants only
     assert (run / stage / "notebook.ipynb").exists() and (step_dir / "done.json").exists()
-    if variant:
-        executed = json.loads((run / stage / "notebook.ipynb").read_text())
-        injected = next(c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
-        assert f'variants = ["{variant}"]' in "".join(injected["source"])
+    executed = json.loads((run / stage / "notebook.ipynb").read_text())
+    injected = next(c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
+    assert f'variants = ["{variant}"]' in "".join(injected["source"])
     for key in COMPARE[stage]:
         assert after.get(key) == before.get(key), f"{stage}: {key} differs between papermill and in-process"
 

@@ -222,7 +222,8 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     continuations of `plain_prompt_probes` (null without a pre-SFT model).
 
     `progress`: the bar that shows which of `ENDPOINTS` is being measured (default: one of its own, closed at the
-    end); each one's seconds go into ``metrics["timings"]``.
+    end); each one's seconds go into ``metrics["timings"]``, and so do those the caller measures on the same bar
+    afterwards.
     """
     benchmark, learnable, suite, chat, heldout = (data[name] for name in EVAL_SETS)
     for m in (model, reference_model, pre_sft_model):
@@ -231,42 +232,23 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
     endpoints = progress or Endpoints(len(ENDPOINTS), "evaluate")
     with endpoints.measuring("benchmark"):
         bench_metrics, bench_samples = _benchmark(model, pre_sft_model, tokenizer, benchmark, batch_size)
-
     with endpoints.measuring("learnable"):
         learnable_metrics, learnable_samples, item_rows = _learnable(model, tokenizer, learnable, template,
                                                                      max_new_tokens, batch_size, pre_sft_model)
-
     with endpoints.measuring("generation"):
         suite_responses = generate_responses(model, tokenizer, [r["prompt"] for r in suite], max_new_tokens,
                                              batch_size)
         chat_responses = generate_responses(model, tokenizer, [r["prompt"] for r in chat], max_new_tokens, batch_size)
     following, verdicts = instruction_following(suite, suite_responses)
-
     with endpoints.measuring("chat"):
         chat_metrics, chat_samples = _chat(chat, chat_responses, judge, markers)
-        preference = chat_preference(model, tokenizer, chat, batch_size)
-        chat_metrics["chat_preference"] = float(np.mean(preference))
-        chat_metrics["chat_preference_rate"] = float(np.mean([p > 0 for p in preference]))
-
+        preference = _chat_preference(model, tokenizer, chat, batch_size, chat_metrics)
     with endpoints.measuring("distribution_shift"):
-        ppl_heldout = perplexities(model, tokenizer, [r["text"] for r in heldout], batch_size)
-        ppl_reference = perplexities(model, tokenizer, [r["reference"] for r in chat], batch_size,
-                                     contexts=[r["prompt"] for r in chat])
-        kl = None
-        if reference_model is not None:
-            kl = next_token_kl(model, reference_model, tokenizer, [r["prompt"] for r in suite], batch_size)
-        # Before SFT: SFT on the same chats can erase the CPT model's shift (in the embedded study no SFT model leaks
-        # the template), so the checkpoint SFT started from is measured too, on plain text (it has seen no chat
-        # template).
-        ppl_pre_sft, probes, probe_responses = None, plain_prompt_probes(suite, chat), []
-        if pre_sft_model is not None:
-            ppl_pre_sft = perplexities(pre_sft_model, tokenizer, [r["text"] for r in heldout], batch_size)
-            probe_responses = generate_continuations(pre_sft_model, tokenizer, probes,
-                                                     min(PROBE_NEW_TOKENS, max_new_tokens), batch_size, start=True)
+        shift = _distribution_shift(model, tokenizer, data, reference_model, pre_sft_model, max_new_tokens,
+                                    batch_size)
     if progress is None:  # a bar this call made; a caller's bar goes on to its own endpoints
         endpoints.close()
 
-    responses = suite_responses + chat_responses
     nulls = _nulls(learnable, suite, chat)
     best_null = max(n["learnable_hard_satisfaction_rate"] for n in nulls.values())
     metrics = {
@@ -275,56 +257,120 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_m
         "learnable_hsr_above_null": learnable_metrics["learnable_hard_satisfaction_rate"] - best_null,
         **following,
         **chat_metrics,
-        "perplexity": perplexity_summary(ppl_heldout),
-        "perplexity_reference": perplexity_summary(ppl_reference),
-        "template_leakage_rate": template_leakage_rate(responses, markers),
-        "template_leakage_rate_suite": template_leakage_rate(suite_responses, markers),
-        "template_leakage_rate_chat": template_leakage_rate(chat_responses, markers),
-        "response_words": mean_response_words(responses),
-        "distinct_1": distinct_n(map(words, responses), 1),
-        "distinct_2": distinct_n(map(words, responses), 2),
-        "next_token_kl": kl,
-        "pre_sft_perplexity": perplexity_summary(ppl_pre_sft) if ppl_pre_sft is not None else None,
-        "pre_sft_template_leakage_rate": (template_leakage_rate(probe_responses, markers) if probe_responses
-                                          else None),
+        **_shift_metrics(shift, suite_responses, chat_responses, markers),
         "nulls": nulls,
         "counts": {"benchmark": len(benchmark), "learnable_suite": len(learnable), "instruction_suite": len(suite),
-                   "chat": len(chat), "heldout_nonsynth": len(heldout), "pre_sft_probes": len(probe_responses)},
+                   "chat": len(chat), "heldout_nonsynth": len(heldout),
+                   "pre_sft_probes": len(shift.probe_responses)},
         "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "markers": list(markers), "judge": type(judge).__name__ if judge is not None else None},
     }
     if speed_prompts:
         metrics["generation_speed"] = generation_speed(model, tokenizer, [r["prompt"] for r in suite[:speed_prompts]],
                                                        max_new_tokens, batch_size)
-    metrics["timings"] = dict(endpoints.timings)
+    # the bar's own dict, not a copy: what a caller's bar goes on to measure (stage 07's SFT curve) is recorded too
+    metrics["timings"] = endpoints.timings
 
-    for sample, ppl, pref in zip(chat_samples, ppl_reference, preference):
+    for sample, ppl, pref in zip(chat_samples, shift.reference, preference):
         sample["reference_perplexity"], sample["chat_preference"] = float(ppl), pref
-    item_rows += [{"set": "chat", "id": r["id"], "metric": m, "value": v}
-                  for r, sample in zip(chat, chat_samples)
-                  for m, v in (("chat_score", sample["chat_score"]), ("chat_preference", sample["chat_preference"]))]
-    for r, sample in zip(benchmark, bench_samples):
-        item_rows.append({"set": f"benchmark/{r['split']}", "id": r["id"], "metric": "correct",
-                          "value": float(sample["predicted"] == sample["answer"])})
-        if "pre_sft_predicted" in sample:
-            item_rows.append({"set": f"benchmark/{r['split']}", "id": r["id"], "metric": "pre_sft_correct",
-                              "value": float(sample["pre_sft_predicted"] == sample["answer"])})
-    item_rows += [{"set": "probes", "id": str(k), "metric": "pre_sft_leak", "value": float(_has_marker(text, markers))}
-                  for k, text in enumerate(probe_responses)]
-    samples = bench_samples + learnable_samples + [
-        {"task": "instruction", "id": r["id"], "prompt": r["prompt"], "level": r["level"], "response": response,
-         "constraints": r["constraints"], "verdicts": verdict["strict"], "verdicts_loose": verdict["loose"],
-         "all_followed": all(verdict["strict"]), "template_leak": _has_marker(response, markers)}
-        for r, response, verdict in zip(suite, suite_responses, verdicts)] + chat_samples + [
-        {"task": "pre_sft_continuation", "prompt": prompt, "response": response,
-         "template_leak": _has_marker(response, markers)} for prompt, response in zip(probes, probe_responses)]
+    item_rows += _item_rows(benchmark, bench_samples, chat, chat_samples, shift.probe_responses, markers)
+    samples = (bench_samples + learnable_samples + _suite_samples(suite, suite_responses, verdicts, markers)
+               + chat_samples + [{"task": "pre_sft_continuation", "prompt": prompt, "response": response,
+                                  "template_leak": _has_marker(response, markers)}
+                                 for prompt, response in zip(shift.probes, shift.probe_responses)])
+    return Evaluation(metrics, samples, _perplexity_rows(data, shift), item_rows)
 
-    rows = [{"set": "heldout_nonsynth", "id": r["id"], "perplexity": float(p)} for r, p in zip(heldout, ppl_heldout)]
-    rows += [{"set": "chat_reference", "id": r["id"], "perplexity": float(p)} for r, p in zip(chat, ppl_reference)]
-    if ppl_pre_sft is not None:
+
+def _suite_samples(suite, responses, verdicts, markers) -> list[dict]:
+    return [{"task": "instruction", "id": r["id"], "prompt": r["prompt"], "level": r["level"], "response": response,
+             "constraints": r["constraints"], "verdicts": verdict["strict"], "verdicts_loose": verdict["loose"],
+             "all_followed": all(verdict["strict"]), "template_leak": _has_marker(response, markers)}
+            for r, response, verdict in zip(suite, responses, verdicts)]
+
+
+def _chat_preference(model, tokenizer, chat, batch_size, metrics: dict) -> list[float]:
+    """The chat preference (likelihood) per item; its mean and rate go into `metrics`."""
+    preference = chat_preference(model, tokenizer, chat, batch_size)
+    metrics["chat_preference"] = float(np.mean(preference))
+    metrics["chat_preference_rate"] = float(np.mean([p > 0 for p in preference]))
+    return preference
+
+
+@dataclass
+class _Shift:
+    """What the distribution-shift endpoint measured: perplexities per held-out document and per chat reference,
+    the next-token KL, and the pre-SFT checkpoint's perplexities and plain-text continuations of the probes."""
+
+    heldout: list[float]
+    reference: list[float]
+    kl: float | None
+    pre_sft: list[float] | None
+    probes: list[str]
+    probe_responses: list[str]
+
+
+def _distribution_shift(model, tokenizer, data, reference_model, pre_sft_model, max_new_tokens,
+                        batch_size) -> _Shift:
+    heldout, suite, chat = data["heldout_nonsynth"], data["instruction_suite"], data["chat"]
+    ppl_heldout = perplexities(model, tokenizer, [r["text"] for r in heldout], batch_size)
+    ppl_reference = perplexities(model, tokenizer, [r["reference"] for r in chat], batch_size,
+                                 contexts=[r["prompt"] for r in chat])
+    kl = None
+    if reference_model is not None:
+        kl = next_token_kl(model, reference_model, tokenizer, [r["prompt"] for r in suite], batch_size)
+    # Before SFT: SFT on the same chats can erase the CPT model's shift (in the embedded study no SFT model leaks
+    # the template), so the checkpoint SFT started from is measured too, on plain text (it has seen no chat
+    # template).
+    ppl_pre_sft, probes, probe_responses = None, plain_prompt_probes(suite, chat), []
+    if pre_sft_model is not None:
+        ppl_pre_sft = perplexities(pre_sft_model, tokenizer, [r["text"] for r in heldout], batch_size)
+        probe_responses = generate_continuations(pre_sft_model, tokenizer, probes,
+                                                 min(PROBE_NEW_TOKENS, max_new_tokens), batch_size, start=True)
+    return _Shift(ppl_heldout, ppl_reference, kl, ppl_pre_sft, probes, probe_responses)
+
+
+def _shift_metrics(shift: _Shift, suite_responses, chat_responses, markers) -> dict:
+    responses = suite_responses + chat_responses
+    return {
+        "perplexity": perplexity_summary(shift.heldout),
+        "perplexity_reference": perplexity_summary(shift.reference),
+        "template_leakage_rate": template_leakage_rate(responses, markers),
+        "template_leakage_rate_suite": template_leakage_rate(suite_responses, markers),
+        "template_leakage_rate_chat": template_leakage_rate(chat_responses, markers),
+        "response_words": mean_response_words(responses),
+        "distinct_1": distinct_n(map(words, responses), 1),
+        "distinct_2": distinct_n(map(words, responses), 2),
+        "next_token_kl": shift.kl,
+        "pre_sft_perplexity": perplexity_summary(shift.pre_sft) if shift.pre_sft is not None else None,
+        "pre_sft_template_leakage_rate": (template_leakage_rate(shift.probe_responses, markers)
+                                          if shift.probe_responses else None),
+    }
+
+
+def _item_rows(benchmark, bench_samples, chat, chat_samples, probe_responses, markers) -> list[dict]:
+    """The per-item values of the chat, benchmark and probe endpoints the cross-seed analysis pairs across models."""
+    rows = [{"set": "chat", "id": r["id"], "metric": m, "value": v}
+            for r, sample in zip(chat, chat_samples)
+            for m, v in (("chat_score", sample["chat_score"]), ("chat_preference", sample["chat_preference"]))]
+    for r, sample in zip(benchmark, bench_samples):
+        rows.append({"set": f"benchmark/{r['split']}", "id": r["id"], "metric": "correct",
+                     "value": float(sample["predicted"] == sample["answer"])})
+        if "pre_sft_predicted" in sample:
+            rows.append({"set": f"benchmark/{r['split']}", "id": r["id"], "metric": "pre_sft_correct",
+                         "value": float(sample["pre_sft_predicted"] == sample["answer"])})
+    rows += [{"set": "probes", "id": str(k), "metric": "pre_sft_leak", "value": float(_has_marker(text, markers))}
+             for k, text in enumerate(probe_responses)]
+    return rows
+
+
+def _perplexity_rows(data, shift: _Shift) -> list[dict]:
+    heldout, chat = data["heldout_nonsynth"], data["chat"]
+    rows = [{"set": "heldout_nonsynth", "id": r["id"], "perplexity": float(p)} for r, p in zip(heldout, shift.heldout)]
+    rows += [{"set": "chat_reference", "id": r["id"], "perplexity": float(p)} for r, p in zip(chat, shift.reference)]
+    if shift.pre_sft is not None:
         rows += [{"set": "pre_sft_heldout_nonsynth", "id": r["id"], "perplexity": float(p)}
-                 for r, p in zip(heldout, ppl_pre_sft)]
-    return Evaluation(metrics, samples, rows, item_rows)
+                 for r, p in zip(heldout, shift.pre_sft)]
+    return rows
 
 
 # The SFT curve's measurements: the learnable tier's hard satisfaction rate, compliance margin (and its null) and

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from synthflaw.metrics.text import CONSTANT_REPLY
-from synthflaw.models.scoring import continuation_logprobs
+from synthflaw.models.scoring import shared_context_logprobs
 from synthflaw.models.tokenizer import chat_text, encode, pad_id, start_tokens
 
 
@@ -39,10 +39,11 @@ def _pairs(tokenizer, contexts: Sequence[str], replies: Sequence[str], chat: boo
 def reply_logprobs(model, tokenizer, contexts: Sequence[str], replies: Sequence[str], batch_size: int, *,
                    chat: bool = True) -> np.ndarray:
     """(sum of log-probabilities, token count) of each reply given its context, as an array [n, 2]: under the
-    chat template (`chat`), else as plain text after the start token (an empty context: the start token alone)."""
+    chat template (`chat`), else as plain text after the start token (an empty context: the start token alone).
+    Replies after the same context share one pass over it (`shared_context_logprobs`): pass them in one call."""
     if len(contexts) != len(replies):
         raise ValueError(f"got {len(contexts)} contexts but {len(replies)} replies; pass one context per reply")
-    scores = continuation_logprobs(model, _pairs(tokenizer, contexts, replies, chat), batch_size, pad_id(tokenizer))
+    scores = shared_context_logprobs(model, _pairs(tokenizer, contexts, replies, chat), batch_size, pad_id(tokenizer))
     return np.array(scores, dtype=np.float64)
 
 
@@ -86,16 +87,19 @@ def template_pull(model, tokenizer, items: Sequence[dict], template: dict, batch
     item's base prompt (`chat`), else after the start token."""
     forms = [template_forms(item, template) for item in items]
     contexts = [item["base_prompt"] if chat else "" for item in items]
-    templated = reply_logprobs(model, tokenizer, contexts, [t for t, _ in forms], batch_size, chat=chat)
-    plain = reply_logprobs(model, tokenizer, contexts, [p for _, p in forms], batch_size, chat=chat)
+    # one call, so that both forms of an item are scored after one pass over its prompt
+    scores = reply_logprobs(model, tokenizer, contexts * 2, [t for t, _ in forms] + [p for _, p in forms],
+                            batch_size, chat=chat)
+    templated, plain = scores[:len(items)], scores[len(items):]
     return (templated[:, 0] - plain[:, 0]).tolist()
 
 
 def chat_preference(model, tokenizer, items: Sequence[dict], batch_size: int) -> list[float]:
     """Per chat item: lp(reference) - max(lp(constant reply), lp(prompt echoed)), mean log-probability per token
     under the chat template. Positive: the model ranks the real answer above both trivial replies."""
-    prompts = [item["prompt"] for item in items]
-    reference = _mean(reply_logprobs(model, tokenizer, prompts, [item["reference"] for item in items], batch_size))
-    constant = _mean(reply_logprobs(model, tokenizer, prompts, [CONSTANT_REPLY] * len(items), batch_size))
-    echo = _mean(reply_logprobs(model, tokenizer, prompts, prompts, batch_size))
+    prompts, n = [item["prompt"] for item in items], len(items)
+    # one call, so that the three replies of an item are scored after one pass over its prompt
+    scores = _mean(reply_logprobs(model, tokenizer, prompts * 3,
+                                  [item["reference"] for item in items] + [CONSTANT_REPLY] * n + prompts, batch_size))
+    reference, constant, echo = scores[:n], scores[n:2 * n], scores[2 * n:]
     return (reference - np.maximum(constant, echo)).tolist()

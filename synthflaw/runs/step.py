@@ -160,6 +160,8 @@ class Step:
                 "started": self._started, "finished": finished,
                 "wall_s": round(finished - self._started, 2) if self._started else None,
                 "result_wall_s": self.result().get("wall_s")}
+        if "precision" in self.result():  # a training step: fp32 or bf16, and for compute.precision=auto its timings
+            meta["precision"] = self.result()["precision"]
         write_json_atomic(self.path / "meta.json", meta)
         products = product_digests(self.path)
         marker = {"fingerprint": self.saved_fingerprint(), "finished": finished,

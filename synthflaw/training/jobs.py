@@ -29,7 +29,8 @@ class Job:
 
     `batch_size` is the global batch (sequences per optimizer step) until :func:`synthflaw.training.launch.
     run_training` makes it the per-device one for the `compute` section, with its accumulation and checkpointing.
-    `bf16`: True, False or "auto" (:func:`synthflaw.training.scaffold.resolve_bf16`).
+    `bf16`: True, False or `compute.precision`: auto | fp32 | bf16
+    (:func:`synthflaw.training.scaffold.resolve_precision`).
     """
 
     KIND: ClassVar[str] = ""
@@ -175,9 +176,9 @@ def run_job(job: Job) -> dict:
 
 
 def for_compute(job: Job, batch_size: int, compute) -> Job:
-    """`job` with the per-device `batch_size` and the `compute` section's accumulation and checkpointing."""
+    """`job` with the per-device `batch_size` and the `compute` section's accumulation, checkpointing and precision."""
     return replace(job, batch_size=batch_size, gradient_accumulation_steps=compute.gradient_accumulation_steps,
-                   gradient_checkpointing=compute.gradient_checkpointing)
+                   gradient_checkpointing=compute.gradient_checkpointing, bf16=compute.precision)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,18 +29,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from synthflaw.models.batching import pad, pad_batch
 from synthflaw.records import write_json
+from synthflaw.training import precision
 from synthflaw.training.callbacks import LossCurveCallback, StepProgress
 from synthflaw.training.checkpoints import (checkpoint_folders, checkpoint_step, last_complete_checkpoint,
                                             resume_checkpoint)
 
-# Measured by benchmarks/throughput.py on the 2-core Xeon this project is developed on (AVX-512 but no
-# AVX512-BF16/AMX, so bf16 matmuls are emulated: ~26-50 GFLOP/s against ~85-260 in fp32): the default model
-# trains at ~1.3k (1 thread) / ~2.4k (2 threads) tokens/s under bf16 autocast against ~3.4-3.8k / ~6k in fp32.
-# So "auto" keeps fp32 on CPU; on CUDA it uses bf16 wherever the GPU supports it.
-CPU_BF16_AUTOCAST_IS_FASTER = False
-
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
 CHECKPOINTS_KEPT = 2
+
 
 @dataclass
 class CausalLMCollator:
@@ -60,15 +56,20 @@ class CausalLMCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def resolve_bf16(bf16: bool | str) -> bool:
-    """`"auto"`: bf16 on a CUDA GPU that supports it, on CPU only where measured faster (see module constant)."""
-    if bf16 == "auto":
-        if torch.cuda.is_available():
-            return torch.cuda.is_bf16_supported()
-        return CPU_BF16_AUTOCAST_IS_FASTER
+def resolve_precision(bf16: bool | str, model, train_dataset, batch_size: int) -> dict:
+    """`bf16`: True or "bf16", False or "fp32", or "auto" (`compute.precision`), as
+    `synthflaw.training.precision.choose` decides it for this model at this batch shape (timed on a CPU, cached per
+    machine)."""
     if isinstance(bf16, bool):
-        return bf16
-    raise ValueError(f"bf16={bf16!r}: use True, False or 'auto'.")
+        bf16 = "bf16" if bf16 else "fp32"
+    if bf16 not in precision.PRECISIONS:
+        raise ValueError(f"bf16={bf16!r}: use True, False, or one of {', '.join(precision.PRECISIONS)}.")
+    lengths = []
+    for i in range(min(len(train_dataset), 16)):  # the batch shape to time: the longest of the first examples
+        item = train_dataset[i]
+        parts = [item] if "input_ids" in item else [v for v in item.values() if isinstance(v, dict)]  # unlearning
+        lengths += [len(part["input_ids"]) for part in parts]
+    return precision.choose(bf16, model, batch_size, max(lengths))
 
 
 def make_trainer(
@@ -121,6 +122,7 @@ def make_trainer(
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
     last_checkpoint = _resume_from(checkpoint_dir, resume)
+    chosen = resolve_precision(bf16, model, train_dataset, batch_size)
 
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -135,7 +137,7 @@ def make_trainer(
         seed=seed,
         data_seed=seed,
         train_sampling_strategy="sequential" if sequential else "random",
-        bf16=resolve_bf16(bf16),
+        bf16=chosen["precision"] == "bf16",  # autocast: the weights the optimizer updates stay fp32
         # Explicit on CPU-only hosts: it is what makes processes started by torchrun / `accelerate launch
         # --multi_gpu` join one gloo DDP group, and what allows bf16 autocast on CPU. CUDA is used when present.
         use_cpu=not torch.cuda.is_available(),
@@ -171,6 +173,7 @@ def make_trainer(
                     if type(c).__name__.endswith(("ProgressCallback", "PrinterCallback"))]:
         trainer.remove_callback(default)
     trainer.add_callback(StepProgress(out_dir.name))  # labelled by the step folder: 03_base_model, natural, npo
+    trainer.precision = chosen  # what the summary (result.json) records: the choice and, for `auto`, its timings
     return trainer, last_checkpoint, loss_curve
 
 
@@ -243,6 +246,7 @@ def train_causal_lm(model, tokenizer, train_dataset, out_dir: str | Path, **kwar
         "final_loss": losses[-1] if losses else result.training_loss if result else None,
         "resumed_from_step": checkpoint_step(last_checkpoint) if last_checkpoint else None,
         "bf16": args.bf16,
+        "precision": trainer.precision,
         "num_processes": args.world_size,
         "per_device_batch_size": batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,

@@ -102,7 +102,7 @@ class UnlearnJob:
         return cls(max_steps=max_steps, batch_size=un.batch_size, learning_rate=un.learning_rate, seed=cfg.seed,
                    max_length=cfg.base.block_size, save_steps=un.save_steps, replay_loss_bound=un.replay_loss_bound,
                    forget_scope=forget_scope, gradient_accumulation_steps=cfg.compute.gradient_accumulation_steps,
-                   gradient_checkpointing=cfg.compute.gradient_checkpointing)
+                   gradient_checkpointing=cfg.compute.gradient_checkpointing, bf16=cfg.compute.precision)
 
 
 def unlearn(model, tokenizer, method: UnlearningMethod, forget_texts: list[str], replay_texts: list[str],
