@@ -43,7 +43,7 @@ test-fast: $(VENV)/.installed-dev
 # small bugs, one at a time, into the functions that carry the study's rules (pyproject.toml's [tool.mutmut] names the
 # files and the fast tests that run), runs the tests that reach each one, then lists the mutants no test failed.
 # 40-60 minutes on 2 busy cores; MUTANTS= narrows it, e.g. make mutation MUTANTS='synthflaw.metrics.statistics.*'
-MUTANTS ?= synthflaw.metrics.statistics.* synthflaw.reporting.findings.* synthflaw.reporting.verdicts.* \
+MUTANTS ?= synthflaw.metrics.statistics.* synthflaw.reporting.findings.* synthflaw.reporting.findings_report.* synthflaw.reporting.verdicts.* \
 	synthflaw.metrics.likelihood.* \
 	synthflaw.training.sft.xǁPackedChatCollatorǁ* synthflaw.runs.staleness.x_upstream_causes* \
 	synthflaw.runs.staleness.xǁFreshnessǁ* synthflaw.runs.markers.x_describe_changes*

@@ -12,7 +12,7 @@ import pytest
 from synthflaw import config, runs
 from synthflaw.metrics import statistics
 from synthflaw.records import read_csv
-from synthflaw.reporting import aggregate, findings, plots
+from synthflaw.reporting import aggregate, findings, findings_report, plots
 
 T_975_DF2 = 4.302652729749462  # Student-t 0.975 quantile, 2 degrees of freedom (tables: 4.303)
 MODELS = ("natural", "synthetic", "rewritten", "more_natural", "unlearn-lower_bounded")
@@ -321,7 +321,7 @@ def test_power_sets_the_mdd_against_the_papers_effect_on_natural_above_its_null(
     wide = findings.findings(aggregate.aggregate(aggregate.seed_runs(study(tmp_path / "wide", CLEAR, scale=0.5)),
                                                  tmp_path / "out2"))
     assert [r["detectable"] for r in by_id(wide, "2")["power"]] == [False, False]
-    findings.write_findings(found, tmp_path / "md", seeds=(0, 1, 2))
+    findings_report.write_findings(found, tmp_path / "md", seeds=(0, 1, 2))
     assert "## Power: could these seeds see the paper's effect?" in (tmp_path / "md" / "findings.md").read_text()
 
 

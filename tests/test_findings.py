@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from synthflaw.reporting import findings
+from synthflaw.reporting import findings, findings_report
 from synthflaw.reporting.tables import NULL_PREFIX
 
 U = "unlearn-lower_bounded"
@@ -225,34 +225,34 @@ FINDINGS_MD = [
 
 def test_write_findings_lays_out_the_margin_findings_checks_power_reported_and_cost(tmp_path):
     out = tmp_path / "new" / "seeds"  # folders made as needed
-    findings.write_findings(FOUND, out, seeds=(0, 1, 2))
+    findings_report.write_findings(FOUND, out, seeds=(0, 1, 2))
     assert (out / "findings.md").read_text().splitlines() == FINDINGS_MD
     assert json.loads((out / "findings.json").read_text()) == FOUND
 
 
 def test_write_findings_without_findings_or_margin(tmp_path):
-    findings.write_findings([], tmp_path / "none")
+    findings_report.write_findings([], tmp_path / "none")
     text = (tmp_path / "none" / "findings.md").read_text()
     assert text.startswith("# Findings across seeds (?; 95% intervals)\n") and "Paper-sized effects" not in text
     assert "## Power" not in text and "Unlearning cost" not in text
     no_delta = [{**FOUND[0], "ni_margin": {**MARGIN_ROW, "above_null": -0.1, "delta": None}}]
-    findings.write_findings(no_delta, tmp_path / "no_delta", confidence=0.9, seeds=(3,))
+    findings_report.write_findings(no_delta, tmp_path / "no_delta", confidence=0.9, seeds=(3,))
     text = (tmp_path / "no_delta" / "findings.md").read_text()
     assert text.startswith("# Findings across seeds (3; 90% intervals)\n")
     assert "Natural's learnable HSR above the best null: 0.550 - 0.150 = -0.100." in text
 
 
 def test_the_cells_of_findings_md():
-    assert [findings._verdict(v) for v in ("reproduces", "reversed", "inconclusive")] == [
+    assert [findings_report._verdict(v) for v in ("reproduces", "reversed", "inconclusive")] == [
         "reproduces", "reversed", "inconclusive"]
-    assert findings._verdict("inconclusive", 0.0412345, 0.03) == "inconclusive (MDD 0.0412 vs paper-sized 0.03)"
-    assert findings._verdict("inconclusive", 0.0412345) == "inconclusive (MDD 0.0412)"
-    assert findings._verdict("reproduces", 0.0412345, 0.03) == "reproduces"
-    assert findings._interval(0.5, [-0.25, 1.5]) == "+0.5 [-0.25, +1.5]" and findings._interval(None, None) == ""
-    assert findings._interval(0.123456, (0.0123456, 2345.678)) == "+0.1235 [+0.01235, +2346]"
-    assert findings._size({"n": 3, "items": 60}) == "3 (60 items)" and findings._size({"n": 3}) == "3"
-    assert findings._size({"n": 3, "items": 0}) == "3" and findings._size({"n": None, "items": 5}) == ""
-    assert findings._mdd(0.0412345) == "0.04123" and findings._mdd(None) == ""
+    assert findings_report._verdict("inconclusive", 0.0412345, 0.03) == "inconclusive (MDD 0.0412 vs paper-sized 0.03)"
+    assert findings_report._verdict("inconclusive", 0.0412345) == "inconclusive (MDD 0.0412)"
+    assert findings_report._verdict("reproduces", 0.0412345, 0.03) == "reproduces"
+    assert findings_report._interval(0.5, [-0.25, 1.5]) == "+0.5 [-0.25, +1.5]" and findings_report._interval(None, None) == ""
+    assert findings_report._interval(0.123456, (0.0123456, 2345.678)) == "+0.1235 [+0.01235, +2346]"
+    assert findings_report._size({"n": 3, "items": 60}) == "3 (60 items)" and findings_report._size({"n": 3}) == "3"
+    assert findings_report._size({"n": 3, "items": 0}) == "3" and findings_report._size({"n": None, "items": 5}) == ""
+    assert findings_report._mdd(0.0412345) == "0.04123" and findings_report._mdd(None) == ""
 
 
 # --- findings(): every finding's checks on a hand-built aggregate ---------------------------------------------------

@@ -28,7 +28,8 @@ from synthflaw.metrics.statistics import mean_ci, paired_difference
 from synthflaw.records import read_csv, write_csv, write_json, write_text_atomic
 from synthflaw.registry import EVALUATE, UNLEARNING, model_order, models_of
 from synthflaw.reporting import labels
-from synthflaw.reporting.findings import findings, write_findings
+from synthflaw.reporting.findings import findings
+from synthflaw.reporting.findings_report import write_findings
 from synthflaw.reporting.forest import write_forest
 from synthflaw.reporting.index import run_index
 from synthflaw.reporting.preregistration import MARGINS, REGISTERED_PRESET
