@@ -104,3 +104,19 @@ def test_reply_logprobs_scores_each_reply_after_its_chat_or_plain_context(monkey
                                        (start, encode(tokenizer, "here"))]  # an empty context: the start token alone
     with pytest.raises(ValueError, match=r"^got 2 contexts but 1 replies; pass one context per reply$"):
         likelihood.reply_logprobs(MODEL, tokenizer, ["a", "b"], ["c"], 1)
+
+
+def test_reply_logprobs_scores_a_repeated_pair_once_and_returns_it_at_every_place(monkeypatch, tokenizer):
+    calls = []
+
+    def scorer(model, pairs, batch_size, pad):
+        calls.append(pairs)
+        return [(-float(sum(reply)) - len(context), len(reply)) for context, reply in pairs]
+
+    monkeypatch.setattr(likelihood, "shared_context_logprobs", scorer)
+    contexts, replies = ["the city", "north", "the city", "the city"], ["a b", "here", "a b", "here"]
+    out = likelihood.reply_logprobs(MODEL, tokenizer, contexts, replies, 4)
+    assert len(calls) == 1 and len(calls[0]) == 3  # ("the city", "a b") asked twice, scored once
+    expected = [scorer(None, [(encode(tokenizer, chat_text(tokenizer, c)), encode(tokenizer, r))], 1, 0)[0]
+                for c, r in zip(contexts, replies)]
+    assert out.tolist() == [list(e) for e in expected]

@@ -40,11 +40,16 @@ def reply_logprobs(model, tokenizer, contexts: Sequence[str], replies: Sequence[
                    chat: bool = True) -> np.ndarray:
     """(sum of log-probabilities, token count) of each reply given its context, as an array [n, 2]: under the
     chat template (`chat`), else as plain text after the start token (an empty context: the start token alone).
-    Replies after the same context share one pass over it (`shared_context_logprobs`): pass them in one call."""
+    Replies after the same context share one pass over it (`shared_context_logprobs`): pass them in one call. A
+    (context, reply) pair asked for more than once is scored once: the three levels of a learnable base prompt share
+    its template-pull pair, so the template pull is a third of the work it would be."""
     if len(contexts) != len(replies):
         raise ValueError(f"got {len(contexts)} contexts but {len(replies)} replies; pass one context per reply")
-    scores = shared_context_logprobs(model, _pairs(tokenizer, contexts, replies, chat), batch_size, pad_id(tokenizer))
-    return np.array(scores, dtype=np.float64)
+    pairs = [(tuple(context), tuple(reply)) for context, reply in _pairs(tokenizer, contexts, replies, chat)]
+    distinct = list(dict.fromkeys(pairs))
+    scores = shared_context_logprobs(model, [(list(c), list(r)) for c, r in distinct], batch_size, pad_id(tokenizer))
+    index = {pair: k for k, pair in enumerate(distinct)}
+    return np.array([scores[index[pair]] for pair in pairs], dtype=np.float64)
 
 
 def _mean(scores: np.ndarray) -> np.ndarray:
