@@ -135,6 +135,32 @@ def test_generation_stops_at_end_of_turn_with_kv_cache(model, tokenizer):
     assert [len(r) for r in ids] == [3, 3, 3] and generated == [4, 4, 4]
 
 
+def test_a_row_that_stopped_leaves_the_batch_and_the_others_generate_as_alone(model, tokenizer):
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    texts = [tokenizer_mod.chat_text(tokenizer, p) for p in PROMPTS[:3]]
+    alone = [generation.generate_ids(model, tokenizer, [t], 6, 1)[0][0] for t in texts]
+    first_row = generation.longest_first([len(tokenizer_mod.encode(tokenizer, t)) for t in texts])[0]
+    batch_rows, calls = [], []
+
+    def end_the_first_row_at_its_second_token(module, inputs, output):
+        calls.append(1)
+        batch_rows.append(output.shape[0])
+        if len(calls) == 2:  # the prefill gives token 1, the first decoding step token 2
+            output = output.clone()
+            output[0, -1, end_id] = 1e4
+        return output
+
+    hook = model.lm_head.register_forward_hook(end_the_first_row_at_its_second_token)
+    try:
+        ids, generated = generation.generate_ids(model, tokenizer, texts, 6, 3)
+    finally:
+        hook.remove()
+    assert batch_rows == [3, 3, 2, 2, 2, 2], "the stopped row is not computed after its stop token"
+    assert generated[first_row] == 2 and ids[first_row] == alone[first_row][:1]
+    others = [i for i in range(3) if i != first_row]
+    assert [ids[i] for i in others] == [alone[i] for i in others]
+
+
 def test_generation_speed_reports_both_paths(model, tokenizer):
     speed = generation.generation_speed(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=6)
     assert speed["identical_responses"] is True

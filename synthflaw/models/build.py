@@ -7,6 +7,7 @@ every later stage treats them alike.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -61,6 +62,12 @@ def load_model(model_name_or_path: str | Path, trust_remote_code: bool = False, 
         dtype=dtype if dtype is not None else "auto",
     )
     return model.to(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cache_keyword(model) -> str:
+    """The name under which this transformers version's forward takes and returns the KV cache: `cache` in 5.x
+    releases that renamed it (`past_key_values` is then deprecated), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def model_device(model) -> torch.device:

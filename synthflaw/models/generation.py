@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from synthflaw.models.batching import check_batch_size, longest_first, pad_batch
-from synthflaw.models.build import model_device, stop_token_ids
+from synthflaw.models.build import cache_keyword, model_device, stop_token_ids
 from synthflaw.models.tokenizer import chat_text, encode, pad_id, start_tokens
 
 
@@ -22,9 +22,9 @@ def generate_ids(model, tokenizer, texts: Sequence[str], max_new_tokens: int,
     """Greedy continuations of `texts`: (new token ids cut before the first stop token, tokens generated per text).
 
     Left padding keeps every prompt's last token in the last column, so one KV-cached decoding step serves the whole
-    batch; `generate` derives position ids from the attention mask, so padding changes no prompt's positions.
-    The generated count includes the stop token (it was computed) but not the padding after it. `start` puts the
-    start token (BOS, else EOS) before each text, as plain text is scored (chat texts carry their own).
+    batch; position ids count each row's real tokens, so padding changes no prompt's positions. A row that has
+    stopped leaves the batch (`_greedy`). The generated count includes the stop token (it was computed). `start`
+    puts the start token (BOS, else EOS) before each text, as plain text is scored (chat texts carry their own).
     """
     check_batch_size(batch_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -44,17 +44,49 @@ def generate_ids(model, tokenizer, texts: Sequence[str], max_new_tokens: int,
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
         input_ids, attention_mask = pad_batch([encoded[i] for i in rows], pad, side="left", device=device)
-        width = input_ids.shape[1]
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                eos_token_id=stop_ids, pad_token_id=pad,
-                                temperature=None, top_p=None, top_k=None)
-        for row, i in enumerate(rows):
-            new = output[row, width:].tolist()
+        for row, (i, new) in enumerate(zip(rows, _greedy(model, input_ids, attention_mask, max_new_tokens,
+                                                          stop_ids))):
             cut = next((k for k, token in enumerate(new) if token in stop_ids), None)
             responses[i] = new if cut is None else new[:cut]
             generated[i] = len(new) if cut is None else cut + 1
     return responses, generated
+
+
+@torch.inference_mode()
+def _greedy(model, input_ids, attention_mask, max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+    """Greedy new tokens of each left-padded row, up to and including its first stop token.
+
+    `model.generate` keeps a finished row in the batch, computing padding for it until the last row stops; with
+    replies of uneven length (a few run to `max_new_tokens`) that was about half of the decoding work. Here a row
+    leaves the batch, and its KV-cache row the cache, as soon as it emits a stop token. Every remaining row computes
+    what it computed before: the same tokens, mask and positions (its real tokens counted, as `generate` does).
+    """
+    keyword = cache_keyword(model)
+    stop = torch.tensor(stop_ids, device=input_ids.device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache = getattr(out, keyword)
+    rows = list(range(input_ids.shape[0]))  # the batch rows still generating, in the cache's order
+    next_position = attention_mask.sum(-1)
+    new: list[list[int]] = [[] for _ in rows]
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        for row, t in zip(rows, token.tolist()):
+            new[row].append(t)
+        going = ~torch.isin(token, stop)
+        if step == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero()[:, 0]
+            cache.reorder_cache(keep)
+            rows = [rows[k] for k in keep.tolist()]
+            token, attention_mask, next_position = token[keep], attention_mask[keep], next_position[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
+                    use_cache=True, **{keyword: cache})
+        next_position = next_position + 1
+    return new
 
 
 def generate_continuations(model, tokenizer, texts: Sequence[str], max_new_tokens: int,

@@ -6,12 +6,10 @@ paired likelihood endpoints of the evaluation (compliance margin, template pull)
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from synthflaw.models.batching import check_batch_size, longest_first, pad_batch
-from synthflaw.models.build import model_device
+from synthflaw.models.build import cache_keyword, model_device
 
 
 @torch.inference_mode()
@@ -40,12 +38,6 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch
             results[i] = (float(total), n_cont)
     return results
 
-
-
-def _cache_keyword(model) -> str:
-    """The name under which this transformers version's forward takes and returns the KV cache: `cache` in 5.x
-    releases that renamed it (`past_key_values` is then deprecated), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _check_pairs(pairs) -> None:
@@ -89,7 +81,7 @@ def shared_context_logprobs(model, pairs: list[tuple[list[int], list[int]]], bat
     """
     check_batch_size(batch_size)
     _check_pairs(pairs)
-    device, keyword = model_device(model), _cache_keyword(model)
+    device, keyword = model_device(model), cache_keyword(model)
     results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     for batch in _shared_context_batches(pairs, batch_size):
         context_ids, context_mask = pad_batch([context for context, _ in batch], pad_id, device=device)
