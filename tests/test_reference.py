@@ -26,7 +26,10 @@ SWEEPS = {"reference-fraction": ("cpt.synthetic_fraction", [0.02, 0.1, 0.3, 0.5]
           "reference-templates": ("data.synthetic_templates", [1, 3, 10]),
           # the positive control's pilots (natural and harmed only, stages 01, 03, 04, 06, 07)
           "pilot-control": ("sft.harm_fraction", [0.05, 0.1, 0.2, 0.35]),
-          "pilot-control-power": ("sft.harm_fraction", [0.05])}
+          "pilot-control-power": ("sft.harm_fraction", [0.05]),
+          # the paper's-regime pilots (docs/regime-pilot.md; natural and harmed only, stages 01, 03, 04, 06, 07)
+          "pilot-regime": ("sft.epochs", [0.05, 0.1, 0.14]),
+          "pilot-regime-longer": ("sft.epochs", [0.3, 0.6, 1.0])}
 
 
 def tables(root: Path) -> dict[str, bytes]:
@@ -101,3 +104,17 @@ def test_reference_sweep_tables_regenerate_exactly(name, tmp_path, sweep_tables)
     assert not different, f"regenerated tables differ from the committed ones: {different}"
     drawn = [f for f in figures(RUNS / name, tmp_path / name) if "08_figures" not in f]  # --figures-only: no stage 08
     assert not drawn, f"regenerated figures differ from the committed ones: {drawn}"
+
+
+@pytest.mark.parametrize("name, decision", [("pilot-regime", "regime_pilot.json"),
+                                            ("pilot-regime-longer", "regime_pilot_longer.json")])
+def test_the_regime_pilots_decision_comes_from_its_committed_runs(name, decision, tmp_path):
+    """docs/regime_pilot*.json is what benchmarks/regime_pilot.py computes from the exported pilot, byte for byte."""
+    import importlib.util
+    script = RUNS.parent / "benchmarks" / "regime_pilot.py"
+    spec = importlib.util.spec_from_file_location("regime_pilot", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shutil.copytree(RUNS / name, tmp_path / name)
+    assert module.main([str(tmp_path / name), "--out", str(tmp_path / decision)]) == 0
+    assert (tmp_path / decision).read_bytes() == (RUNS.parent / "docs" / decision).read_bytes()
