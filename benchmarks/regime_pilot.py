@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from synthflaw.metrics.statistics import mean_ci, seed_key
+from synthflaw.reporting.preregistration import PAPER_RELATIVE_EFFECT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrate_positive_control import point_summary, seeds_for_power  # noqa: E402  (a sibling script)
@@ -49,9 +50,14 @@ def budget(seed_dir: Path) -> dict:
     return out
 
 
+def seed_dirs(point_dir: Path) -> list[Path]:
+    """A point's seed folders in seed order (numeric: seed-2 before seed-10)."""
+    return sorted(point_dir.glob("seed-*"), key=lambda p: seed_key(p.name.removeprefix("seed-")))
+
+
 def natural_above_null(point_dir: Path) -> dict:
     values = {}
-    for seed_dir in sorted(point_dir.glob("seed-*"), key=lambda p: seed_key(p.name.removeprefix("seed-"))):
+    for seed_dir in seed_dirs(point_dir):
         metrics = json.loads((seed_dir / "07_evaluate" / "natural" / "metrics.json").read_text())
         values[seed_dir.name] = {"hsr_above_null": metrics["learnable_hsr_above_null"],
                                  "margin_above_null": metrics["compliance_margin"] - metrics["compliance_margin_null"],
@@ -71,14 +77,14 @@ def main(argv=None) -> int:
     points = {}
     for point in manifest["points"]:
         point_dir = args.sweep / point["run"]
-        seed_dirs = sorted(point_dir.glob("seed-*"))
         found = natural_above_null(point_dir)
         control = point_summary(point_dir)
-        found["budget"] = budget(seed_dirs[0])
+        found["budget"] = budget(seed_dirs(point_dir)[0])
         found["control_effects"] = control["control_effects"]
         found["relative_drop"] = control["relative_drop"]
-        found["power_at_paper_sized_delta"] = seeds_for_power(control["_agg"], 0.13 * found["hsr_above_null"]["mean"]
-                                                              ) if found["hsr_above_null"]["mean"] > 0 else None
+        above = found["hsr_above_null"]["mean"]
+        found["power_at_paper_sized_delta"] = (seeds_for_power(control["_agg"], PAPER_RELATIVE_EFFECT * above)
+                                               if above > 0 else None)
         points[point["values"]["sft.epochs"]] = found
     meets = [e for e, p in sorted(points.items())
              if p["hsr_above_null"]["mean"] >= REQUIRED_ABOVE_NULL and p["hsr_above_null"]["low"] > 0]

@@ -111,7 +111,8 @@ def synchronize(model) -> None:
 
 
 def generation_speed(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> dict:
-    """New tokens per second of the batched path against one-prompt-at-a-time `generate`, on the same prompts.
+    """New tokens per second of the batched path against one prompt at a time (`generate_ids` at batch size 1), on
+    the same prompts.
 
     Both paths run greedy with the KV cache; new tokens count everything computed up to and including each
     response's stop token. A one-prompt warm-up first keeps one-off costs (allocations, kernel selection) out of
