@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -35,6 +35,11 @@ from synthflaw.training.checkpoints import (checkpoint_folders, checkpoint_step,
                                             resume_checkpoint)
 
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
+# The TrainingArguments field that recomputes activations: transformers 5.2x renamed `gradient_checkpointing` to
+# `activation_checkpointing` (the old name a deprecated alias); earlier 5.x releases, e.g. 5.17 in a CUDA image, know
+# only the old one.
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
+                 else "gradient_checkpointing")
 CHECKPOINTS_KEPT = 2
 
 
@@ -141,8 +146,8 @@ def make_trainer(
         # Explicit on CPU-only hosts: it is what makes processes started by torchrun / `accelerate launch
         # --multi_gpu` join one gloo DDP group, and what allows bf16 autocast on CPU. CUDA is used when present.
         use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        **{CHECKPOINTING: gradient_checkpointing,
+           f"{CHECKPOINTING}_kwargs": {"use_reentrant": False} if gradient_checkpointing else None},
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=checkpoints_kept,
@@ -222,7 +227,7 @@ def train_causal_lm(model, tokenizer, train_dataset, out_dir: str | Path, **kwar
     trainer, last_checkpoint, loss_curve = make_trainer(model, tokenizer, train_dataset, out_dir, **kwargs)
     args = trainer.args
     batch_size, gradient_accumulation_steps = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    gradient_checkpointing = bool(args.activation_checkpointing)
+    gradient_checkpointing = bool(getattr(args, CHECKPOINTING))
     on_cuda = args.device.type == "cuda"
     # Measured before training, on the same GPU, so MFU is against what this device does, not a datasheet.
     peak_flops = matmul_flops(torch.bfloat16, args.device) if on_cuda else None
