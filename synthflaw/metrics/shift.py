@@ -109,7 +109,7 @@ def next_token_kl(model, reference_model, tokenizer, prompts: Sequence[str], bat
         for m in (model, reference_model):
             input_ids, attention_mask = pad_batch(batch, pad, device=model_device(m))
             logits = m(input_ids=input_ids, attention_mask=attention_mask).logits
-            log_probs.append(torch.log_softmax(logits[torch.arange(len(batch)), last.to(logits.device)].float(),
+            log_probs.append(torch.log_softmax(logits[torch.arange(len(batch), device=logits.device), last.to(logits.device)].float(),
                                                dim=-1).cpu())
         if log_probs[0].shape != log_probs[1].shape:
             raise ValueError(f"the model and the reference model have different vocabularies "
