@@ -115,43 +115,44 @@ def _precision_record(seed_dir: Path) -> dict:
 
 
 def compare(runs_root: Path) -> dict:
-    """Per primary check: each seed's fp32 and bf16 values, the paired differences (bf16 - fp32), their mean and
-    interval, the seed-to-seed SD (pooled over both precisions), the rerun's difference (fp32 again - fp32), and
+    """Per primary check: each seed's fp32 and bf16 values, the paired differences (bf16 - fp32) on the seeds run in
+    both, their mean and interval, the seed-to-seed SD (each precision's seeds about their own mean, pooled over the
+    precisions; a seed run in one precision only counts here), the rerun's difference (fp32 again - fp32), and
     whether the check agrees by docs/precision-agreement.md's rule."""
     runs = {}
     for folder in sorted(runs_root.iterdir()):
         match = RUN_NAME.match(folder.name)
         if match and folder.is_dir() and (folder / "07_evaluate").is_dir():
             runs[(match.group(1), int(match.group(2)), bool(match.group(3)))] = folder
-    seeds = sorted({s for p, s, again in runs if not again and ("fp32", s, False) in runs and ("bf16", s, False) in runs})
-    if not seeds:
+    by_precision = {p: sorted(s for q, s, again in runs if q == p and not again) for p in PRECISIONS}
+    paired = sorted(set(by_precision["fp32"]) & set(by_precision["bf16"]))
+    if not paired:
         raise ValueError(f"{runs_root} holds no seed run in both precisions (precision-fp32-<k>/ and "
                          "precision-bf16-<k>/ with a 07_evaluate step); run `launch` first")
-    values = {(p, s): primary_checks(runs[(p, s, False)]) for s in seeds for p in PRECISIONS}
+    values = {(p, s): primary_checks(runs[(p, s, False)]) for p, seeds in by_precision.items() for s in seeds}
     rerun = next((s for p, s, again in runs if again), None)
     rerun_values = primary_checks(runs[("fp32", rerun, True)]) if rerun is not None else None
     checks = [c for family in PRIMARY.values() for c in family if all(c in values[k] for k in values)]
+    dof = sum(len(seeds) - 1 for seeds in by_precision.values() if seeds)
     rows = []
     for check in checks:
-        differences = [values[("bf16", s)][check] - values[("fp32", s)][check] for s in seeds]
-        # seed-to-seed SD within each precision, pooled: each precision's deviations from its own mean
+        differences = [values[("bf16", s)][check] - values[("fp32", s)][check] for s in paired]
         deviations = [values[(p, s)][check] - np.mean([values[(p, t)][check] for t in seeds])
-                      for p in PRECISIONS for s in seeds]
-        dof = len(PRECISIONS) * (len(seeds) - 1)
+                      for p, seeds in by_precision.items() for s in seeds]
         sd = float(np.sqrt(np.sum(np.square(deviations)) / dof)) if dof else float("nan")
-        paired = mean_ci(differences)
-        row = {"check": check, "fp32": [values[("fp32", s)][check] for s in seeds],
-               "bf16": [values[("bf16", s)][check] for s in seeds], "difference": differences,
-               "mean_difference": paired["mean"], "ci": [paired["low"], paired["high"]], "seed_sd": sd,
-               "difference_in_sd": abs(paired["mean"]) / sd if sd > 0 else None,
-               "agrees": bool(abs(paired["mean"]) <= AGREE_WITHIN_SD * sd)}  # False when sd is nan (one seed)
+        mean = mean_ci(differences)
+        row = {"check": check, "fp32": {s: values[("fp32", s)][check] for s in by_precision["fp32"]},
+               "bf16": {s: values[("bf16", s)][check] for s in by_precision["bf16"]}, "difference": differences,
+               "mean_difference": mean["mean"], "ci": [mean["low"], mean["high"]], "seed_sd": sd,
+               "difference_in_sd": abs(mean["mean"]) / sd if sd > 0 else None,
+               "agrees": bool(abs(mean["mean"]) <= AGREE_WITHIN_SD * sd)}  # False when sd is nan (one seed)
         if rerun_values is not None and check in rerun_values:
             row["rerun_difference"] = rerun_values[check] - values[("fp32", rerun)][check]
         rows.append(row)
-    return {"seeds": seeds, "rule": f"|mean(bf16 - fp32)| <= {AGREE_WITHIN_SD} x seed-to-seed SD (pooled, "
-                                    f"{len(PRECISIONS) * (len(seeds) - 1)} df), for every primary check",
+    return {"paired_seeds": paired, "seeds": by_precision, "seed_sd_dof": dof,
+            "rule": f"|mean(bf16 - fp32)| <= {AGREE_WITHIN_SD} x seed-to-seed SD, for every primary check",
             "agree": all(r["agrees"] for r in rows), "checks": rows, "rerun_seed": rerun,
-            "precision_recorded": {p: _precision_record(runs[(p, seeds[0], False)]) for p in PRECISIONS},
+            "precision_recorded": {p: _precision_record(runs[(p, paired[0], False)]) for p in PRECISIONS},
             "wall_s": {run_name(p, s, again): _wall(folder) for (p, s, again), folder in sorted(runs.items())}}
 
 
@@ -188,7 +189,8 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
-    print(f"seeds {result['seeds']}: {'agree' if result['agree'] else 'do not agree'} ({result['rule']})")
+    print(f"paired seeds {result['paired_seeds']}, seed-to-seed SD on {result['seed_sd_dof']} df from "
+          f"{result['seeds']}: {'agree' if result['agree'] else 'do not agree'} ({result['rule']})")
 
 
 if __name__ == "__main__":
