@@ -29,17 +29,17 @@ smoke: $(VENV)/.installed
 	$(VENV)/bin/synthflaw run --preset smoke --run-id smoke-$(shell date -u +%Y%m%d-%H%M%S)
 
 # The import contracts in pyproject.toml (layers, no cycles) first, then the tests on one worker per core
-# (pytest-xdist; tests/conftest.py keeps each shared study on one worker), with the 15 slowest listed.
+# (pytest-xdist, a test file at a time: its module fixtures are made once), with the 15 slowest listed.
 PYTEST_WORKERS ?= auto
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q --durations=15 -n $(PYTEST_WORKERS) --dist loadfile
 
 # `make test-fast`: the test suite without the end-to-end tests marked slow (study, paper preset, reference, DDP launch).
 .PHONY: test-fast
 test-fast: $(VENV)/.installed-dev
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
 
 # `make mutation`: the on-demand mutation check, not part of `make test` (README: "Mutation check"). mutmut puts
 # small bugs, one at a time, into the functions that carry the study's rules (pyproject.toml's [tool.mutmut] names the

@@ -26,19 +26,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
     torch.set_num_threads(_THREADS)
 
-# The session fixtures that run a whole study. Every test that reads one runs on the worker that computed it (an
-# xdist group of its own), so each is computed once per pytest run; a test that reads both goes with the first.
-SHARED_STUDIES = ("smoke_notebooks", "smoke_study")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (--dist loadgroup)
-def pytest_collection_modifyitems(config, items):
-    """Groups for `--dist loadgroup`: a test that reads a shared study goes with that study, every other test with
-    its module, so a module-scoped fixture (a trained model, a built world) is also made once."""
-    for item in items:
-        group = next((f for f in SHARED_STUDIES if f in item.fixturenames), item.nodeid.split("::")[0])
-        item.add_marker(pytest.mark.xdist_group(group))
-
 # The shape of every tiny Llama in the tests: 2 layers of width 32 (LlamaConfig fields; the vocabulary comes from the
 # tokenizer). tests/test_training.py builds it through the library's build_model, the others through make_tiny_llama.
 TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
