@@ -227,7 +227,9 @@ class ComputeConfig:
     """How the training stages use the hardware; none of it changes what is trained (not part of a step's
     fingerprint): every stage's batch_size stays the sequences per optimizer step, split over processes and
     accumulation micro-steps. `precision` changes the weights' last bits, not the study: a step's result.json and
-    meta.json record the precision it ran in, and fp32 and bf16 runs agree within their seed-to-seed noise."""
+    meta.json record the precision it ran in. A bf16 run is not the fp32 run rounded: on seeds 5 and 6 it moved 13 of
+    the 17 primary checks by less than one seed-to-seed SD and 4 by 1.0-1.8 SD, about what another seed does
+    (docs/precision_agreement.json), so compare runs made in one precision."""
 
     num_processes: int = _f(1, "processes (GPUs) for stages 03, 04 and 06; > 1 runs each of them under "
                                 "`accelerate launch` (unlearning and evaluation stay on one device)", low=1)
