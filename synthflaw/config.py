@@ -239,9 +239,9 @@ class ComputeConfig:
                                              "batch_size / (num_processes * this) sequences at a time (less memory)", low=1)
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass of stages 03-06 "
                                              "(~30% slower, much less activation memory)")
-    precision: str = _f("auto", "stages 03-06: fp32 | bf16 (autocast, fp32 master weights) | auto (bf16 on a CUDA "
-                                "GPU that has it; on a CPU, bf16 only where a timed step is >= 1.15x faster, "
-                                "cached per machine)")
+    precision: str = _f("auto", "stages 03-07: fp32 | bf16 (autocast, fp32 master weights; stage 07 scores "
+                                "likelihoods in it) | auto (bf16 only where a timed step on this CPU or GPU is "
+                                ">= 1.15x faster, cached per machine)")
 
 
 @dataclass(frozen=True)

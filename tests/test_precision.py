@@ -93,3 +93,19 @@ def test_the_trainer_runs_in_the_chosen_precision_and_the_summary_says_so(tokeni
                               warmup_steps=0, seed=0, save_steps=10, bf16=setting)
     assert summary["bf16"] is bool(bf16) and summary["precision"] == trainer.precision
     assert next(model.parameters()).dtype == torch.float32  # fp32 master weights in either precision
+
+
+def test_generation_decodes_in_fp32_inside_a_bf16_autocast(tokenizer, model):
+    """Stage 07 scores under the training's precision (a bf16 autocast where bf16 was chosen); its greedy decoding
+    stays fp32 (one token per row: casts cost more than bf16 saves), with the responses it gives outside one."""
+    from synthflaw.models.generation import generate_ids
+
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    prompts = natural_docs(5)
+    plain = generate_ids(model, tokenizer, prompts, 6, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = generate_ids(model, tokenizer, prompts, 6, 4)
+        decoded = set(dtypes)
+        scored = model(input_ids=torch.tensor([[1, 2, 3]])).logits.dtype  # a scoring pass does run in bf16
+    assert inside == plain and decoded == {torch.float32} and scored == torch.bfloat16

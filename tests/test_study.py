@@ -63,6 +63,9 @@ def test_metrics_have_the_required_keys(smoke_run):
         assert not missing, f"{model} lacks {missing}"
         assert set(metrics["perplexity"]) >= {"mean", "std", "median"}
         assert (smoke_run / "07_evaluate" / model / "samples.jsonl").stat().st_size > 0
+        # scored in the precision the model was trained in (compute.precision=auto's choice on this machine)
+        trained = json.loads((smoke_run / "06_sft" / model / "result.json").read_text())["precision"]
+        assert metrics["settings"]["scoring_precision"] == trained["precision"]
 
 
 def test_figures_and_loss_curves(smoke_run):

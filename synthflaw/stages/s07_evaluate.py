@@ -15,11 +15,12 @@ from synthflaw.metrics.evaluation import (
     evaluate_model,
     load_eval_data,
 )
-from synthflaw.models.build import load_model
+from synthflaw.models.build import load_model, model_device
 from synthflaw.models.tokenizer import load_tokenizer
 from synthflaw.progress import Endpoints
 from synthflaw.records import write_csv, write_json, write_jsonl
 from synthflaw.registry import EVALUATE, GENERATE_DATA, SFT
+from synthflaw.training.precision import autocast
 
 # What the step's result.json (and the runner's summary) keeps of the metrics.
 SUMMARY_KEYS = ("pre_sft_benchmark_accuracy", "learnable_hard_satisfaction_rate", "learnable_hsr_above_null",
@@ -54,7 +55,8 @@ def run(cfg, step) -> dict:
     data_dir = step.upstream(GENERATE_DATA) / "data"
     model_dir = step.upstream(SFT, step.variant) / "model"
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    pre_sft = load_model(step.read(json.loads((model_dir.parent / "result.json").read_text())["started_from"]))
+    sft_result = json.loads((model_dir.parent / "result.json").read_text())
+    pre_sft = load_model(step.read(sft_result["started_from"]))
     reference = None
     natural = step.read_step(SFT, "natural")
     if natural:
@@ -62,14 +64,19 @@ def run(cfg, step) -> dict:
     ev = cfg.evaluate
     templates = json.loads((data_dir / "synthqa_templates.json").read_text())["templates"]
     endpoints = Endpoints(len(ENDPOINTS) + 1, step.variant)  # the step's one bar, naming what it measures
-    evaluation = evaluate_model(model, tokenizer, load_eval_data(data_dir, ev.limit or None),
-                                reference_model=reference, markers=read_markers(data_dir), template=templates[0],
-                                max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, judge=make_judge(ev),
-                                speed_prompts=ev.speed_prompts, pre_sft_model=pre_sft, progress=endpoints)
-    metrics = evaluation.metrics
-    metrics["settings"]["limit"] = ev.limit or None
-    with endpoints.measuring("sft_curve"):
-        metrics["sft_curve"] = sft_curve(step, model_dir, tokenizer, evaluation, templates[0], ev, data_dir)
+    # The likelihood passes run in the precision the model was trained in (compute.precision, as the SFT step
+    # chose it: bf16 autocast only where it measured faster); greedy generation stays fp32 (`generate_ids`).
+    scoring = sft_result.get("precision", {}).get("precision", "fp32")
+    with autocast(scoring, model_device(model)):
+        evaluation = evaluate_model(model, tokenizer, load_eval_data(data_dir, ev.limit or None),
+                                    reference_model=reference, markers=read_markers(data_dir), template=templates[0],
+                                    max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                                    judge=make_judge(ev), speed_prompts=ev.speed_prompts, pre_sft_model=pre_sft,
+                                    progress=endpoints)
+        metrics = evaluation.metrics
+        metrics["settings"].update(limit=ev.limit or None, scoring_precision=scoring)
+        with endpoints.measuring("sft_curve"):
+            metrics["sft_curve"] = sft_curve(step, model_dir, tokenizer, evaluation, templates[0], ev, data_dir)
     endpoints.close()
     write_jsonl(step.path / "samples.jsonl", evaluation.samples)
     write_csv(step.path / "perplexities.csv", evaluation.perplexities)
