@@ -2,18 +2,22 @@
 timed per stage; with several checkouts, one after the other on the same machine, so their costs compare.
 
     PYTHONPATH=. python benchmarks/seed_cost.py [--checkout PATH ...] [--seed 5] [--set KEY=VALUE ...]
+    PYTHONPATH=. python benchmarks/seed_cost.py --variant compute.precision=fp32 --variant compute.precision=auto
 
 Each `--checkout` (default: this one) is a folder holding a checkout of the repository (e.g. `git worktree add
 /tmp/before <commit>`); its own code and notebooks run, in a subprocess. Per stage: the sum of its steps' wall
 seconds (meta.json); `other` is the rest of the whole command's time (kernel starts, imports, the run's checks).
-For stage 07 also the seconds of each endpoint (metrics.json's timings, summed over the models). The seed defaults
-to 5, one the committed reference (seeds 0-4) does not use. Measure on an idle machine: other processes on the same
-cores make every number larger, and unevenly.
+For stage 07 also the seconds of each endpoint (metrics.json's timings, summed over the models), and the precision
+the training steps ran in. The seed defaults to 5, one the committed reference (seeds 0-4) does not use. Each
+`--variant` (comma-separated KEY=VALUE settings on top of `--set`) is one more column per checkout, run one after
+the other the same way: the cost of a setting, e.g. fp32 against the precision `auto` chooses on this machine.
+Measure on an idle machine: other processes on the same cores make every number larger, and unevenly.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -24,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def run_seed(checkout: Path, seed: int, overrides: list[str], preset: str) -> dict:
+def run_seed(checkout: Path, seed: int, overrides: list[str], preset: str, name: str) -> dict:
     runs_root = Path(tempfile.mkdtemp(prefix="seed-cost-"))
     command = [sys.executable, "-m", "synthflaw.cli", "run", "--preset", preset, "--seeds", str(seed), "--run-id",
                "cost", "--runs-root", str(runs_root), "--engine", "papermill"]
@@ -36,17 +40,21 @@ def run_seed(checkout: Path, seed: int, overrides: list[str], preset: str) -> di
     total = time.perf_counter() - started
     run = runs_root / "cost"
     stages: dict[str, float] = defaultdict(float)
+    trained_in = set()  # the precision the training steps ran in (compute.precision=auto's choice, or as set)
     for meta in sorted(run.rglob("meta.json")):
         record = json.loads(meta.read_text())
         stages[record["step"].split("/")[0]] += record.get("wall_s") or 0.0
+        if "precision" in record:
+            trained_in.add(record["precision"]["precision"])
     endpoints: dict[str, float] = defaultdict(float)
     for metrics in run.glob("07_evaluate/*/metrics.json"):
-        for name, seconds in json.loads(metrics.read_text()).get("timings", {}).items():
-            endpoints[name] += seconds
-    return {"checkout": str(checkout), "total_s": round(total, 1),
+        for endpoint, seconds in json.loads(metrics.read_text()).get("timings", {}).items():
+            endpoints[endpoint] += seconds
+    return {"checkout": name, "total_s": round(total, 1),
             "stages_s": {k: round(v, 1) for k, v in sorted(stages.items())},
             "other_s": round(total - sum(stages.values()), 1),
-            "evaluation_endpoints_s": {k: round(v, 1) for k, v in endpoints.items()}, "run": str(run)}
+            "evaluation_endpoints_s": {k: round(v, 1) for k, v in endpoints.items()},
+            "trained_in": sorted(trained_in), "run": str(run)}
 
 
 def table(results: list[dict]) -> str:
@@ -55,6 +63,7 @@ def table(results: list[dict]) -> str:
             "|---|" + "---:|" * len(results)]
     rows += [f"| {s} | " + " | ".join(str(r["stages_s"].get(s, "")) for r in results) + " |" for s in stages]
     rows.append("| other (kernels, imports, checks) | " + " | ".join(str(r["other_s"]) for r in results) + " |")
+    rows.append("| trained in | " + " | ".join(", ".join(r["trained_in"]) for r in results) + " |")
     rows.append("| **one seed** | " + " | ".join(f"**{r['total_s']}**" for r in results) + " |")
     return "\n".join(rows)
 
@@ -65,15 +74,20 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="one more column per checkout with these settings (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     checkouts = [c.resolve() for c in (args.checkout or [Path(__file__).resolve().parent.parent])]
     for checkout in checkouts:
         if not (checkout / "synthflaw" / "cli.py").is_file():
             raise SystemExit(f"{checkout} is not a checkout of this repository (no synthflaw/cli.py)")
+    variants = [v.split(",") for v in args.variant] or [[]]
     results = []
-    for checkout in checkouts:  # one after the other: never two seeds on the same cores at once
-        results.append(run_seed(checkout, args.seed, args.overrides, args.preset))
+    # one after the other: never two seeds on the same cores at once
+    for checkout, variant in itertools.product(checkouts, variants):
+        name = " ".join([str(checkout)] + variant)
+        results.append(run_seed(checkout, args.seed, args.overrides + variant, args.preset, name))
         print(json.dumps(results[-1], indent=1), flush=True)
     print(table(results))
     if args.out:
