@@ -7,6 +7,7 @@ The fixtures give the machinery, not the numbers: each module passes the vocabul
 config fields (initializer_range, max_position_embeddings) its assertions rely on.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -25,6 +26,28 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
     torch.set_num_threads(_THREADS)
+
+# The session fixtures that run a whole study, and the test files that read them: xdist sends these files to one
+# worker together, so each study is made once per run (on two workers each was made twice: ~130 s of setup). Every
+# other file goes to a worker whole (its module fixtures made once). A custom scheduler, because `--dist loadgroup`
+# groups nothing under pytest 9.2: xdist 3.8 marks a group by renaming `item._nodeid`, which pytest no longer reads.
+SHARED_STUDIES = ("smoke_study", "smoke_notebooks")
+SHARED_STUDY_FILES = frozenset(p.name for p in Path(__file__).parent.glob("test_*.py")
+                               if any(name in p.read_text() for name in SHARED_STUDIES))
+
+if importlib.util.find_spec("xdist"):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _FilesWithSharedStudies(LoadScopeScheduling):
+        """A test file per unit of work, the files that read a shared study as one unit. xdist hands out the
+        units with the most tests first; this one is the largest."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return "shared smoke studies" if Path(path).name in SHARED_STUDY_FILES else path
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _FilesWithSharedStudies(config, log)
 
 # The shape of every tiny Llama in the tests: 2 layers of width 32 (LlamaConfig fields; the vocabulary comes from the
 # tokenizer). tests/test_training.py builds it through the library's build_model, the others through make_tiny_llama.
