@@ -29,7 +29,8 @@ smoke: $(VENV)/.installed
 	$(VENV)/bin/synthflaw run --preset smoke --run-id smoke-$(shell date -u +%Y%m%d-%H%M%S)
 
 # The import contracts in pyproject.toml (layers, no cycles) first, then the tests on one worker per core
-# (pytest-xdist, a test file at a time: its module fixtures are made once), with the 15 slowest listed.
+# (pytest-xdist, a test file at a time: its module fixtures are made once; tests/conftest.py's scheduler keeps the files
+# that read the shared smoke studies on one worker), with the 15 slowest listed.
 PYTEST_WORKERS ?= auto
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/lint-imports
