@@ -32,8 +32,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # other file goes to a worker whole (its module fixtures made once). A custom scheduler, because `--dist loadgroup`
 # groups nothing under pytest 9.2: xdist 3.8 marks a group by renaming `item._nodeid`, which pytest no longer reads.
 SHARED_STUDIES = ("smoke_study", "smoke_notebooks")
-SHARED_STUDY_FILES = frozenset(p.name for p in Path(__file__).parent.glob("test_*.py")
-                               if any(name in p.read_text() for name in SHARED_STUDIES))
 
 if importlib.util.find_spec("xdist"):
     from xdist.scheduler import LoadScopeScheduling
@@ -42,11 +40,16 @@ if importlib.util.find_spec("xdist"):
         """A test file per unit of work, the files that read a shared study as one unit. xdist hands out the
         units with the most tests first; this one is the largest."""
 
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            self.shared = {p.name for p in Path(__file__).parent.glob("test_*.py")
+                           if any(name in p.read_text() for name in SHARED_STUDIES)}
+
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::")[0]
-            return "shared smoke studies" if Path(path).name in SHARED_STUDY_FILES else path
+            return "shared smoke studies" if Path(path).name in self.shared else path
 
-    def pytest_xdist_make_scheduler(config, log):
+    def pytest_xdist_make_scheduler(config, log):  # the controller only: the workers never read the test files
         return _FilesWithSharedStudies(config, log)
 
 # The shape of every tiny Llama in the tests: 2 layers of width 32 (LlamaConfig fields; the vocabulary comes from the

@@ -67,8 +67,9 @@ def run(cfg, step) -> dict:
     # The likelihood passes run in the precision the model was trained in (compute.precision, as the SFT step
     # chose it: bf16 autocast only where it measured faster); greedy generation stays fp32 (`generate_ids`).
     scoring = sft_result.get("precision", {}).get("precision", "fp32")
+    data = load_eval_data(data_dir, ev.limit or None)
     with autocast(scoring, model_device(model)):
-        evaluation = evaluate_model(model, tokenizer, load_eval_data(data_dir, ev.limit or None),
+        evaluation = evaluate_model(model, tokenizer, data,
                                     reference_model=reference, markers=read_markers(data_dir), template=templates[0],
                                     max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                                     judge=make_judge(ev), speed_prompts=ev.speed_prompts, pre_sft_model=pre_sft,
@@ -76,7 +77,8 @@ def run(cfg, step) -> dict:
         metrics = evaluation.metrics
         metrics["settings"].update(limit=ev.limit or None, scoring_precision=scoring)
         with endpoints.measuring("sft_curve"):
-            metrics["sft_curve"] = sft_curve(step, model_dir, tokenizer, evaluation, templates[0], ev, data_dir)
+            metrics["sft_curve"] = sft_curve(model_dir, sft_result, tokenizer, evaluation, templates[0], ev,
+                                             data["learnable_suite"])
     endpoints.close()
     write_jsonl(step.path / "samples.jsonl", evaluation.samples)
     write_csv(step.path / "perplexities.csv", evaluation.perplexities)
@@ -92,13 +94,12 @@ def run(cfg, step) -> dict:
     return summary
 
 
-def sft_curve(step, model_dir, tokenizer, evaluation, template, ev, data_dir) -> list[dict]:
+def sft_curve(model_dir, sft_result, tokenizer, evaluation, template, ev, learnable) -> list[dict]:
     """The learnable tier's measurements along SFT: at each saved point (``06_sft/<model>/curve/step-<N>``) and of
-    the final model, on the same first `evaluate.curve_items` learnable items."""
-    sft_result = json.loads((model_dir.parent / "result.json").read_text())
+    the final model, on the same first `evaluate.curve_items` of the `learnable` items evaluated. `sft_result`: the
+    SFT step's result.json."""
     steps = sft_result.get("curve_steps") or [sft_result["steps"]]
-    items = load_eval_data(data_dir, ev.limit or None)["learnable_suite"]
-    items = items[:ev.curve_items or None]
+    items = learnable[:ev.curve_items or None]
     points = []
     for n in steps[:-1]:
         snapshot = load_model(model_dir.parent / "curve" / f"step-{n}")

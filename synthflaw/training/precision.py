@@ -90,13 +90,12 @@ def measure(model, batch_size: int, seq_len: int, steps: int = TIMED_STEPS) -> d
     return {f"{name}_step_s": round(statistics.median(values), 5) for name, values in times.items()}
 
 
-def _cache_key(model) -> str:
+def _cache_key(model, device: torch.device) -> str:
     c = model.config
     shape = (f"{c.model_type}-h{c.hidden_size}-i{getattr(c, 'intermediate_size', 0)}-l{c.num_hidden_layers}"
              f"-a{c.num_attention_heads}-v{c.vocab_size}")
     # Not the thread count nor the batch shape: the stages of a run train one model shape at different batch shapes
     # and thread counts, and must all make the same choice. The first stage to ask times its own batch shape.
-    device = next(model.parameters()).device
     chip = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return f"{chip}|torch {torch.__version__}|{shape}"
 
@@ -110,7 +109,7 @@ def choose(precision: str, model, batch_size: int, seq_len: int) -> dict:
     device = next(model.parameters()).device
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return {"precision": "fp32", "setting": "auto", "reason": "CUDA GPU without bf16 support"}
-    path, key = cache_dir() / "precision.json", _cache_key(model)
+    path, key = cache_dir() / "precision.json", _cache_key(model, device)
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if key not in cached:
         timings = measure(model, batch_size, seq_len)
