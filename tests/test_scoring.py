@@ -1,6 +1,6 @@
-"""synthflaw.models.scoring's shared-context path against the plain one on a tiny random Llama: the same
-log-probabilities for every pair (up to float rounding) at every batch size, each distinct context encoded once,
-and the same refusals."""
+"""synthflaw.models.scoring's shared-prefix path against the plain one on a tiny random Llama: the same
+log-probabilities for every pair (up to float rounding) at every batch size and row width, in sdpa and eager
+attention, each shared prefix computed once, a pass no larger than the plain path's, and the same refusals."""
 
 import functools
 import random
@@ -42,39 +42,85 @@ def unpadded(model, context, reply):
     return logprobs[torch.arange(len(reply)), torch.tensor(reply)].sum().item()
 
 
+def branching_pairs(seed, n_items=5):
+    """Pairs shaped like the compliance margin's: per item a prompt and prompts that drop one of its sentences
+    (sharing the prompt up to there), each with replies that share their first words and then differ."""
+    rng = random.Random(seed)
+    words = lambda n: [rng.randrange(1, VOCAB) for _ in range(n)]  # noqa: E731
+    pairs = []
+    for _ in range(n_items):
+        sentences = [words(rng.randint(1, 6)) for _ in range(rng.randint(2, 4))]
+        prompts = [sum(sentences, [])] + [sum(sentences[:k] + sentences[k + 1:], []) for k in range(len(sentences))]
+        opening = words(rng.randint(0, 8))
+        replies = [opening + words(rng.randint(1, 8)) for _ in range(3)]
+        pairs += [(prompt, reply) for prompt in prompts for reply in replies]
+    return pairs
+
+
 @pytest.mark.parametrize("batch_size", [1, 2, 5, 64])
-def test_shared_context_scores_equal_the_plain_path_pair_by_pair(model, batch_size):
-    pairs = random_pairs(seed=batch_size)
-    shared = shared_context_logprobs(model, pairs, batch_size, PAD)
-    plain = continuation_logprobs(model, pairs, batch_size, PAD)
-    assert [n for _, n in shared] == [n for _, n in plain] == [len(reply) for _, reply in pairs]  # none dropped
-    assert max(abs(a - b) for (a, _), (b, _) in zip(shared, plain)) < 1e-4
-    for (context, reply), (score, _) in zip(pairs[:5], shared):
-        assert score == pytest.approx(unpadded(model, context, reply), abs=1e-4)
+@pytest.mark.parametrize("row_tokens", [1, 24, 256])  # 1: rows as wide as the longest pair, trees cut most
+def test_shared_context_scores_equal_the_plain_path_pair_by_pair(model, batch_size, row_tokens, monkeypatch):
+    monkeypatch.setattr(scoring, "ROW_TOKENS", row_tokens)
+    for pairs in (random_pairs(seed=batch_size), branching_pairs(seed=batch_size)):
+        shared = shared_context_logprobs(model, pairs, batch_size, PAD)
+        plain = continuation_logprobs(model, pairs, batch_size, PAD)
+        assert [n for _, n in shared] == [n for _, n in plain] == [len(reply) for _, reply in pairs]  # none dropped
+        assert max(abs(a - b) for (a, _), (b, _) in zip(shared, plain)) < 1e-4
+        for (context, reply), (score, _) in zip(pairs[:5], shared):
+            assert score == pytest.approx(unpadded(model, context, reply), abs=1e-4)
 
 
-def test_each_distinct_context_is_encoded_once(model, monkeypatch):
-    pairs = random_pairs(seed=7, n_contexts=4, n_pairs=20)
-    for batch_size in (3, 20):
-        batches = scoring._shared_context_batches(pairs, batch_size)
-        members = sorted(i for batch in batches for _, rows in batch for i in rows)
-        assert members == list(range(len(pairs)))  # every pair once
-        assert all(sum(len(rows) for _, rows in batch) <= batch_size for batch in batches)
-        assert all(pairs[i][0] == context for batch in batches for context, rows in batch for i in rows)
-    # when a batch holds all of a context's replies, that context is encoded once
-    assert sorted(tuple(c) for batch in batches for c, _ in batch) == sorted({tuple(c) for c, _ in pairs})
-    shapes = []
+def test_eager_attention_gets_the_tree_mask_as_added_scores(model, monkeypatch):
+    pairs = branching_pairs(seed=3)
+    expected = continuation_logprobs(model, pairs, 8, PAD)
+    monkeypatch.setattr(model.config, "_attn_implementation", "eager")
+    for layer in model.model.layers:
+        monkeypatch.setattr(layer.self_attn.config, "_attn_implementation", "eager")
+    eager = shared_context_logprobs(model, pairs, 8, PAD)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(eager, expected)) < 1e-4
+
+
+def forward_inputs(model, monkeypatch) -> list[dict]:
+    calls = []
     forward = model.forward
 
     @functools.wraps(forward)
-    def counting(*args, **kwargs):
-        shapes.append(tuple(kwargs["input_ids"].shape))
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", counting)
-    shared_context_logprobs(model, pairs, 20, PAD)
-    # one pass over the 4 contexts, one over the 20 replies
-    assert [rows for rows, _ in shapes] == [4, 20]
+    monkeypatch.setattr(model, "forward", recording)
+    return calls
+
+
+def test_each_shared_prefix_is_computed_once(model, monkeypatch):
+    pairs = branching_pairs(seed=7, n_items=3)
+    distinct_prefixes = {tuple((c + r)[:n]) for c, r in pairs for n in range(1, len(c) + len(r) + 1)}
+    calls = forward_inputs(model, monkeypatch)
+    shared_context_logprobs(model, pairs, 64, PAD)
+    # the whole tree fits one pass; each distinct prefix is one token of it (the rest is padding)
+    assert len(calls) == 1
+    assert int((calls[0]["input_ids"] != PAD).sum()) == len(distinct_prefixes)
+    assert len(distinct_prefixes) < sum(len(c) + len(r) for c, r in pairs) / 2  # what the sharing saves here
+
+
+def test_a_pass_holds_no_more_tokens_than_batch_size_of_the_longest_pairs(model, monkeypatch):
+    pairs = random_pairs(seed=11, n_contexts=10, n_pairs=60)
+    longest = max(len(c) + len(r) for c, r in pairs)
+    calls = forward_inputs(model, monkeypatch)
+    for batch_size in (1, 4):
+        calls.clear()
+        shared_context_logprobs(model, pairs, batch_size, PAD)
+        assert all(call["input_ids"].numel() <= max(batch_size * longest, scoring.ROW_TOKENS) for call in calls)
+
+
+def test_attention_without_a_custom_mask_is_scored_by_the_plain_path(model, monkeypatch):
+    pairs = random_pairs(seed=5)
+    expected = continuation_logprobs(model, pairs, 4, PAD)
+    monkeypatch.setattr(scoring, "TREE_ATTENTION", ())  # as for flash attention, which takes no 4D mask
+    calls = forward_inputs(model, monkeypatch)
+    assert shared_context_logprobs(model, pairs, 4, PAD) == expected
+    assert all(call["attention_mask"].dim() == 2 for call in calls)
 
 
 def test_shared_context_refuses_what_the_plain_path_refuses(model):

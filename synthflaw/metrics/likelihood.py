@@ -40,7 +40,8 @@ def reply_logprobs(model, tokenizer, contexts: Sequence[str], replies: Sequence[
                    chat: bool = True) -> np.ndarray:
     """(sum of log-probabilities, token count) of each reply given its context, as an array [n, 2]: under the
     chat template (`chat`), else as plain text after the start token (an empty context: the start token alone).
-    Replies after the same context share one pass over it (`shared_context_logprobs`): pass them in one call. A
+    Pairs that share a prefix (a prompt, a prompt's first sentences, a reply's opening words) compute it once
+    (`shared_context_logprobs`): pass them in one call. A
     (context, reply) pair asked for more than once is scored once: the three levels of a learnable base prompt share
     its template-pull pair, so the template pull is a third of the work it would be."""
     if len(contexts) != len(replies):
@@ -92,7 +93,7 @@ def template_pull(model, tokenizer, items: Sequence[dict], template: dict, batch
     item's base prompt (`chat`), else after the start token."""
     forms = [template_forms(item, template) for item in items]
     contexts = [item["base_prompt"] if chat else "" for item in items]
-    # one call, so that both forms of an item are scored after one pass over its prompt
+    # one call, so that both forms of an item share the pass over its prompt
     scores = reply_logprobs(model, tokenizer, contexts * 2, [t for t, _ in forms] + [p for _, p in forms],
                             batch_size, chat=chat)
     templated, plain = scores[:len(items)], scores[len(items):]
@@ -103,7 +104,7 @@ def chat_preference(model, tokenizer, items: Sequence[dict], batch_size: int) ->
     """Per chat item: lp(reference) - max(lp(constant reply), lp(prompt echoed)), mean log-probability per token
     under the chat template. Positive: the model ranks the real answer above both trivial replies."""
     prompts, n = [item["prompt"] for item in items], len(items)
-    # one call, so that the three replies of an item are scored after one pass over its prompt
+    # one call, so that the three replies of an item share the pass over its prompt
     scores = _mean(reply_logprobs(model, tokenizer, prompts * 3,
                                   [item["reference"] for item in items] + [CONSTANT_REPLY] * n + prompts, batch_size))
     reference, constant, echo = scores[:n], scores[n:2 * n], scores[2 * n:]

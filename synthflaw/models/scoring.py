@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from synthflaw.models.batching import check_batch_size, longest_first, pad_batch
-from synthflaw.models.build import cache_keyword, model_device
+from synthflaw.models.build import model_device
+from synthflaw.models.prefix_tree import PrefixTree
 
 
 @torch.inference_mode()
@@ -48,61 +49,64 @@ def _check_pairs(pairs) -> None:
             raise ValueError("a scored continuation is empty; remove empty choices or texts from the data")
 
 
-def _shared_context_batches(pairs, batch_size: int) -> list[list[tuple[list[int], list[int]]]]:
-    """The pairs grouped by identical context, as batches of (context, [pair indices]) with at most `batch_size`
-    continuations each. Groups with the longest continuations come first: the continuations are most of the tokens,
-    so batching by their length wastes least on padding (and an out-of-memory error shows at once)."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (context, _) in enumerate(pairs):
-        groups.setdefault(tuple(context), []).append(i)
-    units = [(list(context), members[k:k + batch_size])
-             for context, members in groups.items() for k in range(0, len(members), batch_size)]
-    units = [units[i] for i in longest_first([max(len(pairs[j][1]) for j in members) for _, members in units])]
-    batches, size = [], batch_size
-    for unit in units:
-        if size + len(unit[1]) > batch_size:
-            batches.append([])
-            size = 0
-        batches[-1].append(unit)
-        size += len(unit[1])
-    return batches
+# A row's width: room for one or more learnable items' trees (~200 tokens each with the default model's tokenizer).
+# On the default model's compliance-margin pairs, rows of 160-256 tokens ran within noise of each other, and rows as
+# wide as the longest pair (141; trees cut at more places, each cut repeating the path above it) 1.1-1.2x slower.
+ROW_TOKENS = 256
+
+# The attention implementations that take a custom 4D mask (a boolean one for sdpa, an additive one for eager).
+TREE_ATTENTION = ("sdpa", "eager")
 
 
 @torch.inference_mode()
 def shared_context_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int,
                             pad_id: int) -> list[tuple[float, int]]:
-    """`continuation_logprobs`, with each distinct context encoded once (its KV cache) for all its continuations.
+    """`continuation_logprobs`, with every prefix the pairs share computed once.
 
     The paired likelihood endpoints score several replies after one prompt (a compliant and an undone reply, a
-    templated and a plain one); running the prompt once per reply cost most of their forward passes. Contexts are
-    right-padded and their cache rows repeated per continuation; each continuation is then run on its context's
-    cache, with its own positions (after its context's real tokens) and the context's padding masked out, so every
-    token sees exactly what it sees in `continuation_logprobs`: the scores agree up to floating-point rounding.
+    templated and a plain one) and one reply after several prompts that differ late (a prompt without one of its
+    instructions); run pair by pair, the shared tokens were most of the work. Here the pairs' token sequences form
+    one prefix tree (`PrefixTree`), packed into rows of `ROW_TOKENS` (or the longest pair), each token at its own
+    position and attending to its ancestors only: every token sees exactly what it sees in `continuation_logprobs`,
+    so the scores agree up to floating-point rounding. A forward pass takes as many tokens as `batch_size` of the
+    longest pairs, the plain path's bound. Models whose attention takes no custom mask (flash attention) are scored
+    by the plain path.
     """
     check_batch_size(batch_size)
     _check_pairs(pairs)
-    device, keyword = model_device(model), cache_keyword(model)
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-    for batch in _shared_context_batches(pairs, batch_size):
-        context_ids, context_mask = pad_batch([context for context, _ in batch], pad_id, device=device)
-        lengths = context_mask.sum(dim=1)
-        # Logits at each context's last position only (it predicts the continuation's first token): the output
-        # layer over the vocabulary is ~1/5 of this model's work per token, wasted on the other context positions.
-        # `logits_to_keep` takes positions shared by the batch's rows, so each row's is picked out of the few kept.
-        kept, column = torch.unique(lengths - 1, return_inverse=True)
-        out = model(input_ids=context_ids, attention_mask=context_mask, use_cache=True, logits_to_keep=kept)
-        last = torch.log_softmax(out.logits[torch.arange(len(batch), device=device), column].float(), dim=-1)
-        owner = torch.tensor([g for g, (_, members) in enumerate(batch) for _ in members], device=device)
-        rows = [i for _, members in batch for i in members]
-        cache = getattr(out, keyword)
-        cache.reorder_cache(owner)  # one cache row per continuation, copied from its context's
-        input_ids, mask = pad_batch([pairs[i][1] for i in rows], pad_id, device=device)
-        positions = lengths[owner, None] + torch.arange(input_ids.shape[1], device=device)
-        logits = model(input_ids=input_ids, attention_mask=torch.cat([context_mask[owner], mask], dim=1),
-                       position_ids=positions, **{keyword: cache}).logits.float()
-        first = last[owner].gather(1, input_ids[:, :1])[:, 0]
-        rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        for row, i in enumerate(rows):
-            n = len(pairs[i][1])
-            results[i] = (float(first[row] + rest[row, :n - 1].sum()), n)
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation not in TREE_ATTENTION:
+        return continuation_logprobs(model, pairs, batch_size, pad_id)
+    device = model_device(model)
+    tree = PrefixTree([context + continuation for context, continuation in pairs])
+    longest = max(len(context) + len(continuation) for context, continuation in pairs)
+    width = max(ROW_TOKENS, longest)
+    # each scored token: its prefix's node (whose next-token distribution scores it) and the token
+    wanted: dict[int, set[int]] = {}
+    for (context, _), path in zip(pairs, tree.paths):
+        for j in range(len(context), len(path)):
+            wanted.setdefault(path[j - 1], set()).add(tree.token[path[j]])
+    scores: dict[tuple[int, int], float] = {}
+    rows = tree.rows(width)
+    per_pass = max(1, batch_size * longest // width)
+    for start in range(0, len(rows), per_pass):
+        ids, positions, allowed, placed = tree.batch(rows[start:start + per_pass], pad_id)
+        mask = torch.from_numpy(allowed).to(device)
+        if implementation == "eager":  # added to the attention scores
+            blocked = torch.finfo(model.dtype).min
+            mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(~mask, blocked)
+        logits = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=mask,
+                       position_ids=torch.from_numpy(positions).to(device)).logits
+        picks = [(r, c, node, token) for r, c, node in placed for token in wanted.get(node, ())
+                 if (node, token) not in scores]
+        if not picks:
+            continue
+        r, c, _, token = (torch.tensor(column, device=device) for column in zip(*picks))
+        chosen = logits[r, c].float()
+        logprobs = chosen.gather(1, token[:, None])[:, 0] - torch.logsumexp(chosen, dim=-1)
+        scores.update(zip(((node, t) for _, _, node, t in picks), logprobs.tolist()))
+    results = []
+    for (context, continuation), path in zip(pairs, tree.paths):
+        total = sum(scores[(path[j - 1], tree.token[path[j]])] for j in range(len(context), len(path)))
+        results.append((float(total), len(continuation)))
     return results
