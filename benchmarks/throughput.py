@@ -5,11 +5,12 @@
 Same model (seeded init, the preset's `base` shape) in every workload, the library's Trainer path
 (`synthflaw.training.scaffold.train_causal_lm`), the preset's batch (`cpt.batch_size` blocks of `base.block_size`
 tokens; `sft.batch_size` chats of the embedded SFT set at `sft.max_length`). Throughput is non-padding tokens per
-second over the steady-state steps (after `--warmup` steps), counted by the Trainer. For reference, CPT is also run
-through a plain PyTorch loop. MFU = 6 * N * tokens/s / (FLOP/s of a large matmul in the same precision, measured in
-the same run on the same device), N = parameters that do matmul work (every nn.Linear, the output head included).
-The 6N rule (Kaplan et al. 2020) leaves out attention-score FLOPs, 12 * layers * hidden * context per token, which is
-small here; for padded SFT it also counts no work on padding, which is the point: padding is wasted compute.
+second over the steady-state steps (after `--warmup` steps), counted by the Trainer. For reference, CPT and packed SFT
+are also run through a plain PyTorch loop (what the Trainer costs on top). MFU = 6 * N * tokens/s / (FLOP/s of a large
+matmul in the same precision, measured in the same run on the same device), N = parameters that do matmul work (every
+nn.Linear, the output head included). The 6N rule (Kaplan et al. 2020) leaves out attention-score FLOPs, 12 * layers *
+hidden * context per token, which is small here; for padded SFT it also counts no work on padding, which is the point:
+padding is wasted compute.
 
     PYTHONPATH=. python benchmarks/throughput.py --out docs/throughput_cpu.json [--threads 2] [--steps 12]
     PYTHONPATH=. python benchmarks/throughput.py --out wide.json --set base.hidden_size=768 \
@@ -100,7 +101,10 @@ def trainer_tokens_per_s(setup: Setup, dataset, batch_size: int, collator, *, bf
     return timer.tokens_per_s()
 
 
-def plain_loop_tokens_per_s(setup: Setup, dataset, batch_size: int, *, bf16: bool, warmup: int, steps: int) -> float:
+def plain_loop_tokens_per_s(setup: Setup, dataset, batch_size: int, collator, *, bf16: bool, warmup: int,
+                            steps: int) -> float:
+    """The Trainer's workload through a bare loop (AdamW, cosine schedule, clipping): what the Trainer costs on top.
+    Non-padding tokens per second, counted as the Trainer counts them."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = setup.make_model(0).to(device)
     model.train()
@@ -110,18 +114,20 @@ def plain_loop_tokens_per_s(setup: Setup, dataset, batch_size: int, *, bf16: boo
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=warmup + steps)
     micro = batch_size // setup.accumulation
     loader = torch.utils.data.DataLoader(dataset, batch_size=micro, shuffle=True, drop_last=True,
-                                         collate_fn=CausalLMCollator(setup.tokenizer.pad_token_id),
+                                         collate_fn=collator or CausalLMCollator(setup.tokenizer.pad_token_id),
                                          generator=torch.Generator().manual_seed(0),
                                          pin_memory=device.type == "cuda")
     batches = iter(loader)
-    t0 = None
+    t0, tokens = None, 0
     for step in range(warmup + steps):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         for _ in range(setup.accumulation):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            if step >= warmup:
+                tokens += int((batch["input_ids"] != setup.tokenizer.pad_token_id).sum())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch).loss / setup.accumulation
             loss.backward()
@@ -131,7 +137,7 @@ def plain_loop_tokens_per_s(setup: Setup, dataset, batch_size: int, *, bf16: boo
         optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * batch_size * setup.block_size / (time.perf_counter() - t0)
+    return tokens / (time.perf_counter() - t0)
 
 
 def workloads(setup: Setup, warmup: int, steps: int, repeats: int) -> dict:
@@ -141,7 +147,7 @@ def workloads(setup: Setup, warmup: int, steps: int, repeats: int) -> dict:
     return {
         "cpt/trainer": lambda bf16: trainer_tokens_per_s(setup, blocks, cfg.cpt.batch_size, None, bf16=bf16,
                                                          warmup=warmup, steps=steps),
-        "cpt/plain_loop": lambda bf16: plain_loop_tokens_per_s(setup, blocks, cfg.cpt.batch_size, bf16=bf16,
+        "cpt/plain_loop": lambda bf16: plain_loop_tokens_per_s(setup, blocks, cfg.cpt.batch_size, None, bf16=bf16,
                                                                warmup=warmup, steps=steps),
         "sft-padded/trainer": lambda bf16: trainer_tokens_per_s(setup, setup.sft, cfg.sft.batch_size,
                                                                 CausalLMCollator(pad), bf16=bf16, warmup=warmup,
@@ -149,6 +155,9 @@ def workloads(setup: Setup, warmup: int, steps: int, repeats: int) -> dict:
         "sft-packed/trainer": lambda bf16: trainer_tokens_per_s(setup, setup.sft, cfg.sft.batch_size,
                                                                 PackedChatCollator(pad, cfg.sft.max_length),
                                                                 bf16=bf16, warmup=warmup, steps=steps),
+        "sft-packed/plain_loop": lambda bf16: plain_loop_tokens_per_s(setup, setup.sft, cfg.sft.batch_size,
+                                                                      PackedChatCollator(pad, cfg.sft.max_length),
+                                                                      bf16=bf16, warmup=warmup, steps=steps),
     }
 
 
