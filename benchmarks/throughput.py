@@ -126,8 +126,11 @@ def plain_loop_tokens_per_s(setup: Setup, dataset, batch_size: int, collator, *,
             t0 = time.perf_counter()
         for _ in range(setup.accumulation):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-            if step >= warmup:
-                tokens += int((batch["input_ids"] != setup.tokenizer.pad_token_id).sum())
+            if step >= warmup:  # as the Trainer's "non_padding" count: the attention mask, else non-pad ids
+                real = batch.get("attention_mask")
+                if real is None:
+                    real = batch["input_ids"] != setup.tokenizer.pad_token_id
+                tokens += int(real.sum())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch).loss / setup.accumulation
             loss.backward()
