@@ -1,6 +1,7 @@
 """Training library (stages 03, 04, 06): tokenizer, model, packing, the shared loop, CPT branches, SFT labels."""
 
 import csv
+import gc
 import json
 import random
 import sys
@@ -248,6 +249,38 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tokenizer, t
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
     with pytest.raises(FileExistsError, match="resume=False"):
         train_causal_lm(tiny_model(tokenizer), tokenizer, dataset, tmp_path / "killed", resume=False, **kw)
+
+
+class FreezeCount(TrainerCallback):
+    """Records how many objects the garbage collector has set aside at each step."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.counts.append(gc.get_freeze_count())
+
+
+def test_training_sets_older_objects_aside_from_the_collector_and_gives_them_back(tokenizer, tmp_path, tiny_model):
+    """The Trainer's gc.collect() at each train() skips what was alive before it (the imported libraries); after
+    training, even one that raised, the collector sees everything again, and a process's own freeze is left alone."""
+    dataset, kw = pack_texts(tokenizer, natural_docs(12), 16), dict(max_steps=2, batch_size=2, learning_rate=1e-3,
+                                                                    warmup_steps=0, save_steps=10, seed=0)
+    assert gc.get_freeze_count() == 0
+    seen = FreezeCount()
+    train_causal_lm(tiny_model(tokenizer), tokenizer, dataset, tmp_path / "a", callbacks=(seen,), **kw)
+    assert len(seen.counts) == 2 and min(seen.counts) > 10_000 and gc.get_freeze_count() == 0
+    with pytest.raises(KeyboardInterrupt):
+        train_causal_lm(tiny_model(tokenizer), tokenizer, dataset, tmp_path / "b", callbacks=(KillAfterSave(1),),
+                        **{**kw, "save_steps": 1})
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the process's own
+    try:
+        frozen = gc.get_freeze_count()
+        train_causal_lm(tiny_model(tokenizer), tokenizer, dataset, tmp_path / "c", **kw)
+        assert gc.get_freeze_count() > frozen // 2  # not unfrozen (a frozen object that dies leaves the count)
+    finally:
+        gc.unfreeze()
 
 
 # --- SFT ------------------------------------------------------------------------------------------------------------
