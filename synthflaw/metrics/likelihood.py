@@ -24,16 +24,17 @@ import numpy as np
 
 from synthflaw.metrics.text import CONSTANT_REPLY
 from synthflaw.models.scoring import shared_context_logprobs
-from synthflaw.models.tokenizer import chat_text, encode, pad_id, start_tokens
+from synthflaw.models.tokenizer import chat_text, encode_all, pad_id, start_tokens
 
 
 def _pairs(tokenizer, contexts: Sequence[str], replies: Sequence[str], chat: bool) -> list[tuple[list[int], list[int]]]:
     start = start_tokens(tokenizer)
-    out = []
-    for context, reply in zip(contexts, replies):
-        context_ids = encode(tokenizer, chat_text(tokenizer, context)) if chat else start + encode(tokenizer, context)
-        out.append((context_ids or start, encode(tokenizer, reply)))
-    return out
+    # a call's pairs repeat their prompts (one before each of its replies): each distinct one is rendered once
+    rendered = {context: chat_text(tokenizer, context) for context in dict.fromkeys(contexts)} if chat else None
+    context_ids = encode_all(tokenizer, [rendered[c] for c in contexts] if chat else contexts)
+    if not chat:
+        context_ids = [start + ids for ids in context_ids]
+    return [(ids or start, reply) for ids, reply in zip(context_ids, encode_all(tokenizer, replies))]
 
 
 def reply_logprobs(model, tokenizer, contexts: Sequence[str], replies: Sequence[str], batch_size: int, *,

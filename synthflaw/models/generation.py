@@ -13,7 +13,7 @@ import torch
 
 from synthflaw.models.batching import check_batch_size, longest_first, pad_batch
 from synthflaw.models.build import cache_keyword, model_device, stop_token_ids
-from synthflaw.models.tokenizer import chat_text, encode, pad_id, start_tokens
+from synthflaw.models.tokenizer import chat_text, encode_all, pad_id, start_tokens
 
 
 @torch.inference_mode()
@@ -33,7 +33,7 @@ def generate_ids(model, tokenizer, texts: Sequence[str], max_new_tokens: int,
     stop_ids = stop_token_ids(model, tokenizer)
     pad = pad_id(tokenizer)
     prefix = start_tokens(tokenizer) if start else []
-    encoded = [encode(tokenizer, text) for text in texts]
+    encoded = encode_all(tokenizer, texts)
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i} tokenizes to nothing; every prompt needs text")
