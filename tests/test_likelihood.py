@@ -9,7 +9,7 @@ import pytest
 
 from synthflaw.metrics import likelihood
 from synthflaw.metrics.text import CONSTANT_REPLY
-from synthflaw.models.tokenizer import chat_text, encode, encode_all, pad_id, start_tokens
+from synthflaw.models.tokenizer import chat_text, encode, encode_all, encode_chats, pad_id, start_tokens
 
 
 MODEL, TOKENIZER = object(), object()  # what the endpoints are given, and must pass on to the scorer
@@ -82,13 +82,15 @@ def tokenizer(train_chat_tokenizer):
     return train_chat_tokenizer(["the river north of the city", "Question: where\nAnswer: here", "a b c"] * 20, 300)
 
 
-def test_encode_all_is_encode_of_each_text_in_order(tokenizer):
+def test_encode_all_and_encode_chats_are_encode_of_each_text_in_order(tokenizer):
     texts = ["the city", "", "north of the river", "the city", chat_text(tokenizer, "north"), "the city"]
     out = encode_all(tokenizer, texts)
     assert out == [encode(tokenizer, text) for text in texts] and out[1] == [] and out[0]
     out[0].append(-1)  # each text its own list, even a repeated one
     assert out[3] == out[5] == encode(tokenizer, "the city")
     assert encode_all(tokenizer, []) == []
+    prompts = ["north", "the city", "north"]
+    assert encode_chats(tokenizer, prompts) == [encode(tokenizer, chat_text(tokenizer, p)) for p in prompts]
 
 
 def test_reply_logprobs_scores_each_reply_after_its_chat_or_plain_context(monkeypatch, tokenizer):

@@ -24,16 +24,13 @@ import numpy as np
 
 from synthflaw.metrics.text import CONSTANT_REPLY
 from synthflaw.models.scoring import shared_context_logprobs
-from synthflaw.models.tokenizer import chat_text, encode_all, pad_id, start_tokens
+from synthflaw.models.tokenizer import encode_all, encode_chats, pad_id, start_tokens
 
 
 def _pairs(tokenizer, contexts: Sequence[str], replies: Sequence[str], chat: bool) -> list[tuple[list[int], list[int]]]:
     start = start_tokens(tokenizer)
-    # a call's pairs repeat their prompts (one before each of its replies): each distinct one is rendered once
-    rendered = {context: chat_text(tokenizer, context) for context in dict.fromkeys(contexts)} if chat else None
-    context_ids = encode_all(tokenizer, [rendered[c] for c in contexts] if chat else contexts)
-    if not chat:
-        context_ids = [start + ids for ids in context_ids]
+    context_ids = (encode_chats(tokenizer, contexts) if chat
+                   else [start + ids for ids in encode_all(tokenizer, contexts)])
     return [(ids or start, reply) for ids, reply in zip(context_ids, encode_all(tokenizer, replies))]
 
 

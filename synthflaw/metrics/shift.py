@@ -15,7 +15,7 @@ import torch
 from synthflaw.models.batching import check_batch_size, pad_batch
 from synthflaw.models.build import model_device
 from synthflaw.models.scoring import continuation_logprobs
-from synthflaw.models.tokenizer import chat_text, encode, pad_id, start_tokens
+from synthflaw.models.tokenizer import encode_all, encode_chats, pad_id, start_tokens
 
 
 def perplexities(model, tokenizer, texts: Sequence[str], batch_size: int, *, contexts: Sequence[str] | None = None,
@@ -31,15 +31,13 @@ def perplexities(model, tokenizer, texts: Sequence[str], batch_size: int, *, con
         raise ValueError(f"got {len(texts)} texts but {len(contexts)} contexts; pass one context per text or none")
     if max_length is None:
         max_length = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
+    # with contexts, the generation prompt ends in a newline that belongs to the prompt (not lm-eval's pair rule here)
+    contexts_ids = ([start_tokens(tokenizer) for _ in texts] if contexts is None
+                    else encode_chats(tokenizer, contexts))
     pairs = []
-    for i, text in enumerate(texts):
+    for i, (text, context_ids, text_ids) in enumerate(zip(texts, contexts_ids, encode_all(tokenizer, texts))):
         if not text.strip():
             raise ValueError(f"text {i} is empty; perplexity needs at least one token")
-        if contexts is None:
-            context_ids, text_ids = start_tokens(tokenizer), encode(tokenizer, text)
-        else:
-            # the generation prompt ends in a newline that belongs to the prompt (not lm-eval's pair rule here)
-            context_ids, text_ids = encode(tokenizer, chat_text(tokenizer, contexts[i])), encode(tokenizer, text)
         room = max_length - len(context_ids)
         if room < 1:
             raise ValueError(f"context {i} alone fills max_length={max_length} tokens; shorten it or raise "
@@ -100,7 +98,7 @@ def next_token_kl(model, reference_model, tokenizer, prompts: Sequence[str], bat
     if not prompts:
         raise ValueError("next_token_kl needs at least one prompt")
     pad = pad_id(tokenizer)
-    encoded = [encode(tokenizer, chat_text(tokenizer, p)) for p in prompts]
+    encoded = encode_chats(tokenizer, prompts)
     total = 0.0
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]

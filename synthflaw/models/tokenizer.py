@@ -135,6 +135,13 @@ def encode_all(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids[text]) for text in texts]
 
 
+def encode_chats(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """`encode` of each prompt's `chat_text`, each distinct prompt rendered once (an evaluation's calls repeat their
+    prompts: one before each of its replies)."""
+    rendered = {prompt: chat_text(tokenizer, prompt) for prompt in dict.fromkeys(prompts)}
+    return encode_all(tokenizer, [rendered[prompt] for prompt in prompts])
+
+
 def start_tokens(tokenizer) -> list[int]:
     """The token plain text is scored after: BOS, else EOS (the document separator), else nothing."""
     for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):

@@ -272,34 +272,11 @@ def train_causal_lm(model, tokenizer, train_dataset, out_dir: str | Path, **kwar
     return write_summary(out_dir, summary)
 
 
-def train_from(trainer: Trainer, checkpoint: str | None):
-    """`trainer.train(resume_from_checkpoint=checkpoint)`, but from a checkpoint already at max_steps nothing is
-    trained: the checkpoint is loaded (weights, state, wrapped for the run's backend as usual) and None returned.
-
-    Why: the Trainer checks max_steps after each step, so resumed at max_steps in mid-epoch it trains one step more.
-    A kill after the last checkpoint and before model/ is swapped in leaves exactly that; the re-run would add a
-    step (a row in loss.csv, a batch of tokens, and with a learning rate not yet at 0 other weights).
-    """
-    if checkpoint is None or checkpoint_step(checkpoint) < trainer.args.max_steps:
-        with _older_objects_frozen():
-            return trainer.train(resume_from_checkpoint=checkpoint)
-    guard = _StopBeforeStepPastMax()
-    trainer.add_callback(guard)
-    try:
-        with _older_objects_frozen():
-            return trainer.train(resume_from_checkpoint=checkpoint)  # returns when max_steps ends an epoch: no step
-    except _AlreadyAtMaxSteps:
-        trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
-        return None
-    finally:
-        trainer.remove_callback(guard)
-
-
 @contextmanager
 def _older_objects_frozen():
     """The objects alive before training (the imported libraries: ~0.5M in a study's process) are set aside from the
     garbage collector while the Trainer runs: `train()` calls gc.collect(), which walked them all (0.2-0.3 s a call,
-    an eighth of a smoke study). Unfrozen after, so they are collected as before: nothing is kept that would not be.
+    a tenth of a smoke study). Unfrozen after, so they are collected as before: nothing is kept that would not be.
     Left alone where the process froze objects itself."""
     if gc.get_freeze_count():
         yield
@@ -309,6 +286,28 @@ def _older_objects_frozen():
         yield
     finally:
         gc.unfreeze()
+
+
+@_older_objects_frozen()
+def train_from(trainer: Trainer, checkpoint: str | None):
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, but from a checkpoint already at max_steps nothing is
+    trained: the checkpoint is loaded (weights, state, wrapped for the run's backend as usual) and None returned.
+
+    Why: the Trainer checks max_steps after each step, so resumed at max_steps in mid-epoch it trains one step more.
+    A kill after the last checkpoint and before model/ is swapped in leaves exactly that; the re-run would add a
+    step (a row in loss.csv, a batch of tokens, and with a learning rate not yet at 0 other weights).
+    """
+    if checkpoint is None or checkpoint_step(checkpoint) < trainer.args.max_steps:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    guard = _StopBeforeStepPastMax()
+    trainer.add_callback(guard)
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)  # returns when max_steps ends an epoch: no step
+    except _AlreadyAtMaxSteps:
+        trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+        return None
+    finally:
+        trainer.remove_callback(guard)
 
 
 class _AlreadyAtMaxSteps(Exception):
