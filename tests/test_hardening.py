@@ -151,17 +151,17 @@ def test_run_refuses_a_sweeps_folder_and_sweep_a_runs(tmp_path, fake_stages, cap
     before = files_under(tmp_path)
     code, err = main(capsys, "run", "--preset", "smoke", "--run-id", "sw", "--runs-root", tmp_path,
                      "--engine", "inprocess", "--stages", "01")
-    assert code == 2 and "holds a sweep, not a run" in err and "synthflaw sweep --run-id sw" in err, err
+    assert code == 2 and "holds a sweep, not a single run" in err and "synthflaw sweep --run-id sw" in err, err
     code, err = main(capsys, "run", "--preset", "smoke", "--run-id", "sw", "--runs-root", tmp_path,
                      "--engine", "inprocess", "--stages", "01", "--seeds", "0", "1")
-    assert code == 2 and "holds a sweep, not a run" in err, err
+    assert code == 2 and "holds a sweep, not a multi-seed run" in err, err
     assert files_under(tmp_path) == before
 
     fake_run(tmp_path, "plain", only=["01"])
     before = files_under(tmp_path)
     code, err = main(capsys, "sweep", "--preset", "smoke", "--run-id", "plain", "--runs-root", tmp_path, "--grid",
                      "cpt.synthetic_fraction=0.1,0.3", "--seeds", "0", "--stages", "01", "--engine", "inprocess")
-    assert code == 2 and "holds a run, not a sweep" in err and "synthflaw run --run-id plain" in err, err
+    assert code == 2 and "holds a single run, not a sweep" in err and "synthflaw run --run-id plain" in err, err
     assert files_under(tmp_path) == before
 
 

@@ -192,17 +192,23 @@ def _learnable(model, tokenizer, items, template, max_new_tokens, batch_size, pr
                 "compliance_margin": margin, "compliance_margin_null": null, "template_pull": p}
                for r, response, verdict, margin, null, p in zip(items, responses, verdicts, margins["margin"],
                                                                 margins["margin_null"], pull)]
-    rows = []
-    for k, (r, verdict) in enumerate(zip(items, verdicts)):
-        values = {"followed": float(all(verdict["strict"])), "soft": sum(verdict["strict"]) / len(verdict["strict"]),
-                  "compliance_margin": margins["margin"][k], "compliance_margin_null": margins["margin_null"][k],
-                  "template_pull": pull[k]}
+    values = []
+    for k, verdict in enumerate(verdicts):
+        values.append({"followed": float(all(verdict["strict"])),
+                       "soft": sum(verdict["strict"]) / len(verdict["strict"]),
+                       "compliance_margin": margins["margin"][k], "compliance_margin_null": margins["margin_null"][k],
+                       "template_pull": pull[k]})
         if pre_pull is not None:
-            values["pre_sft_template_pull"] = pre_pull[k]
-        # the cluster: items on one base prompt share a subject, so standard errors are clustered by it
-        rows += [{"set": "learnable_suite", "id": r["id"], "metric": m, "value": v,
-                  "cluster": r.get("base_id", r["id"])} for m, v in values.items()]
-    return metrics, samples, rows
+            values[-1]["pre_sft_template_pull"] = pre_pull[k]
+    return metrics, samples, learnable_rows(items, values)
+
+
+def learnable_rows(items: list[dict], values: list[dict[str, float]]) -> list[dict]:
+    """items.csv's rows of the learnable tier: one per item and metric (`values[k]`: metric -> value of items[k]),
+    each naming its cluster, the item's base prompt (`base_id`): items on one base share a subject, so their
+    standard errors are clustered by it (an item without a base is its own cluster)."""
+    return [{"set": "learnable_suite", "id": r["id"], "metric": m, "value": v, "cluster": r.get("base_id", r["id"])}
+            for r, by_metric in zip(items, values, strict=True) for m, v in by_metric.items()]
 
 
 def evaluate_model(model, tokenizer, data: dict[str, list[dict]], *, reference_model=None, markers: Sequence[str],

@@ -33,7 +33,7 @@ from synthflaw.reporting.findings_report import write_findings
 from synthflaw.reporting.forest import write_forest
 from synthflaw.reporting.index import run_index
 from synthflaw.reporting.preregistration import MARGINS, REGISTERED_PRESET
-from synthflaw.runs import STUDY_FIX, read_run_json
+from synthflaw.runs import STUDY_FIX, read_run_json, require_every_seed
 from synthflaw.reporting.plots import (
     plot_headline_ci,
     plot_hsr_by_level_ci,
@@ -97,7 +97,9 @@ def seed_runs(run_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _seed_label(run: Path, position: int) -> str:
+def seed_label(run: Path, position: int = 0) -> str:
+    """The seed of one seed's run, as a label: from its folder name ``seed-<k>``, else its study.json, else
+    `position`."""
     match = _SEED_DIR.match(run.name)
     if match:
         return match.group(1)
@@ -186,7 +188,7 @@ def aggregate(run_dirs, out_dir, confidence: float = 0.95) -> dict:
         models = _done_models(run)
         if not models:
             raise ValueError(f"{run} has no finished {EVALUATE.name} step; aggregate only finished seeds (seed_runs)")
-        seed = _seed_label(run, position)
+        seed = seed_label(run, position)
         if seed in seeds:
             raise ValueError(f"seed {seed} appears twice ({run}); pass each seed's run once")
         seeds.append(seed)
@@ -297,6 +299,7 @@ def summarize(run_dir, out_dir=None, confidence: float = 0.95, unlearning_method
     if not runs:
         raise ValueError(f"{run_dir} has no seed-<k>/ folder whose {EVALUATE.name} steps have all finished; run "
                          f"`synthflaw run --seeds 0 1 2 --run-id {run_dir.name}` first")
+    require_every_seed(run_dir, [seed_label(r) for r in runs])  # the seeds its seeds.json lists, each evaluated
     out = Path(out_dir) if out_dir is not None else run_dir / "seeds"
     agg = aggregate(runs, out, confidence)
     study = runs[0] / "study.json"

@@ -15,9 +15,15 @@ from synthflaw import stages
 from synthflaw.config import StudyConfig
 from synthflaw.registry import FIGURES, STAGES, Stage, StepSpec, selected_steps
 from synthflaw.runner.notebooks import NOTEBOOKS_DIR, DoneWatcher, StepFailed, execute_notebook, notebook_kernel
+from synthflaw.runs.provenance import code_state
 from synthflaw.runner.plan import Plan, plan_run, upstream_candidates
 from synthflaw.runs import (
     STUDY_FIX,
+    folder_kind,
+    read_seed_record,
+    record_seeds,
+    require_every_seed,
+    seeds_status,
     Step,
     decide,
     read_run_json,
@@ -76,6 +82,7 @@ def run_study(study: Study | str, run_id: str, overrides: dict | None = None, *,
     study = study if isinstance(study, Study) else resolve_study(study, overrides)
     specs = study.steps(only)
     refuse_other_kind(run_dir, "run")
+    code_state()  # the code this process runs, taken before its first step: a commit made meanwhile changes nothing
     with run_lock(run_dir):
         plan = plan_run(run_dir, study.cfg, specs, overwrite=overwrite, redo=redo,
                         check_upstream_config=check_upstream_config, log=log)
@@ -171,12 +178,18 @@ def _run_inprocess(spec: StepSpec, step: Step) -> None:
         raise StepFailed(f"step {spec.name} failed ({type(err).__name__}: {err}); its folder is {step.path}") from err
 
 
-def run_seeds(run_dir: str | Path, seeds, run_seed, *, every_seed: bool = False) -> dict | None:
+def run_seeds(run_dir: str | Path, seeds, run_seed, *, every_seed: bool = False,
+              record: dict | None = None) -> dict | None:
     """``run_seed(seed)`` for each seed in order, the folder `run_dir` held meanwhile (its ``seed-<k>/`` folders and
-    the summary across them: one process at a time); then the intervals across the seeds that evaluated into
-    ``<run_dir>/seeds/`` (:func:`summarize_seeds`). Serves ``synthflaw run --seeds``, :func:`regenerate` of a
-    multi-seed run and each point of a sweep (`every_seed`: only once every seed has evaluated)."""
+    the summary across them: one process at a time); then the intervals across the seeds into ``<run_dir>/seeds/``
+    (:func:`summarize_seeds`), or None while some seed has not evaluated. `record`: what describes a new multi-seed
+    study (preset, overrides, registered): its seeds.json is written before the first seed runs, or checked against
+    `seeds` where it exists (:func:`synthflaw.runs.record_seeds`). Serves ``synthflaw run --seeds``,
+    :func:`regenerate` of a multi-seed run and each point of a sweep (`every_seed`: only once every seed has
+    evaluated, counted against the sweep's seeds)."""
     with run_lock(run_dir):
+        if record is not None:
+            record_seeds(run_dir, seeds, **record)
         for seed in seeds:
             run_seed(seed)
         return summarize_seeds(run_dir, len(seeds) if every_seed else None)
@@ -184,11 +197,18 @@ def run_seeds(run_dir: str | Path, seeds, run_seed, *, every_seed: bool = False)
 
 def summarize_seeds(run_dir: str | Path, seeds: int | None = None) -> dict | None:
     """The tables, intervals and findings across the evaluated seeds of ``run_dir/seed-<k>/``
-    (:func:`synthflaw.reporting.aggregate.summarize`: ValueError when none has evaluated); with `seeds`, None and
-    nothing written until that many have."""
+    (:func:`synthflaw.reporting.aggregate.summarize`: ValueError when none has evaluated, or when a seed its
+    seeds.json lists is missing); None and nothing written while a listed seed (or, with `seeds`, fewer than that
+    many) has not evaluated."""
     from synthflaw.reporting import aggregate
 
-    if seeds is not None and (not Path(run_dir).is_dir() or len(aggregate.seed_runs(run_dir)) != seeds):
+    if not Path(run_dir).is_dir():
+        return None if seeds is not None else aggregate.summarize(run_dir)
+    finished = aggregate.seed_runs(run_dir)
+    if seeds is not None and len(finished) != seeds:
+        return None
+    if read_seed_record(run_dir) is not None and \
+            seeds_status(run_dir, [aggregate.seed_label(p) for p in finished])["missing"]:
         return None
     return aggregate.summarize(run_dir)
 
@@ -203,7 +223,11 @@ def regenerate(run_id: str, runs_root: str | Path = "runs", engine: str = "paper
     run_dir = run_folder(runs_root, run_id)
     study = run_dir / "study.json"
     seed_dirs = sorted(p for p in run_dir.glob("seed-*") if (p / "study.json").exists())
-    if not study.exists() and seed_dirs:  # a multi-seed run: each seed's figures, then the intervals across seeds
+    if folder_kind(run_dir) == "seeds":  # a multi-seed run: each seed's figures, then the intervals across seeds
+        from synthflaw.reporting.aggregate import seed_label, seed_runs
+
+        refuse_other_kind(run_dir, "seeds")  # a single run's study.json written on top of it
+        require_every_seed(run_dir, [seed_label(p) for p in seed_runs(run_dir)])  # before any figure is redrawn
         run_seeds(run_dir, [p.name.removeprefix("seed-") for p in seed_dirs],
                   lambda seed: regenerate(f"seed-{seed}", runs_root=run_dir, engine=engine, log=log))
         return run_dir

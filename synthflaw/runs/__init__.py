@@ -23,8 +23,10 @@ from synthflaw.runs.folders import (
     BrokenRunFile,
     LOCK_NAME,
     PID_NAME,
+    KINDS,
     RUN_ID_MAX_BYTES,
     RunLocked,
+    SEEDS_RECORD,
     STUDY,
     STUDY_FIX,
     SWEEP_MANIFEST,
@@ -69,6 +71,14 @@ from synthflaw.runs.step import (
     finished_steps,
     step_named,
 )
+from synthflaw.runs.seed_record import (
+    SeedsIncomplete,
+    listed_seeds,
+    read_seed_record,
+    record_seeds,
+    require_every_seed,
+    seeds_status,
+)
 from synthflaw.runs.staleness import (
     Cause,
     Freshness,
@@ -77,6 +87,14 @@ from synthflaw.runs.staleness import (
 from synthflaw.runs.lifecycle import Decision, decide
 
 __all__ = [
+    "KINDS",
+    "SEEDS_RECORD",
+    "SeedsIncomplete",
+    "listed_seeds",
+    "read_seed_record",
+    "record_seeds",
+    "require_every_seed",
+    "seeds_status",
     "Decision",
     "decide",
     "BrokenRunFile",

@@ -15,6 +15,7 @@ from synthflaw.records import write_json, write_text_atomic
 
 RUN_ID_MAX_BYTES = 100  # of UTF-8; an export adds ".partial" to it, well within a name's 255
 STUDY, SWEEP_MANIFEST = "study.json", "sweep.json"  # what makes a folder a run, a sweep
+SEEDS_RECORD = "seeds.json"  # what makes a folder a multi-seed run: the seeds it was asked for
 LOCK_NAME, PID_NAME = ".lock", ".lock.pid"  # in the run folder; dot-names: no stage, export or digest sees them
 
 
@@ -75,26 +76,42 @@ def run_folder(runs_root: str | Path, run_id: str) -> Path:
     return run_dir
 
 
+KINDS = {"run": "a single run", "seeds": "a multi-seed run", "sweep": "a sweep"}
+
+
 def folder_kind(folder: str | Path) -> str | None:
-    """What a folder under the runs root holds: "sweep" (a ``sweep.json``), "run" (a ``study.json``, or the
-    ``seed-<k>/study.json`` of a multi-seed run), or None (neither, or no folder)."""
+    """What a folder under the runs root holds: "sweep" (a ``sweep.json``), "seeds" (a multi-seed run: a
+    ``seeds.json`` or ``seed-<k>/study.json`` runs), "run" (a single run: a ``study.json`` at its top), or None
+    (none of them, or no folder). A folder with marks of two kinds (a single run written into a multi-seed one by
+    an older version) reads as the first of sweep, seeds, run."""
     folder = Path(folder)
     if (folder / SWEEP_MANIFEST).exists():
         return "sweep"
-    if (folder / STUDY).exists() or any(folder.glob(f"seed-*/{STUDY}")):
+    if (folder / SEEDS_RECORD).exists() or any(folder.glob(f"seed-*/{STUDY}")):
+        return "seeds"
+    if (folder / STUDY).exists():
         return "run"
     return None
 
 
 def refuse_other_kind(folder: str | Path, kind: str) -> None:
-    """ValueError when `folder` holds the other kind than `kind` ("run" or "sweep"): `synthflaw run` must not write
+    """ValueError when `folder` holds another kind than `kind` ("run", "seeds" or "sweep"), or marks of two kinds:
+    `synthflaw run` must not write a single run into a multi-seed run's folder (nor seeds into a single run's), nor
     a study into a sweep's folder, nor `synthflaw sweep` a manifest and points into a run's."""
+    folder = Path(folder)
     found = folder_kind(folder)
-    if found is not None and found != kind:
-        command = "sweep" if found == "sweep" else "run"
-        raise ValueError(f"{folder} holds a {found}, not a {kind} (it has a "
-                         f"{SWEEP_MANIFEST if found == 'sweep' else STUDY}): continue it with synthflaw {command} "
-                         f"--run-id {Path(folder).name}, or pick another --run-id for the {kind}")
+    mixed = found == "seeds" and (folder / STUDY).exists()
+    if found is None or (found == kind and not mixed):
+        return
+    how = {"sweep": f"synthflaw sweep --run-id {folder.name}",
+           "seeds": f"synthflaw run --run-id {folder.name} --seeds <its seeds, listed in {SEEDS_RECORD}>",
+           "run": f"synthflaw run --run-id {folder.name} without --seeds"}[found]
+    if mixed:
+        raise ValueError(f"{folder} holds both a multi-seed run (seed-<k>/ or {SEEDS_RECORD}) and a single run's "
+                         f"{STUDY} at its top; remove the single run's files ({STUDY} and the NN_stage folders at "
+                         f"the top) to keep the multi-seed run, or pick another --run-id")
+    raise ValueError(f"{folder} holds {KINDS[found]}, not {KINDS[kind]}: continue it with {how}, or pick another "
+                     f"--run-id for {KINDS[kind]}")
 
 
 STUDY_FIX = ("restore it, or run the study again into this run id (synthflaw run with its preset and --set), which "

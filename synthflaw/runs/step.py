@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -17,6 +16,7 @@ from synthflaw.config import StudyConfig
 from synthflaw.registry import STAGES, Stage
 from synthflaw.registry import stage as find_stage
 from synthflaw.runs.folders import write_json_atomic
+from synthflaw.runs.provenance import code_state
 from synthflaw.runs.markers import combined_digest, fingerprint, load_marker, product_digests, step_config
 
 PACKAGES = ("synthflaw", "torch", "transformers", "tokenizers", "datasets", "accelerate", "papermill")
@@ -108,6 +108,7 @@ class Step:
         BrokenStepFile for an unreadable config.json): whether to reset it is the lifecycle's decision
         (:func:`synthflaw.runs.decide`), made before."""
         self.cfg = cfg
+        code_state()  # taken when the process opens its first step (a notebook's kernel too), then kept
         if self.status(cfg) == "changed":
             raise StepConfigChanged(self.changed_message())
         self.path.mkdir(parents=True, exist_ok=True)
@@ -237,21 +238,10 @@ def finished_steps(run_dir: str | Path, before: Stage | None = None) -> list[Ste
     return found
 
 
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if commit.returncode != 0:
-        return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def environment() -> dict:
-    """What a result needs to be traced: commit, package versions, Python, device. No secrets, no environment dump."""
+    """What a result needs to be traced: the code that ran (commit, clean or dirty and which files, the package's
+    source digest: :func:`synthflaw.runs.provenance.code_state`), package versions, Python, device. No secrets, no
+    environment dump."""
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -266,7 +256,7 @@ def environment() -> dict:
         threads = torch.get_num_threads()
     except ImportError:  # pragma: no cover - torch is a dependency
         threads = None
-    return {"git_commit": _git_commit(), "packages": versions, "python": platform.python_version(),
+    return {**code_state(), "packages": versions, "python": platform.python_version(),
             "platform": platform.platform(), "device": device, "cpu_count": os.cpu_count(), "torch_threads": threads}
 
 
