@@ -22,8 +22,11 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# The default preset with no SET or SEEDS is the registered study (docs/preregistration.md: its seeds, refused from a
+# checkout that is not one clean commit); any other choice is a study of its own.
+REGISTERED = $(if $(filter default,$(PRESET)),$(if $(strip $(SET)$(SEEDS)),,--registered))
 study: $(VENV)/.installed
-	$(VENV)/bin/synthflaw run --preset $(PRESET) --run-id $(RUN_ID) $(foreach s,$(SET),--set $(s)) $(if $(SEEDS),--seeds $(SEEDS))
+	$(VENV)/bin/synthflaw run --preset $(PRESET) --run-id $(RUN_ID) $(REGISTERED) $(foreach s,$(SET),--set $(s)) $(if $(SEEDS),--seeds $(SEEDS))
 
 smoke: $(VENV)/.installed
 	$(VENV)/bin/synthflaw run --preset smoke --run-id smoke-$(shell date -u +%Y%m%d-%H%M%S)

@@ -12,8 +12,10 @@ from pathlib import Path
 from synthflaw import config
 from synthflaw import sweep as sweeps
 from synthflaw.registry import stage as find_stage
+from synthflaw.reporting import preregistration
 from synthflaw.runner import StepFailed, resolve_study, run_seeds, run_study
 from synthflaw.runs import RunLocked, StepConfigChanged, UpstreamMissing, refuse_other_kind, run_folder
+from synthflaw.runs.provenance import DirtyCheckout, code_state, require_clean
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one parameter, e.g. --set cpt.synthetic_fraction=0.3 (see `synthflaw config`)")
     run.add_argument("--seeds", type=int, nargs="+", default=None,
                      help="run the study once per seed, into runs/<run_id>/seed-<k>/, then the intervals across "
-                          "seeds into runs/<run_id>/seeds/ (default: 0 1 2 3 4 for the default preset, else the "
+                          "seeds into runs/<run_id>/seeds/ (default: the registered reference's seeds, "
+                          f"{' '.join(map(str, preregistration.REFERENCE_SEEDS))}, for the default preset, else the "
                           "config's seed); one seed runs into runs/<run_id>/")
+    run.add_argument("--registered", action="store_true",
+                     help="the registered study of docs/preregistration.md: the default preset, its seeds, no "
+                          "--set; refused from a checkout that is not one clean git commit (make study runs it)")
     run.add_argument("--stages", nargs="+", default=None, help="only these stages, e.g. 01 02 08")
     run.add_argument("--overwrite", action="store_true",
                      help="re-run steps whose configuration changed or that are stale, and every step downstream")
@@ -148,16 +154,30 @@ def _sweep(args) -> int:
     return 0
 
 
+def _registered(args, overrides: dict) -> list[int]:
+    """The seeds of the registered study, after checking that `synthflaw run --registered` asks for nothing else
+    and runs from one clean commit (DirtyCheckout otherwise); nothing is written before."""
+    listed = list(preregistration.REFERENCE_SEEDS)
+    if args.preset != preregistration.REGISTERED_PRESET or overrides or (args.seeds and args.seeds != listed):
+        raise config.ConfigError(
+            f"--registered runs the study docs/preregistration.md registers: --preset "
+            f"{preregistration.REGISTERED_PRESET}, seeds {' '.join(map(str, listed))}, no --set; leave out "
+            "--preset/--seeds/--set, or leave out --registered for another study")
+    require_clean(what="the registered study (synthflaw run --registered)")
+    return listed
+
+
 def _run(args) -> int:
     """`synthflaw run`: one seed into runs/<run_id>/, or several into its seed-<k>/ folders and the summary across
     them; every seed's configuration resolved and checked before any folder or lock is made."""
     overrides = config.parse_overrides(args.overrides)
     run_id = args.run_id if args.run_id is not None else f"{args.preset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     run_dir = run_folder(args.runs_root, run_id)
-    seeds = args.seeds
-    if seeds is None and "seed" not in overrides:
-        seeds = list(config.PRESET_SEEDS.get(args.preset, ())) or None
-    if not seeds or len(seeds) == 1:
+    seeds = _registered(args, overrides) if args.registered else args.seeds
+    if seeds is None and "seed" not in overrides and args.preset == preregistration.REGISTERED_PRESET:
+        seeds = list(preregistration.REFERENCE_SEEDS)
+    code_state()  # the code this process runs, taken now: a commit made while it runs does not change it
+    if not seeds or (len(seeds) == 1 and not args.registered):
         if seeds:
             overrides["seed"] = seeds[0]
         run_study(resolve_study(args.preset, overrides), run_id, overwrite=args.overwrite, runs_root=args.runs_root,
@@ -172,11 +192,19 @@ def _run(args) -> int:
         except config.ConfigError as error:
             raise config.ConfigError(f"seed {seed}: {error}") from None
         studies[seed].steps(args.stages)
-    refuse_other_kind(run_dir, "run")
+    refuse_other_kind(run_dir, "seeds")
+    record = {"preset": args.preset, "overrides": overrides, "registered": args.registered}
     summary = run_seeds(run_dir, seeds, lambda seed: run_study(
         studies[seed], f"seed-{seed}", overwrite=args.overwrite, runs_root=run_dir, engine=args.engine,
-        only=args.stages))
-    print(f"across seeds {summary['seeds']}: {run_dir / 'seeds'}")
+        only=args.stages), record=record)
+    if summary is None:
+        from synthflaw.reporting.aggregate import seed_runs  # here: matplotlib is not for every command
+
+        done = len(seed_runs(run_dir))
+        print(f"{done} of {len(seeds)} seeds have evaluated in {run_dir}; the intervals and findings across seeds "
+              "are made once every seed has")
+    else:
+        print(f"across seeds {summary['seeds']}: {run_dir / 'seeds'}")
     return 0
 
 
@@ -229,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return _sweep(args)
         return _run(args)
-    except (config.ConfigError, StepConfigChanged, RunLocked, UpstreamMissing, ValueError, FileExistsError) as err:
+    except (config.ConfigError, StepConfigChanged, RunLocked, UpstreamMissing, ValueError, FileExistsError,
+            DirtyCheckout) as err:
         print(f"synthflaw: error: {err}", file=sys.stderr)
         return 2
     except (StepFailed, sweeps.SweepFailed) as err:

@@ -335,8 +335,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# Seeds `synthflaw run` / `make study` use when none are given: the default study's findings are tested on paired
-# differences across five seeds (synthflaw.reporting); the others run once, with the config's `seed`.
+# Seeds a sweep's points run when none are given: five for the default preset (a sweep is exploratory, not
+# registered), the config's `seed` for the others. `synthflaw run` of the default preset runs the registered
+# reference's seeds instead (synthflaw.reporting.preregistration.REFERENCE_SEEDS).
 PRESET_SEEDS: dict[str, tuple[int, ...]] = {"default": (0, 1, 2, 3, 4)}
 
 

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from synthflaw import cli, config
+from synthflaw import cli
+from synthflaw import config
+from synthflaw.reporting import preregistration
 from synthflaw.registry import stage_variants, study_steps
 from synthflaw.runner import StepFailed, run_study
 from synthflaw.runs import StepConfigChanged
@@ -71,16 +73,15 @@ def test_stage_variants_follow_the_config_and_reject_unknown_names():
         stage_variants(cfg, "04_continued_pretraining", ["rewritten"])
 
 
-def test_default_preset_runs_five_seeds_unless_told(tmp_path, monkeypatch):
+def test_default_preset_runs_the_registered_seeds_unless_told(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "run_study", lambda study, run_id, **kw: calls.append((run_id, study.overrides)))
-    from synthflaw.reporting import aggregate
-    monkeypatch.setattr(aggregate, "summarize", lambda run_dir: {"seeds": ["0", "1", "2", "3", "4"]})
     assert cli.main(["run", "--run-id", "r", "--runs-root", str(tmp_path)]) == 0
-    assert calls == [(f"seed-{k}", {"seed": k}) for k in (0, 1, 2, 3, 4)]
+    assert calls == [(f"seed-{k}", {"seed": k}) for k in preregistration.REFERENCE_SEEDS]
+    assert json.loads((tmp_path / "r" / "seeds.json").read_text())["seeds"] == list(preregistration.REFERENCE_SEEDS)
     calls.clear()
-    assert cli.main(["run", "--run-id", "r", "--seeds", "4", "--runs-root", str(tmp_path)]) == 0
-    assert calls == [("r", {"seed": 4})]  # one seed: an ordinary run folder
+    assert cli.main(["run", "--run-id", "one", "--seeds", "4", "--runs-root", str(tmp_path)]) == 0
+    assert calls == [("one", {"seed": 4})]  # one seed: an ordinary run folder
     calls.clear()
     assert cli.main(["run", "--preset", "smoke", "--run-id", "s", "--runs-root", str(tmp_path)]) == 0
     assert calls == [("s", {})]
