@@ -11,7 +11,8 @@ by re-running with the same seed) and the ``.ipynb`` copies (the HTML is their r
 An export is a run of its own: paths are written relative to it (the machine's absolute path of the run is
 rewritten in every copied text file), and each step's ``done.json`` is sealed again over the files the export keeps,
 so a later edit of an exported file makes its step stale, as in any run. A run with unfinished or stale steps is
-refused unless asked for (``--allow-unfinished``).
+refused unless asked for (``--allow-unfinished``); such an export lists what was unfinished or stale in
+``unfinished.json`` and leaves those steps' markers as they were, so they read as stale in the export too.
 
 A sweep (a folder with ``sweep.json``) is exported as a set of such runs: every point's runs by the rules above
 (``points/<point>/``, without its notebooks), the manifest and the sweep's figures and trend tests (``figures/``,
@@ -31,18 +32,21 @@ from pathlib import Path
 
 from synthflaw.config import from_dict
 from synthflaw.registry import study_steps
-from synthflaw.reporting.aggregate import seed_runs
+from synthflaw.reporting.aggregate import seed_label, seed_runs
 from synthflaw.reporting.sweep_figures import FOLDER as FIGURES
 from synthflaw.runs import (
+    SEEDS_RECORD,
     STUDY_FIX,
     Freshness,
     Step,
     check_run_id,
     combined_digest,
+    folder_kind,
     inside,
     load_marker,
     product_digests,
     run_lock,
+    seeds_status,
     write_json_atomic,
 )
 from synthflaw.sweep.definition import MANIFEST, read_manifest
@@ -51,6 +55,7 @@ KEEP_SUFFIXES = (".json", ".csv", ".png", ".md")
 TEXT_SUFFIXES = (".json", ".csv", ".md", ".html")
 SKIP_DIRS = {"model", "checkpoints", "data", "generation", "harness"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
+UNFINISHED = "unfinished.json"  # at the top of an --allow-unfinished export: what was unfinished or stale
 SKIP_NAMES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "trainer_state.json"}
 
 
@@ -114,7 +119,13 @@ def _staging(out_dir: Path):
 
 def unfinished_steps(run_dir: Path) -> list[str]:
     """What keeps a run (single- or multi-seed) from being finished: each step its configuration lists that has not
-    finished, or is stale, as "<seed>/<step>: why"."""
+    finished, or is stale, as "<seed>/<step>: why"; for a multi-seed run also each seed its seeds.json lists that
+    has not evaluated, and a cross-seed aggregate made from other seeds."""
+    return [line for _, line in _problems(run_dir)]
+
+
+def _problems(run_dir: Path) -> list[tuple[str, str]]:
+    """(the step's folder relative to the run, why) for each of :func:`unfinished_steps`."""
     runs = ([run_dir] if (run_dir / "study.json").exists()
             else sorted(p.parent for p in run_dir.glob("seed-*/study.json")))
     problems = []
@@ -123,17 +134,48 @@ def unfinished_steps(run_dir: Path) -> list[str]:
         try:
             cfg = from_dict(json.loads((run / "study.json").read_text())["config"])
         except (OSError, ValueError, KeyError, TypeError) as error:
-            problems.append(f"{run / 'study.json'} cannot be read as a configuration ({type(error).__name__}: "
-                            f"{error}): {STUDY_FIX}")
+            problems.append((run.name, f"{run / 'study.json'} cannot be read as a configuration "
+                                       f"({type(error).__name__}: {error}): {STUDY_FIX}"))
             continue
         fresh = Freshness(run)
         for spec in study_steps(cfg):
             step = Step(run, spec.stage, spec.variant)
             if not step.done:
-                problems.append(f"{label}{spec.name}: {step.marker_problem() or 'not finished'}")
+                problems.append((label + spec.name, f"{label}{spec.name}: {step.marker_problem() or 'not finished'}"))
             else:
-                problems += [f"{label}{cause} (stale)" for cause in fresh.causes(spec.name)]
+                problems += [(label + spec.name, f"{label}{cause} (stale)") for cause in fresh.causes(spec.name)]
+    return _seed_problems(run_dir) + problems
+
+
+def _seed_problems(run_dir: Path) -> list[tuple[str, str]]:
+    """A multi-seed run's listed seeds that have not evaluated (or seeds it does not list), and a cross-seed
+    aggregate made from other seeds than the listed ones."""
+    if folder_kind(run_dir) != "seeds":
+        return []
+    status = seeds_status(run_dir, [seed_label(p) for p in seed_runs(run_dir)])
+    problems = [(f"seed-{s}", f"seed-{s}: listed in {SEEDS_RECORD}, "
+                              f"{'not evaluated' if (run_dir / f'seed-{s}').is_dir() else 'missing'}")
+                for s in status["missing"]]
+    problems += [(f"seed-{s}", f"seed-{s}: not among the seeds {SEEDS_RECORD} lists") for s in status["extra"]]
+    aggregate = run_dir / "seeds" / "aggregate.json"
+    if status["listed"] is not None and aggregate.exists():
+        try:
+            made_from = [str(s) for s in json.loads(aggregate.read_text())["seeds"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            made_from = None
+        if made_from != status["listed"]:
+            problems.append(("seeds", f"seeds/aggregate.json: made from seeds {made_from}, not the listed "
+                                      f"{status['listed']} (stale): synthflaw figures --run-id {run_dir.name} makes "
+                                      "it again"))
     return problems
+
+
+def _write_unfinished(folder: Path, problems: list[tuple[str, str]]) -> None:
+    """An export made with --allow-unfinished says so: UNFINISHED lists what was unfinished or stale, and those
+    steps keep the markers they had (unsealed), so they read as stale in the export too."""
+    if problems:
+        write_json_atomic(folder / UNFINISHED, {"unfinished": [line for _, line in problems],
+                                                "steps": sorted({name for name, _ in problems})})
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True, runs_root: str | Path | None = None,
@@ -149,13 +191,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True, r
         raise ValueError(f"{run_dir} is not a finished run (no study.json, no seed-*/study.json)")
     _check_out_dir(run_dir, out_dir, runs_root, "run")
     with run_lock(run_dir):  # no step changes while it is copied
-        problems = unfinished_steps(run_dir)
+        problems = _problems(run_dir)
         if problems and not allow_unfinished:
-            shown = "\n  - ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
-                                                    else "")
+            lines = [line for _, line in problems]
+            shown = "\n  - ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
             raise ValueError(f"{run_dir} is not finished:\n  - {shown}\nFinish it (synthflaw run with the same run id; "
                              "--overwrite for stale steps), or export it as it is with --allow-unfinished")
-        return _export(run_dir, out_dir, html)
+        return _export(run_dir, out_dir, html, problems=problems)
 
 
 def is_sweep(folder: str | Path) -> bool:
@@ -198,7 +240,7 @@ def _export_sweep(sweep_dir: Path, out_dir: Path, tmp: Path, manifest: dict) -> 
             continue  # an unstarted point of an --allow-unfinished export
         (tmp / point["run"]).parent.mkdir(parents=True, exist_ok=True)
         with run_lock(point_dir):  # no step of the point changes while it is copied
-            made = _export(point_dir, tmp / point["run"], html=False, outer=sweep_dir)
+            made = _export(point_dir, tmp / point["run"], html=False, outer=sweep_dir, problems=_problems(point_dir))
         written += [out_dir / point["run"] / p.relative_to(tmp / point["run"]) for p in made]
     shutil.copy2(sweep_dir / MANIFEST, tmp / MANIFEST)
     written.append(out_dir / MANIFEST)
@@ -213,12 +255,14 @@ def _export_sweep(sweep_dir: Path, out_dir: Path, tmp: Path, manifest: dict) -> 
     return written
 
 
-def _export(run_dir: Path, out_dir: Path, html: bool, outer: Path | None = None) -> list[Path]:
+def _export(run_dir: Path, out_dir: Path, html: bool, outer: Path | None = None,
+            problems: list[tuple[str, str]] = ()) -> list[Path]:
     with _staging(out_dir) as tmp:
-        return _export_into(run_dir, out_dir, tmp, html, outer)
+        return _export_into(run_dir, out_dir, tmp, html, outer, problems)
 
 
-def _export_into(run_dir: Path, out_dir: Path, tmp: Path, html: bool, outer: Path | None) -> list[Path]:
+def _export_into(run_dir: Path, out_dir: Path, tmp: Path, html: bool, outer: Path | None,
+                 problems: list[tuple[str, str]] = ()) -> list[Path]:
     written = []
     # the first finished seed in numeric order (seed-2 before seed-10), as the cross-seed summary orders them
     seed_dirs = [] if (run_dir / "study.json").exists() else seed_runs(run_dir)
@@ -247,7 +291,10 @@ def _export_into(run_dir: Path, out_dir: Path, tmp: Path, html: bool, outer: Pat
     if outer is not None:  # a sweep's point: paths into other points of the sweep, relative to the sweep
         relative_paths(tmp, outer)
     machine_paths(tmp)
-    reseal(tmp)
+    reseal(tmp, unsealed={name for name, _ in problems})
+    _write_unfinished(tmp, problems)
+    if problems:
+        written.append(out_dir / UNFINISHED)
     return written
 
 
@@ -300,15 +347,19 @@ def relative_paths(folder: Path, run_dir: Path) -> None:
     _substitute(folder, pattern, lambda m: "" if m.group(0).endswith("/") else ".")
 
 
-def reseal(folder: Path) -> None:
+def reseal(folder: Path, unsealed=frozenset()) -> None:
     """Seal each exported step's done.json again over the files the export keeps: the products digest of what is
     there, and the upstream records moved to the upstreams' new digests where they matched the old ones (a record
-    that did not match stays unmatched: a stale step stays stale). Markers without digests (older runs) are left."""
+    that did not match stays unmatched: a stale step stays stale). Markers without digests (older runs) are left,
+    and so are the `unsealed` steps (relative folders; a whole seed's "seed-<k>"): an unfinished or stale step of
+    an --allow-unfinished export keeps the marker it had, so it stays stale in the export."""
     markers = {}
     for done in folder.rglob("done.json"):
         marker, _ = load_marker(done.parent)
+        name = done.parent.relative_to(folder).as_posix()
+        if any(name == skip or name.startswith(skip + "/") for skip in unsealed):
+            continue
         if marker is not None and "digest" in marker:
-            name = done.parent.relative_to(folder).as_posix()
             markers[name] = (done.parent, marker)
     new_digest = {}
     for name, (step_dir, marker) in markers.items():

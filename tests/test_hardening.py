@@ -9,6 +9,7 @@ Most tests run the CLI in this process on the stand-in stages of tests/test_run_
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def test_a_failed_export_removes_only_its_own_staging_folder(tmp_path, fake_stag
     from synthflaw import export
 
     run_dir = fake_run(tmp_path, "base")
-    monkeypatch.setattr(export, "reseal", lambda folder: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(export, "reseal", lambda folder, **_: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     with pytest.raises(OSError):
         export.export_run(run_dir, tmp_path / "out", html=False, runs_root=tmp_path)
     assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
@@ -396,3 +397,37 @@ def test_no_committed_run_file_holds_an_absolute_path():
     found = [f"{name}: {marker}" for name in listed.stdout.split("\n") if name.endswith((".json", ".csv", ".md", ".html"))
              for marker in machine if marker in (REPO / name).read_text(encoding="utf-8", errors="replace")]
     assert found == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 9. Third round (issue 43): an export never hides a stale step
+# --------------------------------------------------------------------------------------------------------------
+
+def test_an_allow_unfinished_export_says_what_was_stale_and_keeps_it_stale(tmp_path, fake_stages, capsys):
+    run_dir = fake_run(tmp_path)
+    edited = run_dir / "07_evaluate" / "natural" / "metrics.json"
+    edited.write_text(edited.read_text()[:-1] + ', "items_2": NaN}')  # a finished product changed by hand
+    common = ["--runs-root", tmp_path]
+    code, err = main(capsys, "export", "--run-id", "r", "--to", tmp_path / "out", *common)
+    assert code == 2 and "07_evaluate/natural is stale" in err, err
+    code, err = main(capsys, "export", "--run-id", "r", "--to", tmp_path / "out", "--allow-unfinished", *common)
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "unfinished.json").read_text())
+    assert "07_evaluate/natural" in record["steps"] and any("07_evaluate/natural is stale" in line
+                                                              for line in record["unfinished"])
+    # the stale step was not sealed again over the edited file: the export is as stale as its source
+    code, err = main(capsys, "export", "--run-id", "out", "--to", tmp_path / "again", *common)
+    assert code == 2 and "07_evaluate/natural is stale" in err, err
+    code, err = main(capsys, "figures", "--run-id", "out", "--engine", "inprocess", *common)
+    assert code == 2 and "07_evaluate/natural" in err, err
+
+
+def test_an_export_of_a_multi_seed_run_refuses_a_missing_listed_seed(tmp_path, fake_stages, capsys):
+    code, err = main(capsys, "run", "--preset", "smoke", "--seeds", "0", "1", "--run-id", "m", "--runs-root",
+                     tmp_path, "--engine", "inprocess", "--stages", "01", "02")
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "m" / "seed-1")
+    code, err = main(capsys, "export", "--run-id", "m", "--to", tmp_path / "out", "--runs-root", tmp_path)
+    assert code == 2 and "seed-1: listed in seeds.json, missing" in err, err
+    code, err = main(capsys, "figures", "--run-id", "m", "--engine", "inprocess", "--runs-root", tmp_path)
+    assert code == 2 and "seed-1 is missing" in err, err
