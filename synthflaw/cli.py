@@ -13,8 +13,15 @@ from synthflaw import config
 from synthflaw import sweep as sweeps
 from synthflaw.registry import stage as find_stage
 from synthflaw.reporting import preregistration
-from synthflaw.runner import StepFailed, resolve_study, run_seeds, run_study
-from synthflaw.runs import RunLocked, StepConfigChanged, UpstreamMissing, refuse_other_kind, run_folder
+from synthflaw.runner import StepFailed, resolve_study, run_seeds, run_study, status_text
+from synthflaw.runs import (
+    RunLocked,
+    StepConfigChanged,
+    UpstreamMissing,
+    folder_kind,
+    refuse_other_kind,
+    run_folder,
+)
 from synthflaw.runs.provenance import DirtyCheckout, code_state, require_clean
 
 
@@ -33,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "seeds into runs/<run_id>/seeds/ (default: the registered reference's seeds, "
                           f"{' '.join(map(str, preregistration.REFERENCE_SEEDS))}, for the default preset, else the "
                           "config's seed); one seed runs into runs/<run_id>/")
+    run.add_argument("--batch", type=int, nargs="+", default=None, metavar="SEED",
+                     help="run only these of the study's seeds (a study longer than one job: docs/sweeps.md); the "
+                          "findings across seeds are made once every seed of the study has evaluated, here or in "
+                          "batches added with `synthflaw export --add`")
     run.add_argument("--registered", action="store_true",
                      help="the registered study of docs/preregistration.md: the default preset, its seeds, no "
                           "--set; refused from a checkout that is not one clean git commit (make study runs it)")
@@ -59,7 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "exist")
     exp.add_argument("--runs-root", default="runs")
     exp.add_argument("--allow-unfinished", action="store_true",
-                     help="export a run with unfinished or stale steps (refused otherwise)")
+                     help="export a run with unfinished or stale steps (refused otherwise); the export lists them "
+                          "in unfinished.json and they stay stale there")
+    exp.add_argument("--add", action="store_true",
+                     help="add this batch's seeds to an existing export of the same multi-seed study (--to), "
+                          "e.g. a later batch of a study longer than one job (docs/sweeps.md)")
+
+    st = sub.add_parser("status", help="what a multi-seed run holds: k of K seeds evaluated, which are missing, "
+                                       "whether its findings across seeds exist")
+    st.add_argument("--run-id", required=True)
+    st.add_argument("--runs-root", default="runs")
 
     cfg = sub.add_parser("config", help="print every parameter with its default and help, or a preset resolved")
     cfg.add_argument("--preset", default=None, choices=sorted(config.PRESETS))
@@ -177,6 +197,9 @@ def _run(args) -> int:
     if seeds is None and "seed" not in overrides and args.preset == preregistration.REGISTERED_PRESET:
         seeds = list(preregistration.REFERENCE_SEEDS)
     code_state()  # the code this process runs, taken now: a commit made while it runs does not change it
+    if args.batch and not (seeds and (len(seeds) > 1 or args.registered)):
+        raise config.ConfigError("--batch runs some seeds of a multi-seed study: give the study's seeds with "
+                                 "--seeds (or --registered, or the default preset's seeds) and the batch with --batch")
     if not seeds or (len(seeds) == 1 and not args.registered):
         if seeds:
             overrides["seed"] = seeds[0]
@@ -196,13 +219,9 @@ def _run(args) -> int:
     record = {"preset": args.preset, "overrides": overrides, "registered": args.registered}
     summary = run_seeds(run_dir, seeds, lambda seed: run_study(
         studies[seed], f"seed-{seed}", overwrite=args.overwrite, runs_root=run_dir, engine=args.engine,
-        only=args.stages), record=record)
+        only=args.stages), record=record, batch=args.batch)
     if summary is None:
-        from synthflaw.reporting.aggregate import seed_runs  # here: matplotlib is not for every command
-
-        done = len(seed_runs(run_dir))
-        print(f"{done} of {len(seeds)} seeds have evaluated in {run_dir}; the intervals and findings across seeds "
-              "are made once every seed has")
+        print(status_text(run_dir))
     else:
         print(f"across seeds {summary['seeds']}: {run_dir / 'seeds'}")
     return 0
@@ -246,9 +265,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from synthflaw.export import export_run, export_sweep, is_sweep
             run_dir = run_folder(args.runs_root, args.run_id)
+            if args.add:
+                from synthflaw.export import add_batch
+                written = add_batch(run_dir, args.to, runs_root=args.runs_root)
+                print(f"added {len(written)} files to {args.to}")
+                print(status_text(args.to))
+                return 0
             written = (export_sweep if is_sweep(run_dir) else export_run)(
                 run_dir, args.to, runs_root=args.runs_root, allow_unfinished=args.allow_unfinished)
             print(f"wrote {len(written)} files to {args.to}")
+            return 0
+        if args.command == "status":
+            run_dir = run_folder(args.runs_root, args.run_id)
+            refuse_other_kind(run_dir, "seeds")
+            if folder_kind(run_dir) is None:
+                raise ValueError(f"{run_dir} is not a multi-seed run (no seeds.json, no seed-<k>/)")
+            print(status_text(run_dir))
             return 0
         if args.command == "figures":
             from synthflaw.runner import regenerate

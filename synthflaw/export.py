@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from synthflaw.config import from_dict
@@ -45,6 +46,7 @@ from synthflaw.runs import (
     inside,
     load_marker,
     product_digests,
+    read_seed_record,
     run_lock,
     seeds_status,
     write_json_atomic,
@@ -153,9 +155,10 @@ def _seed_problems(run_dir: Path) -> list[tuple[str, str]]:
     if folder_kind(run_dir) != "seeds":
         return []
     status = seeds_status(run_dir, [seed_label(p) for p in seed_runs(run_dir)])
+    # the seeds this folder is to hold: a batch's, where a study runs in batches (the others are added elsewhere)
     problems = [(f"seed-{s}", f"seed-{s}: listed in {SEEDS_RECORD}, "
                               f"{'not evaluated' if (run_dir / f'seed-{s}').is_dir() else 'missing'}")
-                for s in status["missing"]]
+                for s in status["missing_here"]]
     problems += [(f"seed-{s}", f"seed-{s}: not among the seeds {SEEDS_RECORD} lists") for s in status["extra"]]
     aggregate = run_dir / "seeds" / "aggregate.json"
     if status["listed"] is not None and aggregate.exists():
@@ -198,6 +201,56 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True, r
             raise ValueError(f"{run_dir} is not finished:\n  - {shown}\nFinish it (synthflaw run with the same run id; "
                              "--overwrite for stale steps), or export it as it is with --allow-unfinished")
         return _export(run_dir, out_dir, html, problems=problems)
+
+
+def add_batch(run_dir: str | Path, out_dir: str | Path, *, runs_root: str | Path | None = None) -> list[Path]:
+    """Add a finished batch of a multi-seed study (`run_dir`: its seeds.json names the study's seeds and this
+    batch's) to an existing export of the same study (`out_dir`, made by :func:`export_run` from an earlier batch,
+    perhaps on another machine): each of the batch's seeds is exported by the same rules into ``seed-<k>/`` of the
+    export, and the export's record takes the batch in. Refused, with nothing written, when the two are not the same
+    study (seeds, preset, overrides, registered), when the batch is unfinished or stale, or when the export already
+    holds one of its seeds. Once every seed of the study is there, ``synthflaw figures`` makes the findings."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if runs_root is not None and not inside(out_dir, runs_root):
+        raise ValueError(f"--to {out_dir} resolves to {out_dir.resolve()}, outside the runs folder {runs_root}")
+    source = read_seed_record(run_dir)
+    target = read_seed_record(out_dir) if out_dir.is_dir() else None
+    if source is None:
+        raise ValueError(f"{run_dir} is not a multi-seed run (no {SEEDS_RECORD}): only a batch of a multi-seed "
+                         "study can be added to an export")
+    if target is None:
+        raise ValueError(f"{out_dir} is not an export of a multi-seed study (no {SEEDS_RECORD}): export the first "
+                         f"batch with synthflaw export --run-id {run_dir.name} --to {out_dir} (without --add)")
+    study = {k: v for k, v in source.items() if k != "batch"}
+    if study != {k: v for k, v in target.items() if k != "batch"}:
+        raise ValueError(f"{run_dir} and {out_dir} are not the same study: {SEEDS_RECORD} says {study} in the "
+                         f"first and {({k: v for k, v in target.items() if k != 'batch'})} in the second")
+    with run_lock(run_dir), run_lock(out_dir):
+        problems = _problems(run_dir)
+        if problems:
+            shown = "\n  - ".join(line for _, line in problems[:20])
+            raise ValueError(f"{run_dir} is not finished:\n  - {shown}\nFinish the batch (synthflaw run with the "
+                             "same run id and --batch) before adding it")
+        adding = [seed_label(p) for p in seed_runs(run_dir)]
+        present = [s for s in adding if (out_dir / f"seed-{s}").exists()]
+        if present:
+            raise FileExistsError(f"{out_dir} already holds seed-{', seed-'.join(present)}: a seed is added once; "
+                                  "add a batch of other seeds")
+        staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.add-"))
+        try:
+            _export_into(run_dir, out_dir, staging, html=False, outer=None)
+            written = []
+            for seed in adding:
+                (staging / f"seed-{seed}").rename(out_dir / f"seed-{seed}")
+                written += sorted(p for p in (out_dir / f"seed-{seed}").rglob("*") if p.is_file())
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        held = set(target.get("batch", target["seeds"])) | {int(s) for s in adding}
+        record = {k: v for k, v in target.items() if k != "batch"}
+        if held != set(target["seeds"]):  # still a part of the study: the record says which part
+            record["batch"] = [s for s in target["seeds"] if s in held]
+        write_json_atomic(out_dir / SEEDS_RECORD, record)
+    return written + [out_dir / SEEDS_RECORD]
 
 
 def is_sweep(folder: str | Path) -> bool:

@@ -29,6 +29,7 @@ from synthflaw.runner.study import (
     resolve_study,
     run_seeds,
     run_study,
+    status_text,
     summarize_seeds,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
     "resolve_study",
     "run_seeds",
     "run_study",
+    "status_text",
     "summarize_seeds",
     "upstream_candidates",
 ]

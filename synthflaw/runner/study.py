@@ -179,20 +179,54 @@ def _run_inprocess(spec: StepSpec, step: Step) -> None:
 
 
 def run_seeds(run_dir: str | Path, seeds, run_seed, *, every_seed: bool = False,
-              record: dict | None = None) -> dict | None:
+              record: dict | None = None, batch=None) -> dict | None:
     """``run_seed(seed)`` for each seed in order, the folder `run_dir` held meanwhile (its ``seed-<k>/`` folders and
     the summary across them: one process at a time); then the intervals across the seeds into ``<run_dir>/seeds/``
     (:func:`summarize_seeds`), or None while some seed has not evaluated. `record`: what describes a new multi-seed
     study (preset, overrides, registered): its seeds.json is written before the first seed runs, or checked against
     `seeds` where it exists (:func:`synthflaw.runs.record_seeds`). Serves ``synthflaw run --seeds``,
     :func:`regenerate` of a multi-seed run and each point of a sweep (`every_seed`: only once every seed has
-    evaluated, counted against the sweep's seeds)."""
+    evaluated, counted against the sweep's seeds). `batch`: run only these of `seeds` (a study longer than one job;
+    recorded with the record)."""
     with run_lock(run_dir):
         if record is not None:
-            record_seeds(run_dir, seeds, **record)
-        for seed in seeds:
+            record_seeds(run_dir, seeds, batch, **record)
+        for seed in (seeds if batch is None else [s for s in seeds if s in batch]):
             run_seed(seed)
         return summarize_seeds(run_dir, len(seeds) if every_seed else None)
+
+
+def status_text(run_dir: str | Path) -> str:
+    """What a multi-seed run holds, in words: "k of K seeds have evaluated", which are missing or unfinished, and
+    whether its findings across seeds exist (they are made only once every listed seed has evaluated: no interim
+    verdict)."""
+    from synthflaw.reporting.aggregate import seed_label, seed_runs
+
+    run_dir = Path(run_dir)
+    status = seeds_status(run_dir, [seed_label(p) for p in seed_runs(run_dir)])
+    listed = status["listed"] or status["finished"]
+    done = [s for s in listed if s in status["finished"]]
+    lines = [f"{run_dir}: {len(done)} of {len(listed)} seeds have evaluated ({' '.join(done) or 'none'})"]
+    unfinished = [s for s in status["missing"] if (run_dir / f"seed-{s}").is_dir()]
+    absent = [s for s in status["missing"] if s not in unfinished]
+    if unfinished:
+        lines.append(f"  started, not evaluated: {' '.join(unfinished)}")
+    if absent:
+        here = [s for s in absent if s in (status["here"] or [])]
+        elsewhere = [s for s in absent if s not in here]
+        if here:
+            lines.append(f"  not started here: {' '.join(here)}")
+        if elsewhere:
+            lines.append(f"  other batches (run elsewhere, added with synthflaw export --add): {' '.join(elsewhere)}")
+    if status["extra"]:
+        lines.append(f"  not among the study's seeds: {' '.join(status['extra'])}")
+    if status["missing"] or status["extra"]:
+        lines.append("  no findings across seeds until every listed seed has evaluated")
+    else:
+        made = (run_dir / "seeds" / "findings.md").exists()
+        lines.append(f"  complete: findings across seeds in {run_dir / 'seeds' / 'findings.md'}" if made else
+                     f"  complete: synthflaw figures --run-id {run_dir.name} makes the findings across seeds")
+    return "\n".join(lines)
 
 
 def summarize_seeds(run_dir: str | Path, seeds: int | None = None) -> dict | None:

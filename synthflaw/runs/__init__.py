@@ -73,6 +73,7 @@ from synthflaw.runs.step import (
 )
 from synthflaw.runs.seed_record import (
     SeedsIncomplete,
+    batch_seeds,
     listed_seeds,
     read_seed_record,
     record_seeds,
@@ -90,6 +91,7 @@ __all__ = [
     "KINDS",
     "SEEDS_RECORD",
     "SeedsIncomplete",
+    "batch_seeds",
     "listed_seeds",
     "read_seed_record",
     "record_seeds",

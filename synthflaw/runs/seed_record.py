@@ -37,14 +37,20 @@ def read_seed_record(run_dir: str | Path) -> dict | None:
     return record
 
 
-def record_seeds(run_dir: str | Path, seeds, **about) -> dict:
-    """Write the record of the seeds `run_dir` is asked for (first time), or check that a run already holding one
-    is asked for the same seeds: ValueError naming both and the fix otherwise. `about`: what else describes the
-    study (preset, overrides, registered), written the first time only."""
+def record_seeds(run_dir: str | Path, seeds, batch=None, **about) -> dict:
+    """Write the record of the seeds `run_dir`'s study is asked for (first time), or check that a run already
+    holding one is asked for the same seeds: ValueError naming both and the fix otherwise. `batch`: the seeds this
+    folder runs, when a study longer than one job runs its seeds in batches (a subset of `seeds`; the record keeps
+    the union of the batches run here under "batch"; without, the folder is to hold every seed). `about`: what else
+    describes the study (preset, overrides, registered), written the first time only."""
     seeds = [int(s) for s in seeds]
+    batch = None if batch is None else [int(s) for s in batch]
+    if batch is not None and (not batch or not set(batch) <= set(seeds) or len(set(batch)) != len(batch)):
+        raise ValueError(f"the batch {' '.join(map(str, batch or []))} must be distinct seeds among the study's "
+                         f"seeds {' '.join(map(str, seeds))}")
     existing = read_seed_record(run_dir)
     if existing is None:
-        record = {"seeds": seeds, **about}
+        record = {"seeds": seeds, **({"batch": batch} if batch is not None else {}), **about}
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(run_dir) / SEEDS_RECORD, record)
         return record
@@ -53,7 +59,17 @@ def record_seeds(run_dir: str | Path, seeds, **about) -> dict:
         raise ValueError(f"{run_dir} is the study of seeds {listed} ({SEEDS_RECORD}); this asks for seeds "
                          f"{' '.join(map(str, seeds))}. Continue it with the same seeds (--seeds {listed}), or pick "
                          "another --run-id for other seeds")
+    if batch is not None and "batch" in existing and not set(batch) <= set(existing["batch"]):
+        existing = {**existing, "batch": sorted(set(existing["batch"]) | set(batch), key=seeds.index)}
+        write_json_atomic(Path(run_dir) / SEEDS_RECORD, existing)
     return existing
+
+
+def batch_seeds(record: dict | None) -> list[str] | None:
+    """The seeds a folder holds (or is to hold) of its study, as labels: its batches' union, else every seed."""
+    if record is None:
+        return None
+    return [str(s) for s in record.get("batch", record["seeds"])]
 
 
 def listed_seeds(run_dir: str | Path) -> list[str] | None:
@@ -74,14 +90,16 @@ def listed_seeds(run_dir: str | Path) -> list[str] | None:
 
 
 def seeds_status(run_dir: str | Path, finished: list[str]) -> dict:
-    """{"listed", "finished", "missing", "extra"} of a multi-seed run, given the labels of its seeds that have
-    evaluated (`finished`): "missing" are listed seeds not finished (their folder absent or unfinished),
-    "extra" finished seeds the record does not list."""
+    """{"listed", "here", "finished", "missing", "missing_here", "extra"} of a multi-seed run, given the labels of
+    its seeds that have evaluated (`finished`): "missing" are listed seeds not finished (their folder absent or
+    unfinished), "missing_here" those of the seeds this folder is to hold (its batches; all without) and "extra"
+    finished seeds the record does not list."""
     listed = listed_seeds(run_dir)
     if listed is None:
-        return {"listed": None, "finished": finished, "missing": [], "extra": []}
-    return {"listed": listed, "finished": finished, "missing": [s for s in listed if s not in finished],
-            "extra": [s for s in finished if s not in listed]}
+        return {"listed": None, "here": None, "finished": finished, "missing": [], "missing_here": [], "extra": []}
+    here = batch_seeds(read_seed_record(run_dir)) or listed
+    return {"listed": listed, "here": here, "finished": finished, "missing": [s for s in listed if s not in finished],
+            "missing_here": [s for s in here if s not in finished], "extra": [s for s in finished if s not in listed]}
 
 
 def require_every_seed(run_dir: str | Path, finished: list[str]) -> list[str]:
@@ -108,6 +126,7 @@ def require_every_seed(run_dir: str | Path, finished: list[str]) -> list[str]:
         raise SeedsIncomplete(
             f"{run_dir} is the study of seeds {' '.join(status['listed'])}: {done} of {len(status['listed'])} have "
             f"evaluated, and {'; '.join(problems)}. Cross-seed results come only from every listed seed: run the "
-            f"missing ones (synthflaw run --run-id {Path(run_dir).name} --seeds {' '.join(status['listed'])}), "
-            "or restore them")
+            f"missing ones (synthflaw run --run-id {Path(run_dir).name} --seeds {' '.join(status['listed'])}, "
+            "with --batch <some of them> for a study run in batches), add a batch exported elsewhere (synthflaw "
+            "export --add), or restore them")
     return status["listed"]
