@@ -104,6 +104,13 @@ def test_each_stage_ends_with_what_it_measured(stepped_through):
     last = [c for c in stepped_through["notebooks"][EVALUATE.name]["cells"] if c["cell_type"] == "code"][-1]
     tables = "".join("".join(o["data"]["text/markdown"]) for o in last["outputs"] if "text/markdown" in o.get("data", {}))
     assert "null:" in tables and "natural" in tables, "07 shows no headline table with the nulls"
+    header = tables.splitlines()[0]  # in words with units, the models (and the nulls) as rows
+    assert "instructions fully followed, learnable tier (share of prompts)" in header and "learnable_HSR" not in header
+    # the stage's own result right after it ran: a table in words too, not a wall of raw keys
+    ran = next(c for c in stepped_through["notebooks"][EVALUATE.name]["cells"]
+               if c["cell_type"] == "code" and "display.summary(result)" in "".join(c["source"]))
+    summary = "".join("".join(o["data"]["text/markdown"]) for o in ran["outputs"] if "text/markdown" in o.get("data", {}))
+    assert summary.startswith("| step |") and "learnable_hsr_above_null" not in summary, summary[:300]
 
 
 def test_debug_mode_leaves_the_libraries_bars_and_messages_on(monkeypatch):

@@ -8,7 +8,8 @@ from pathlib import Path
 from synthflaw.records import read_jsonl
 from synthflaw.reporting.figures import headline_table, hsr_by_level
 from synthflaw.reporting.plots import plot_loss_csv
-from synthflaw.reporting.tables import markdown_table
+from synthflaw.reporting import labels
+from synthflaw.reporting.tables import HEADLINE, markdown_table
 
 
 def show(path: Path, pattern: str = "*.png") -> None:
@@ -36,15 +37,37 @@ def _cell(value) -> str:
 
 
 def summary(result: dict) -> None:
-    """A stage's result in one line per step (numbers to 4 digits, lists and dicts by their length), instead of the
-    whole dict printed: the table and figures the notebook shows next stay in view. The full result is each step's
-    result.json."""
+    """A stage's result as a small table in words, a row per step (a model, a branch, a method): each number under
+    its name and unit from the label table (`labels.result_field`), to 4 digits; texts, lists and dicts are left to
+    each step's result.json, which holds the whole result. The table and figures the notebook shows next stay in
+    view."""
     from IPython.display import Markdown, display
 
     steps = result if result and all(isinstance(v, dict) for v in result.values()) else {"result": result}
-    lines = [f"- **{name}**: " + "; ".join(f"{k} {_cell(v)}" for k, v in values.items())
-             for name, values in steps.items()]
-    display(Markdown("\n".join(lines) or "(no step ran)"))
+    rows = []
+    for name, values in steps.items():
+        row = {"step": name}
+        for key, value in values.items():
+            if isinstance(value, (bool, int, float)) and value is not None:
+                row[labels.result_field(key, HEADLINE)] = _cell(value)
+        rows.append(row)
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    display(Markdown(markdown_table(rows, columns, fmt=lambda v: "" if v is None else str(v)) if rows else
+                     "(no step ran)"))
+
+
+def in_words(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Table rows whose metric columns (headline columns such as ``learnable_HSR``) are renamed to their words and
+    unit from the label table; other columns kept. Returns the rows and their columns in order."""
+    def name(column: str) -> str:
+        try:
+            label = labels.metric(column)
+        except KeyError:
+            return column
+        return f"{label.words} ({label.unit})"
+
+    renamed = [{name(k): v for k, v in row.items()} for row in rows]
+    return renamed, list(dict.fromkeys(c for row in renamed for c in row))
 
 
 def show_loss_curves(step_paths: dict[str, Path]) -> None:
@@ -65,8 +88,9 @@ def show_evaluation(run_dir) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = headline_table(Path(run_dir), Path(tmp))
-        if rows:
-            display(Markdown(markdown_table(rows)))
+        if rows:  # models and null replies as rows, each measure in words with its unit
+            renamed, columns = in_words(rows)
+            display(Markdown(markdown_table(renamed, columns)))
         for name in hsr_by_level(Path(run_dir), Path(tmp), dpi=100):
             display(Markdown(f"**{name}**"), Image(data=(Path(tmp) / name).read_bytes(), format="png"))
 

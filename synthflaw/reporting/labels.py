@@ -125,6 +125,40 @@ def metric(name: str) -> Label:
     return METRICS[name]
 
 
+# A step's result.json fields in words with their unit (what a notebook shows after a stage runs); the metrics a
+# result shares with metrics.json are named by METRICS through tables.HEADLINE's columns instead.
+RESULT_FIELDS = {
+    "learnable_hsr_above_null": "instructions fully followed, learnable tier, above the best null (share of prompts)",
+    "final_loss": "final training loss (nats per token)",
+    "tokens": "tokens trained on", "tokens_per_s": "training speed (tokens per second)",
+    "steps": "optimizer steps", "epochs": "epochs", "parameters": "parameters", "wall_s": "wall time (s)",
+    "bf16": "bf16 autocast", "examples": "SFT examples", "dropped_examples": "SFT examples dropped (too long)",
+    "assistant_tokens_per_epoch": "assistant tokens per epoch", "packed_blocks": "packed blocks",
+    "planned_tokens": "planned tokens", "max_tokens": "token budget", "tokens_this_call": "tokens this call",
+    "resumed_from_step": "resumed from step", "per_device_batch_size": "batch size per device",
+    "gradient_accumulation_steps": "gradient accumulation steps", "num_processes": "processes",
+    "gradient_checkpointing": "activation recompute", "forget_tokens": "forget tokens",
+    "replay_tokens": "replay tokens", "cpt_tokens": "CPT tokens", "max_steps": "step budget",
+    "forget_token_fraction_of_cpt": "forget tokens / CPT tokens", "tau_calibrated": "forgetting bound tau (nats)",
+    "diverged": "diverged", "wall_seconds": "training wall time (s)", "facts": "facts in the world",
+    "stated_facts": "facts natural text states", "synthqa_only_facts": "facts only SynthQA carries",
+    "next_token_kl": "next-token KL from natural (nats per token)",
+}
+
+
+def result_field(key: str, columns: dict[str, str] | None = None) -> str:
+    """A result.json field in words with its unit: `RESULT_FIELDS`, else the metric label of its headline column
+    (`columns`: metrics.json key -> column, tables.HEADLINE), else the key with its underscores as spaces."""
+    if key in RESULT_FIELDS:
+        return RESULT_FIELDS[key]
+    column = (columns or {}).get(key)
+    if column in METRICS:
+        return f"{METRICS[column].words} ({METRICS[column].unit})"
+    if key in METRICS:
+        return f"{METRICS[key].words} ({METRICS[key].unit})"
+    return key.replace("_", " ")
+
+
 def legend(columns) -> str:
     """The metric columns of a table in words, each with its unit and direction: a Markdown list printed under a
     table whose header keeps the short keys (the CSVs' column names). Columns that are no metric are left out."""
