@@ -81,22 +81,6 @@ def steps_for_token_budget(
     return steps
 
 
-def branch_corpus(
-    branch: str,
-    nonsynth: list[str],
-    synthqa: list[str],
-    rewritten: list[str],
-    extra_natural: list[str],
-    synthetic_fraction: float,
-    seed: int,
-    *,
-    tokenizer,
-) -> list[str]:
-    """The documents of one CPT branch, in a seeded shuffled order (see `mix_at_token_fraction` for the mixing)."""
-    return branch_mixture(branch, nonsynth, synthqa, rewritten, extra_natural, synthetic_fraction, seed,
-                          tokenizer=tokenizer)[0]
-
-
 def branch_mixture(
     branch: str,
     nonsynth: list[str],
@@ -108,7 +92,8 @@ def branch_mixture(
     *,
     tokenizer,
 ) -> tuple[list[str], dict]:
-    """`branch_corpus` plus the corpus's token counts: natural, mixed-in and the realised mixed-in fraction."""
+    """The documents of one CPT branch, in a seeded shuffled order (see `mix_at_token_fraction` for the mixing), and
+    the corpus's token counts: natural, mixed-in and the realised mixed-in fraction."""
     if branch not in BRANCHES:
         raise ValueError(f"Unknown CPT branch {branch!r}: choose one of {', '.join(BRANCHES)}.")
     if branch == "natural":
