@@ -45,7 +45,7 @@ test-fast: $(VENV)/.installed-dev
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
 
-# `make mutation`: the on-demand mutation check, not part of `make test` (README: "Mutation check"). mutmut puts
+# `make mutation`: the on-demand mutation check, not part of `make test` (docs/testing.md: "The mutation check"). mutmut puts
 # small bugs, one at a time, into the functions that carry the study's rules (pyproject.toml's [tool.mutmut] names the
 # files and the fast tests that run), runs the tests that reach each one, then lists the mutants no test failed.
 # 40-60 minutes on 2 busy cores; MUTANTS= narrows it, e.g. make mutation MUTANTS='synthflaw.metrics.statistics.*'

@@ -13,7 +13,7 @@ Each grid point runs stages 01, 03 and 04 (natural only) once per share through 
 that CPT checkpoint with the library's `supervised_finetune` and scores the learnable tier with the package's
 checkers. Writes a JSON with every point and the chosen one.
 
-    PYTHONPATH=. python benchmarks/calibrate_instrument.py --out docs/calibration_instrument.json   # ~15 min, 2 cores
+    PYTHONPATH=. python benchmarks/calibrate_instrument.py --out benchmarks/results/calibration_instrument.json   # ~15 min, 2 cores
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Two steps, because the runs want a machine where bf16 is the faster path (a GPU,
     # where the runs go: one process per (precision, seed), four at a time, then one fp32 rerun of the first seed
     PYTHONPATH=. python benchmarks/precision_agreement.py launch --seeds 5 6 7 --runs-root runs --deadline 400
     # anywhere, on the runs' small files
-    PYTHONPATH=. python benchmarks/precision_agreement.py compare runs --out docs/precision_agreement.json
+    PYTHONPATH=. python benchmarks/precision_agreement.py compare runs --out benchmarks/results/precision_agreement.json
 
 `launch` runs the stages the findings read (01, 03, 04, 05, 06, 07: no data-flaw figures, no stage-08 figures),
 through the in-process engine, `--parallel` at a time, each run in `<runs-root>/precision-<fp32|bf16>-<seed>[-rerun]/`. The rerun is the

@@ -8,7 +8,7 @@ over items of the endpoint itself (what the item-level comparisons of the study 
 scoring calls' seconds in each precision, interleaved so both see the same machine load.
 
     PYTHONPATH=. python benchmarks/scoring_precision.py RUN_DIR [--seed 5] [--models natural synthetic] \
-        [--out docs/scoring_precision.json]
+        [--out benchmarks/results/scoring_precision.json]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Each `--checkout` (default: this one) is a folder holding a checkout of the repo
 /tmp/before <commit>`); its own code and notebooks run, in a subprocess. Per stage: the sum of its steps' wall
 seconds (meta.json); `other` is the rest of the whole command's time (kernel starts, imports, the run's checks).
 For stage 07 also the seconds of each endpoint (metrics.json's timings, summed over the models), and the precision
-the training steps ran in. The seed defaults to 5, one the committed reference (seeds 0-4) does not use. Each
+the training steps ran in. The seed defaults to 5, one the registered reference (seeds 300-306) does not use. Each
 `--variant` (comma-separated KEY=VALUE settings on top of `--set`) is one more column per checkout, run one after
 the other the same way: the cost of a setting, e.g. fp32 against the precision `auto` chooses on this machine.
 Measure on an idle machine: other processes on the same cores make every number larger, and unevenly.

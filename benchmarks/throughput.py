@@ -12,7 +12,7 @@ nn.Linear, the output head included). The 6N rule (Kaplan et al. 2020) leaves ou
 hidden * context per token, which is small here; for padded SFT it also counts no work on padding, which is the point:
 padding is wasted compute.
 
-    PYTHONPATH=. python benchmarks/throughput.py --out docs/throughput_cpu.json [--threads 2] [--steps 12]
+    PYTHONPATH=. python benchmarks/throughput.py --out benchmarks/results/throughput_cpu.json [--threads 2] [--steps 12]
     PYTHONPATH=. python benchmarks/throughput.py --out wide.json --set base.hidden_size=768 \
         --set base.intermediate_size=2048   # the default model 4x wider
     PYTHONPATH=. python benchmarks/throughput.py --preset gpu --out runs/throughput_gpu.json --steps 20 --warmup 5

@@ -81,7 +81,7 @@ class DataConfig:
     general_text_share: float = _f(0.3, "share of NonSynth documents that are fact-free conversational/how-to text",
                                    low=0, high=1)
     # 0.3 and the SFT budget below: calibrated on the natural branch and the nulls only
-    # (benchmarks/calibrate_instrument.py, docs/calibration_instrument.json)
+    # (benchmarks/calibrate_instrument.py, benchmarks/results/calibration_instrument.json)
     instruction_doc_share: float = _f(0.3, "share of NonSynth documents that are request-and-reply texts (someone "
                                       "asks with a constraint, the reply follows it), on SFT's facts and topics",
                                       low=0, high=1)
@@ -229,7 +229,7 @@ class ComputeConfig:
     accumulation micro-steps. `precision` changes the weights' last bits, not the study: a step's result.json and
     meta.json record the precision it ran in. A bf16 run is not the fp32 run rounded: on seeds 5 and 6 it moved 13 of
     the 17 primary checks by less than one seed-to-seed SD and 4 by 1.0-1.8 SD, about what another seed does
-    (docs/precision_agreement.json), so compare runs made in one precision."""
+    (benchmarks/results/precision_agreement.json), so compare runs made in one precision."""
 
     num_processes: int = _f(1, "processes (GPUs) for stages 03, 04 and 06; > 1 runs each of them under "
                                 "`accelerate launch` (unlearning and evaluation stay on one device)", low=1)
@@ -420,8 +420,23 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r} is not of the form key=value (e.g. --set cpt.max_tokens=100000)")
         key, value = pair.split("=", 1)
+        require_utf8("--set", key.strip(), value)
         out[key.strip()] = coerce(key.strip(), value)
     return out
+
+
+def require_utf8(option: str, key: str, value: str) -> None:
+    """ConfigError naming the key when `option key=value` came from the command line with bytes that are not UTF-8
+    (Python keeps them as lone surrogates): a string value would be taken, and fail only when the run writes its
+    study.json (or a sweep its sweep.json), after its folder was made, naming no key."""
+    for part, text in (("key", key), ("value", value)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = key.encode("utf-8", "backslashreplace").decode()
+            raise ConfigError(f"{option} {shown}=...: the {part} {text.encode('utf-8', 'surrogateescape')!r} is not "
+                              "valid UTF-8; type it again in UTF-8 (check the terminal's or the script's "
+                              "encoding)") from None
 
 
 def resolve(preset: str = "default", overrides: dict[str, Any] | None = None) -> StudyConfig:
