@@ -71,7 +71,7 @@ def test_timing_leaves_the_model_as_it_was(model):
     seconds = precision.step_seconds(model, 2, 8, bf16=True, steps=2)
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
     assert not model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert set(precision.measure(model, 2, 8, steps=1)) == {"fp32_step_s", "bf16_step_s"}
+    assert {"fp32_step_s", "bf16_step_s"} <= set(precision.measure(model, 2, 8, steps=1))
 
 
 def test_a_bad_precision_is_refused_naming_the_choices(model):

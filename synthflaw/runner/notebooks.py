@@ -19,8 +19,35 @@ from synthflaw.runs import Step, die_with_parent, held_lock_fds, note_kernel
 NOTEBOOKS_DIR = shipped("notebooks")
 
 
+PARAMETERS_TAG = "parameters"  # papermill puts the run's values right after the cell with this tag
+
+
 class StepFailed(RuntimeError):
     """A step raised; the message says which cell and where the executed notebook is."""
+
+
+class NotebookRefused(ValueError):
+    """A notebook the runner will not execute: its parameters cell is not tagged once; the message names it and the
+    fix."""
+
+
+def check_parameters_cell(notebook: str | Path) -> None:
+    """NotebookRefused unless exactly one cell of `notebook` is tagged `parameters`. Without the tag, papermill puts
+    the run's values at the top and the notebook's own defaults (run_dir = "../runs/notebook", for stepping through
+    by hand) then replace them: the stage would write outside the run, where no lock, marker or export sees it.
+    With two, the second one's defaults would replace the run's values the same way."""
+    import nbformat
+
+    cells = nbformat.read(str(notebook), as_version=4).cells
+    tagged = [i for i, cell in enumerate(cells) if PARAMETERS_TAG in cell.get("metadata", {}).get("tags", [])]
+    if len(tagged) == 1:
+        return
+    found = "no cell" if not tagged else f"{len(tagged)} cells (cells {', '.join(str(i + 1) for i in tagged)})"
+    raise NotebookRefused(
+        f"{notebook} has {found} tagged {PARAMETERS_TAG!r}, so papermill would not put the run's values after the "
+        "notebook's own defaults and the stage would write outside the run; nothing was executed. Tag the one cell "
+        f"that sets run_dir, preset and overrides {PARAMETERS_TAG!r} (JupyterLab: the property inspector, Cell Tags), "
+        "or restore the notebook (git checkout -- notebooks/)")
 
 
 @contextlib.contextmanager
@@ -71,10 +98,12 @@ def _reset_namespace(km) -> None:
 def execute_notebook(notebook: str | Path, out: Path, parameters: dict, km, what: str,
                      failure: type[Exception] | None = None) -> None:
     """Execute `notebook` into `out` with `parameters` in the kernel `km` (its namespace reset first); `failure`
-    (StepFailed by default) naming `what`, the cell and the executed notebook when a cell raises."""
+    (StepFailed by default) naming `what`, the cell and the executed notebook when a cell raises. A notebook whose
+    parameters cell is not tagged once is refused before it runs (:func:`check_parameters_cell`)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    check_parameters_cell(notebook)  # before the kernel runs anything of it
     _reset_namespace(km)
     try:
         # coalesce_streams: a cell's text bars are kept as their last lines, not as every redraw

@@ -100,8 +100,8 @@ def plan_run(run_dir: Path, cfg, specs: list[StepSpec], *, overwrite: bool = Fal
             plan.reset.add(spec.name)
         try:
             state = step.status(cfg)
-        except BrokenStepFile as error:
-            state, problem = "changed", Problem(spec.name, "broken", str(error))
+        except BrokenStepFile as error:  # what is wrong; the refusal gives the fix
+            state, problem = "changed", Problem(spec.name, "broken", error.what)
         else:
             problem = Problem(spec.name, "changed", config_difference(step, cfg))
         if spec.name in plan.reset or state == "todo":
@@ -148,7 +148,7 @@ def _outside_problems(run_dir: Path, cfg, specs: list[StepSpec], plan: Plan, fre
         try:
             state = step.status(cfg)  # an unreadable config.json is refused even where the configuration is not
         except BrokenStepFile as error:  # compared (figures): it is what `run` refuses
-            problems.append(problem("broken", str(error)))
+            problems.append(problem("broken", error.what))
             continue
         if check_upstream_config and name in configured and state == "changed":
             problems.append(problem("changed", config_difference(step, cfg)))
@@ -194,4 +194,8 @@ def _refusal(run_dir: Path, problems: list[Problem], inherited: int, specs: list
                      f"{first} on (--stages {' '.join(numbers)}) and --overwrite")
     fixes.append("or use another --run-id")
     stale = any(p.kind == "stale" for p in problems)
-    return (StepStale if stale else StepConfigChanged)("\n".join(lines + ["Fix: " + "; ".join(fixes) + "."]))
+    # `what` and `folders` let a command without --overwrite (a sweep's point) give its own fix
+    return (StepStale if stale else StepConfigChanged)("\n".join(lines + ["Fix: " + "; ".join(fixes) + "."]),
+                                                       what="\n".join(lines),
+                                                       folders=[run_dir / name for name in
+                                                                dict.fromkeys(p.step for p in problems)])

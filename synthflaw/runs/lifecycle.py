@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from synthflaw.config import StudyConfig
-from synthflaw.runs.step import BrokenStepFile, Step, StepConfigChanged, StepStale
+from synthflaw.runs.step import BrokenStepFile, Step, StepStale
 from synthflaw.runs.staleness import upstream_causes
 
 
@@ -55,7 +55,7 @@ def decide(step: Step, cfg: StudyConfig, *, overwrite: bool = False, reset: bool
         state = "changed"
     if state == "changed":
         if not overwrite:
-            raise StepConfigChanged(step.changed_message())
+            raise step.changed_error()
         return Decision("reset", "it ran with a different configuration")
     marker = step.marker()
     if marker is not None:
@@ -66,8 +66,9 @@ def decide(step: Step, cfg: StudyConfig, *, overwrite: bool = False, reset: bool
             return Decision("skip")
         healed = all(c.kind == "new steps" or c.upstream in ran for c in stale)
         if not (healed or overwrite):
-            raise StepStale(f"step {step.name} is stale: {'; '.join(texts)}. Run it again with overwrite=True "
-                            "(synthflaw run --overwrite), which also redoes the steps downstream of it")
+            what = f"step {step.name} is stale: {'; '.join(texts)}"
+            raise StepStale(f"{what}. Run it again with overwrite=True (synthflaw run --overwrite), which also redoes "
+                            "the steps downstream of it", what=what, folders=[step.path])
         return Decision("reset", texts[0])
     if not step.path.exists():
         return Decision("run")

@@ -15,14 +15,23 @@ from pathlib import Path
 from synthflaw.config import StudyConfig
 from synthflaw.registry import STAGES, Stage
 from synthflaw.registry import stage as find_stage
-from synthflaw.runs.folders import write_json_atomic
+from synthflaw.runs.folders import inside, write_json_atomic
 from synthflaw.runs.provenance import code_state
 from synthflaw.runs.markers import combined_digest, fingerprint, load_marker, product_digests, step_config
 
 PACKAGES = ("synthflaw", "torch", "transformers", "tokenizers", "datasets", "accelerate", "papermill")
 
 
-class StepConfigChanged(RuntimeError):
+class StepRefusal:
+    """What a refusal of steps says without its fix (`what`) and the step folders it names (`folders`): the message
+    gives `synthflaw run`'s fix (--overwrite), and a command without that option (a sweep's point) gives its own."""
+
+    def __init__(self, message: str, *, what: str | None = None, folders=()):
+        super().__init__(message)
+        self.what, self.folders = what or message, [str(f) for f in folders]
+
+
+class StepConfigChanged(StepRefusal, RuntimeError):
     """A finished (or started) step was opened with a configuration that differs from the one it ran with."""
 
 
@@ -34,8 +43,13 @@ class UpstreamMissing(FileNotFoundError):
     """A step needs a product of an upstream step that has not finished."""
 
 
-class BrokenStepFile(ValueError):
+class BrokenStepFile(StepRefusal, ValueError):
     """A step's config.json cannot be read, so neither can what the step ran with."""
+
+
+class StepFolderRefused(ValueError):
+    """A step folder that is a symbolic link or resolves outside its run folder: what a run reads, writes, deletes
+    and exports of the step would be another folder's."""
 
 
 @dataclass
@@ -63,9 +77,27 @@ class Step:
     def name(self) -> str:
         return f"{self.stage.name}/{self.variant}" if self.variant else self.stage.name
 
+    def check_folder(self) -> Path:
+        """The step's folder, after checking that it (and its stage's folder, for a variant) is no symbolic link and
+        resolves inside the run folder, as :func:`synthflaw.runs.run_folder` checks a run id; StepFolderRefused
+        naming it and the fix otherwise. Whatever opens a step (its configuration, its marker) comes here first: a
+        link would make a run trust, overwrite or delete another folder's files and an export leave the step out."""
+        base = self.run_dir / self.stage.name
+        for folder in (base, self.path) if self.variant else (base,):
+            if folder.is_symlink():
+                raise StepFolderRefused(
+                    f"step folder {folder} is a symbolic link (to {os.readlink(folder)}); a step's files must lie in "
+                    f"its run folder {self.run_dir}: remove the link (rm {folder}; what it points to is kept) and "
+                    "run again, which runs the step there")
+        if not inside(self.path, self.run_dir):  # a variant named with '..', or a link above the run's folders
+            raise StepFolderRefused(
+                f"step folder {self.path} resolves to {self.path.resolve()}, outside its run folder {self.run_dir}: "
+                "remove the link that leads there and run again, which runs the step in the run folder")
+        return self.path
+
     def marker(self) -> dict | None:
         """The step's valid done.json marker, or None."""
-        return load_marker(self.path)[0]
+        return load_marker(self.check_folder())[0]
 
     @property
     def done(self) -> bool:
@@ -73,25 +105,26 @@ class Step:
 
     def marker_problem(self) -> str | None:
         """Why a done.json that exists is not a valid marker (None when there is none or it is valid)."""
-        return load_marker(self.path)[1]
+        return load_marker(self.check_folder())[1]
 
     def saved_fingerprint(self) -> str | None:
         """The fingerprint in the step's config.json (None without one); BrokenStepFile naming the file and the fix
-        when it cannot be read."""
-        saved = self.path / "config.json"
+        when it cannot be read; StepFolderRefused for a folder that is a link (:meth:`check_folder`)."""
+        saved = self.check_folder() / "config.json"
         if not saved.exists():
             return None
         try:
             value = json.loads(saved.read_text())["fingerprint"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-            raise BrokenStepFile(
-                f"{saved} cannot be read ({type(error).__name__}: {error}), so what step {self.name} ran with is "
-                f"unknown: delete the folder {self.path} to run the step again, or run with --overwrite "
-                "(overwrite=True), which deletes it") from None
+            raise self._broken(f"{saved} cannot be read ({type(error).__name__}: {error}), so what step {self.name} "
+                               "ran with is unknown") from None
         if not isinstance(value, str):
-            raise BrokenStepFile(f"{saved} has no valid 'fingerprint': delete the folder {self.path} to run the step "
-                                 "again, or run with --overwrite (overwrite=True), which deletes it")
+            raise self._broken(f"{saved} has no valid 'fingerprint'")
         return value
+
+    def _broken(self, what: str) -> BrokenStepFile:
+        return BrokenStepFile(f"{what}: delete the folder {self.path} to run the step again, or run with --overwrite "
+                              "(overwrite=True), which deletes it", what=what, folders=[self.path])
 
     def status(self, cfg: StudyConfig) -> str:
         """'todo', 'done' (same config) or 'changed' (a different config ran or started here); BrokenStepFile for an
@@ -110,7 +143,7 @@ class Step:
         self.cfg = cfg
         code_state()  # taken when the process opens its first step (a notebook's kernel too), then kept
         if self.status(cfg) == "changed":
-            raise StepConfigChanged(self.changed_message())
+            raise self.changed_error()
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / "config.json").exists():
             sc = step_config(cfg, self.stage, self.variant)
@@ -123,9 +156,14 @@ class Step:
         return (f"{self.path} ran with a different configuration; use another run id, or overwrite=True "
                 "(--overwrite) to delete it and run again")
 
+    def changed_error(self) -> StepConfigChanged:
+        return StepConfigChanged(self.changed_message(), what=f"{self.path} ran with a different configuration",
+                                 folders=[self.path])
+
     def reset(self) -> None:
-        """Delete the step's folder (products, checkpoints, marker): it runs from scratch when opened again."""
-        if self.path.exists():
+        """Delete the step's folder (products, checkpoints, marker): it runs from scratch when opened again. A folder
+        that is a link is refused, not followed (:meth:`check_folder`)."""
+        if self.check_folder().exists():
             shutil.rmtree(self.path)
         self._reads, self._reads_run = {}, False
 
@@ -179,7 +217,7 @@ class Step:
     def upstream(self, stage: str | Stage, variant: str | None = None) -> Path:
         """The folder of a finished upstream step of the same run (named explicitly, never 'latest')."""
         other = Step(self.run_dir, stage, variant)
-        marker, problem = load_marker(other.path)
+        marker, problem = load_marker(other.check_folder())
         if marker is None:
             why = f"whose marker is broken ({problem})" if problem else f"which has not finished in {self.run_dir}"
             raise UpstreamMissing(f"step {self.name} needs {other.name}, {why}: run it first (synthflaw run runs "

@@ -67,6 +67,7 @@ def parse_grid(pairs: list[str]) -> dict[str, list]:
             raise ConfigError(f"grid {pair!r} is not of the form key=v1,v2,... (e.g. --grid "
                               "cpt.synthetic_fraction=0.1,0.3)")
         key, text = (part.strip() for part in pair.split("=", 1))
+        config_mod.require_utf8("--grid", key, text)
         if key not in config_mod.valid_keys():
             config_mod.coerce(key, None)  # raises the ConfigError that names the valid keys and the close ones
         grid_values(grid, key, [v for v in text.split(LIST_SEPARATOR if _takes_lists(key) else ",")])
@@ -154,6 +155,13 @@ class Sweep:
     def run_dir(self, point: Point | str, seed: int) -> Path:
         return run_folder(self.point_dir(point), f"seed-{seed}")
 
+    def command(self, only=None, engine: str = "papermill") -> str:
+        """The command that continues this sweep as its manifest defines it (`synthflaw sweep` without --grid): what
+        a message advises to run again."""
+        stages = f" --stages {' '.join(map(str, only))}" if only else ""
+        chosen = f" --engine {engine}" if engine != "papermill" else ""
+        return f"synthflaw sweep --run-id {self.root.name} --runs-root {self.root.parent}{stages}{chosen}"
+
     def overrides_for(self, point: Point, seed: int) -> dict:
         return {**self.overrides, **point.values, "seed": seed}
 
@@ -170,6 +178,14 @@ class Sweep:
 
     def config(self, point: Point, seed: int) -> StudyConfig:
         return self.study(point, seed).cfg
+
+    def check(self) -> "Sweep":
+        """Every point with every seed resolved and checked (each once, then kept): ConfigError naming the point
+        before any point runs, not while another one runs."""
+        for seed in self.seeds:
+            for point in self.points:
+                self.study(point, seed)
+        return self
 
     def definition(self) -> dict:
         """What makes two sweeps the same sweep (JSON-normal: tuples as lists)."""
@@ -257,15 +273,13 @@ def define_sweep(preset: str, sweep_id: str, grid: dict | list[str], seeds=None,
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds {seeds}: give one or more seeds, each once (--seeds 0 1 2)")
     if treated == control:
-        raise ConfigError(f"the trend test contrasts two models; treated and control are both {treated!r}")
+        raise ConfigError(f"the trend test contrasts two models; treated and control are both {treated!r}: give "
+                          "two models (--trend-treated synthetic --trend-control natural)")
     values = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     points = [Point(name, v) for name, v in zip(point_names(values), values)]
     sweep = Sweep(root, preset, overrides, grid, list(seeds), trend_statement(grid, treated, control), points,
                   reuse_from)
-    for seed in seeds:  # every point and seed resolved and checked before anything is written, once: kept
-        for point in points:
-            sweep.study(point, seed)
-    return sweep
+    return sweep.check()  # every point and seed resolved and checked before anything is written, once: kept
 
 
 def check_reuse_from(runs_root: str | Path, sweep_id: str, ids) -> list[str]:
@@ -274,7 +288,11 @@ def check_reuse_from(runs_root: str | Path, sweep_id: str, ids) -> list[str]:
     for other in ids or []:
         if other == sweep_id:
             raise ConfigError(f"--reuse-from {other}: a sweep reuses its own steps anyway; name another sweep")
-        read_manifest(run_folder(runs_root, other))  # SweepRefused when it is not a sweep
+        try:
+            read_manifest(run_folder(runs_root, other))
+        except ValueError as error:  # not a sweep, a broken manifest, a path: named as the --reuse-from it is
+            raise SweepRefused(f"--reuse-from {other}: {error}; name a sweep of --runs-root {runs_root}, or leave "
+                               "the --reuse-from out") from None
         found += [other] if other not in found else []
     return found
 
@@ -289,14 +307,16 @@ def read_manifest(root: Path) -> dict:
     """The sweep's manifest, checked for what the commands read of it (SweepRefused naming the file otherwise): a
     cut or edited manifest is refused before anything runs, is exported or is reported."""
     path = Path(root) / MANIFEST
-    fix = "restore it (an exported sweep's copy, or a backup), or start the sweep under another --run-id"
+    fix = ("undo the edit, or restore it (an exported sweep's copy, or a backup), or start the sweep under another "
+           "--run-id")
     if not path.exists():
-        raise SweepRefused(f"{root} is not a sweep (no {MANIFEST}); start one with synthflaw sweep --grid ...")
+        raise SweepRefused(f"{root} is not a sweep (no {MANIFEST}); start one with synthflaw sweep --run-id "
+                           f"{Path(root).name} --grid KEY=V1,V2")
     try:
         manifest = read_run_json(path, (*DEFINITION_KEYS, "points"), fix)
     except ValueError as error:
         raise SweepRefused(str(error)) from None
-    problem = _manifest_problem(manifest)
+    problem = _manifest_problem(manifest) or _definition_problem(manifest)
     if problem:
         raise SweepRefused(f"{path} is not a valid sweep manifest ({problem}); {fix}")
     return manifest
@@ -320,6 +340,89 @@ def _manifest_problem(manifest: dict) -> str | None:
             return f"point {point['name'][:80]!r}: {error}"
         if point.get("run") != f"{POINTS}/{point['name']}":  # where its runs are: never a path of its own
             return f"point {point['name']!r} has 'run' {point.get('run')!r}, not {POINTS}/{point['name']}"
+    reuse = manifest.get("reuse_from", [])
+    if not isinstance(reuse, list) or not all(isinstance(r, str) for r in reuse):
+        return "'reuse_from' is not a list of sweep ids"
+    for other in reuse:
+        try:
+            check_run_id(other)  # a folder beside the sweep: never a path
+        except ValueError as error:
+            return f"'reuse_from': {error}"
+    return None
+
+
+def _definition_problem(manifest: dict) -> str | None:
+    """What a new definition with the manifest's values would be refused for (None when nothing), checked as
+    :func:`define_sweep` checks --preset, --set, --grid and --seeds, and every point against the grid: a hand-edited
+    value is named by its point and key when the manifest is read, not when some other point runs."""
+    preset = manifest["preset"]
+    if preset not in config_mod.PRESETS:
+        return f"'preset' {preset!r} is not a preset; presets: {', '.join(config_mod.PRESETS)}"
+    grid, problem = _checked_grid(manifest["grid"])
+    return (problem or _overrides_problem(manifest["overrides"], grid) or _seeds_problem(manifest["seeds"])
+            or _points_problem(manifest["points"], grid))
+
+
+def _checked_grid(stored: dict) -> tuple[dict, str | None]:
+    """The manifest's grid with its values checked and coerced as --grid's are, and what is wrong with it."""
+    grid: dict = {}
+    try:
+        for key, values in stored.items():
+            if not isinstance(values, list):
+                return grid, f"'grid': the values of {key} are not a JSON list"
+            if key not in config_mod.valid_keys():
+                config_mod.coerce(key, None)  # raises the ConfigError that names the valid keys and the close ones
+            grid_values(grid, key, values)
+    except ConfigError as error:
+        return grid, f"'grid': {error}"
+    return grid, None if grid else "'grid' is empty"
+
+
+def _overrides_problem(overrides: dict, grid: dict) -> str | None:
+    for key, value in overrides.items():
+        try:
+            config_mod.coerce(key, value)
+        except ConfigError as error:
+            return f"'overrides', key {key}: {error}"
+    both = sorted((set(grid) | {"seed"}) & set(overrides))
+    return f"'overrides' sets {', '.join(both)}, which the grid or the seeds give" if both else None
+
+
+def _seeds_problem(seeds: list) -> str | None:
+    try:
+        for seed in seeds:
+            config_mod.coerce("seed", seed)
+    except ConfigError as error:
+        return f"'seeds': {error}"
+    return "'seeds' repeats a seed" if len(set(seeds)) != len(seeds) else None
+
+
+def _points_problem(points: list[dict], grid: dict) -> str | None:
+    """What is wrong with the manifest's points against its grid: each point's values are one combination of the
+    grid's values (every combination once). Whether a point's configuration resolves is :meth:`Sweep.check`'s (a
+    resolution costs what the manifest's every read should not)."""
+    allowed = {key: [_json_normal(v) for v in values] for key, values in grid.items()}
+    seen = []
+    for point in points:
+        name, values = point["name"], point["values"]
+        if sorted(values) != sorted(grid):
+            return (f"point {name!r}: its keys ({', '.join(sorted(values)) or 'none'}) are not the grid's "
+                    f"({', '.join(sorted(grid))})")
+        for key, value in values.items():
+            try:
+                coerced = config_mod.coerce(key, value)
+            except ConfigError as error:
+                return f"point {name!r}, key {key}: {error}"
+            if _json_normal(coerced) not in allowed[key]:
+                return f"point {name!r}, key {key}: {value!r} is not one of the grid's values {grid[key]}"
+        seen.append(json.dumps(_json_normal(values), sort_keys=True))
+    if len(set(seen)) != len(seen) or len({p["name"] for p in points}) != len(points):
+        return "two points have the same values or the same name"
+    combinations = 1
+    for values in grid.values():
+        combinations *= len(values)
+    if len(points) != combinations:
+        return f"{len(points)} points, but the grid makes {combinations} (one per combination of its values)"
     return None
 
 
@@ -335,7 +438,9 @@ def update_manifest(root: Path, change) -> dict:
 
 def open_sweep(sweep: Sweep, log=print) -> Sweep:
     """Write the manifest of a new sweep (before any point runs: the trend test is stated first), or check that an
-    existing one has the same definition; SweepRefused naming what differs otherwise."""
+    existing one has the same definition; SweepRefused naming what differs otherwise. Every point's configuration
+    is checked first (ConfigError naming the point), the manifest's as a new definition's."""
+    sweep.check()
     sweep.root.mkdir(parents=True, exist_ok=True)
     with _manifest_lock(sweep.root):
         path = sweep.root / MANIFEST
@@ -347,8 +452,9 @@ def open_sweep(sweep: Sweep, log=print) -> Sweep:
                 shown = "; ".join(f"{k}: {json.dumps(old.get(k), sort_keys=True)[:200]} -> "
                                   f"{json.dumps(new[k], sort_keys=True)[:200]}" for k in differ)
                 raise SweepRefused(f"{sweep.root} holds a sweep with another definition ({shown}). A sweep's points "
-                                   "are only comparable under one definition: use another --run-id, or run without "
-                                   "--grid/--seeds/--set to continue the existing one")
+                                   "are only comparable under one definition: use another --run-id, or leave out "
+                                   "--grid, --preset, --seeds and --set to continue the existing one as its "
+                                   f"{MANIFEST} defines it")
             if sweep.reuse_from:  # where steps may come from is not part of the definition: the latest holds
                 write_json_atomic(path, {**manifest, "reuse_from": sweep.reuse_from})
             log(f"[sweep] {sweep.root}: continuing ({len(sweep.points)} points x {len(sweep.seeds)} seeds)")

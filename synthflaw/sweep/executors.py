@@ -13,11 +13,12 @@ from synthflaw.registry import EVALUATE
 from synthflaw.registry import stage as find_stage
 from synthflaw.registry import selected_steps
 from synthflaw.runner import ENGINES, NOTEBOOKS_DIR, execute_notebook, notebook_kernel
-from synthflaw.runs import Step, load_marker, run_folder, run_lock
+from synthflaw.runs import Step, StepConfigChanged, run_folder, run_lock
 from synthflaw.sweep.definition import (
     Point,
     Sweep,
     SweepFailed,
+    SweepRefused,
     define_sweep,
     load_sweep,
     open_sweep,
@@ -38,7 +39,8 @@ def point_seed_state(sweep: Sweep, point: Point, seed: int, only=None) -> tuple[
     cfg = sweep.config(point, seed)
     specs = selected_steps(cfg, only)
     run_dir = sweep.run_dir(point, seed)
-    done = sum(1 for s in specs if load_marker(Step(run_dir, s.stage, s.variant).path)[0] is not None)
+    # through Step: a step folder that is a link is refused here too, naming it
+    done = sum(1 for s in specs if Step(run_dir, s.stage, s.variant).marker() is not None)
     return done, len(specs)
 
 
@@ -62,7 +64,7 @@ def sweep_status(sweep: Sweep, only=None) -> list[dict]:
             rows.append({"point": point.name, "seed": seed, "steps_done": done, "steps": total, "state": state,
                          "job": last.get("job_id") or (job.get("submitted") or [None])[-1],
                          "error": last.get("error") if state == "failed" else None,
-                         "log": last.get("stdout")})
+                         "log": last.get("stdout"), "continue": sweep.command(only)})
     return rows
 
 
@@ -77,8 +79,10 @@ def status_text(rows: list[dict]) -> str:
              + (f"\n    log: {r['log']}" if r["error"] and r["log"] else "") for r in rows]
     failed = sorted({r["point"] for r in rows if r["state"] == "failed"})
     if failed:
-        lines.append(f"failed: {', '.join(failed)}; fix the cause, then run the same `synthflaw sweep --run-id "
-                     "...` again: it submits (or runs) only what is not finished")
+        # not "the same command": this one (--status) runs nothing
+        lines.append(f"failed: {', '.join(failed)}; fix the cause, then submit what is not finished again: "
+                     f"{rows[0]['continue']} --executor slurm (with the --slurm-* options of the first submission), "
+                     "or leave out --executor slurm to run it here, one point after another")
     return "\n".join(lines)
 
 
@@ -93,9 +97,13 @@ def run_local(sweep: Sweep, *, engine: str = "papermill", only=None, log=print) 
         log(f"[sweep] point {k}/{len(sweep.points)}: {point.name}")
         try:
             run_point(sweep, point, engine=engine, only=only, log=log)
+        except (ValueError, StepConfigChanged) as error:
+            # a refusal (a changed, stale or broken step, a step folder that is a link, a configuration): it carries
+            # its own fix, and the same command would be refused again. A step's own errors are StepFailed.
+            raise SweepRefused(f"point {point.name}: {error}") from error
         except Exception as error:  # noqa: BLE001 - re-raised with the point named
-            raise SweepFailed(f"point {point.name} failed: {error}\nFix it and run the same command again: finished "
-                              "points and steps are skipped") from error
+            raise SweepFailed(f"point {point.name} failed: {error}\nFix the cause, then continue the sweep "
+                              f"({sweep.command(only, engine)}): finished points and steps are skipped") from error
 
 
 @dataclass(frozen=True)
@@ -217,8 +225,9 @@ def submit(sweep: Sweep, options: SlurmOptions, *, engine: str = "papermill", on
                 failed.append(f"{_unit_label(unit)} (job {job.job_id}, log {job.paths.stderr}): "
                               f"{text.splitlines()[-1] if text else type(error).__name__}")
         if failed:
-            raise SweepFailed("failed: " + "; ".join(failed) + "\nFix the cause and run the same command again: "
-                              "only the unfinished points are submitted")
+            raise SweepFailed("failed: " + "; ".join(failed) + f"\nFix the cause, then submit again "
+                              f"({sweep.command(only, engine)} --executor slurm, with the --slurm-* options of this "
+                              f"submission): only the unfinished {options.unit}s are submitted")
     return jobs
 
 

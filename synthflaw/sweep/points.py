@@ -3,13 +3,14 @@ then the rest of its study), every seed of a point and its cross-seed tables, ev
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 from synthflaw.registry import STAGES, selected_steps
 from synthflaw.registry import stage as find_stage
 from synthflaw.runner import run_seeds, run_study, summarize_seeds
-from synthflaw.runs import Step, run_lock
+from synthflaw.runs import BrokenStepFile, Step, StepConfigChanged, run_lock
 from synthflaw.sweep.definition import Point, Sweep, step_fingerprint
 from synthflaw.sweep.sharing import STAGING, claims, place_from_other_sweeps, place_shared, record_shared
 
@@ -19,17 +20,51 @@ def _stages_through(stage, only) -> list[str]:
     return [s.number for s in STAGES if s.number <= stage.number and (wanted is None or s in wanted)]
 
 
+def _stages_to_redo(folders: list[Path], run_dir: Path, only) -> list[str] | None:
+    """The stages a command must run to redo the step `folders` of `run_dir` once deleted: `only`, or where one of
+    them lies outside it, every stage from the earliest of them to the last of `only` (the stages in between read
+    what it redoes); every stage (None) for a folder that is not a step's."""
+    if not only:
+        return only
+    try:
+        numbers = {find_stage(folder.relative_to(run_dir).parts[0]).number for folder in folders}
+    except (ValueError, IndexError):
+        return None
+    asked = {find_stage(s).number for s in only}
+    if numbers <= asked:
+        return only
+    first, last = min(numbers), max(numbers | asked)
+    return [s.number for s in STAGES if first <= s.number <= last]
+
+
+@contextlib.contextmanager
+def sweep_fix(sweep: Sweep, run_dir: Path, only=None, engine: str = "papermill"):
+    """A refusal of a point's steps (changed, stale, unreadable) with the fix a sweep has: the runner's says
+    --overwrite, which `synthflaw sweep` does not take (a point's steps keep the sweep's definition), and running
+    the same command again would be refused again. The same error, its fix the step folders to delete and the
+    command that runs them again (:func:`_stages_to_redo`)."""
+    try:
+        yield
+    except (StepConfigChanged, BrokenStepFile) as error:
+        folders = " ".join(error.folders) or "<the step folders named>"
+        command = sweep.command(_stages_to_redo([Path(f) for f in error.folders], run_dir, only), engine)
+        raise type(error)(f"{error.what}\nFix: delete those steps' folders (rm -r {folders}), then continue the "
+                          f"sweep ({command}): they run again from scratch, and the steps that read them too",
+                          what=error.what, folders=error.folders) from None
+
+
 def run_point_seed(sweep: Sweep, point: Point, seed: int, *, engine: str = "papermill", only=None, log=print,
                    shared_only: bool = False) -> Path:
     """One point with one seed: its shared steps placed from another point or computed under their claims, stage by
-    stage, then (unless `shared_only`) the rest of the study by the runner, which skips what is done."""
+    stage, then (unless `shared_only`) the rest of the study by the runner, which skips what is done. A step the
+    runner refuses is refused with the sweep's fix (:func:`sweep_fix`)."""
     study = sweep.study(point, seed)
     cfg = study.cfg
     run_dir = sweep.run_dir(point, seed)
     sharing = sweep.sharing(seed, only)
     mine = [(spec, fp) for spec in selected_steps(cfg, only)
             if (spec.name, fp := step_fingerprint(cfg, spec)) in sharing]
-    with run_lock(run_dir):
+    with run_lock(run_dir), sweep_fix(sweep, run_dir, only, engine):
         if (run_dir / STAGING).exists():
             shutil.rmtree(run_dir / STAGING)  # left by a kill while placing: nothing in it was in place yet
         place_from_other_sweeps(sweep, point, seed, cfg, only, log)
