@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--allow-unfinished", action="store_true",
                      help="export a run with unfinished or stale steps (refused otherwise); the export lists them "
                           "in unfinished.json and they stay stale there")
+    exp.add_argument("--batch", type=int, nargs="+", default=None, metavar="SEED",
+                     help="of a multi-seed run, export only these seeds, as a batch of its study (finished seeds "
+                          "only; no findings across seeds until every seed is added with --add)")
     exp.add_argument("--add", action="store_true",
                      help="add this batch's seeds to an existing export of the same multi-seed study (--to), "
                           "e.g. a later batch of a study longer than one job (docs/sweeps.md)")
@@ -227,22 +230,41 @@ def _run(args) -> int:
     return 0
 
 
+# What a write refuses for the file system's sake, not the program's: a message with the fix, never a traceback
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+USERS = FULL | {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def _in_runs_folder(err: OSError, args) -> bool:
-    """Whether the file an OSError names lies in the runs folder (or the export's target, or is that folder)."""
+    """Whether the file an OSError names lies in the runs folder (or the export's target, or is that folder); a
+    full disk or a file-size limit hit by a write names no file (write(2) knows none), and is the user's too."""
     roots = [Path(getattr(args, "runs_root", None) or "runs")] + ([Path(args.to)] if getattr(args, "to", None) else [])
     names = [Path(os.fsdecode(n)) for n in (err.filename, err.filename2) if n is not None]
+    if not names:
+        return err.errno in FULL
     return any(name.absolute() == root.absolute() or name.absolute().is_relative_to(root.absolute())
                for name in names for root in roots)
 
 
+def _os_cause(err: BaseException) -> OSError | None:
+    """The file system's refusal (`USERS`) a failed step or point was raised from, if any: a full disk inside a
+    step is the user's to fix, as it is outside one."""
+    while err is not None and not (isinstance(err, OSError) and err.errno in USERS):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def _os_message(err: OSError) -> str:
     """What went wrong with which file, and the fix."""
-    where = os.fsdecode(err.filename) + (f" -> {os.fsdecode(err.filename2)}" if err.filename2 else "")
+    where = (os.fsdecode(err.filename) if err.filename is not None else "a file being written") + (
+        f" -> {os.fsdecode(err.filename2)}" if err.filename2 else "")
     fixes = {errno.EACCES: "make the runs folder writable by you, or pick another --runs-root",
              errno.EPERM: "make the runs folder writable by you, or pick another --runs-root",
              errno.EROFS: "the file system is read-only: pick a --runs-root on a writable one",
              errno.ENOSPC: "free some space and run the same command again: finished steps are kept",
              errno.EDQUOT: "free some space and run the same command again: finished steps are kept",
+             errno.EFBIG: "a file passed this shell's file-size limit: raise it (ulimit -f unlimited) and run the "
+                          "same command again: finished steps are kept",
              errno.ENAMETOOLONG: "use a shorter --run-id or --runs-root"}
     fix = fixes.get(err.errno, "fix that and run the same command again: finished steps are kept")
     return f"{err.strerror or type(err).__name__}: {where}; {fix}"
@@ -267,8 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = run_folder(args.runs_root, args.run_id)
             if args.add:
                 from synthflaw.export import add_batch
-                written = add_batch(run_dir, args.to, runs_root=args.runs_root)
+                written = add_batch(run_dir, args.to, runs_root=args.runs_root, batch=args.batch)
                 print(f"added {len(written)} files to {args.to}")
+                print(status_text(args.to))
+                return 0
+            if args.batch is not None:
+                written = export_run(run_dir, args.to, runs_root=args.runs_root,
+                                     allow_unfinished=args.allow_unfinished, batch=args.batch)
+                print(f"wrote {len(written)} files to {args.to}")
                 print(status_text(args.to))
                 return 0
             written = (export_sweep if is_sweep(run_dir) else export_run)(
@@ -294,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthflaw: error: {err}", file=sys.stderr)
         return 2
     except (StepFailed, sweeps.SweepFailed) as err:
+        cause = _os_cause(err)
+        if cause is not None:  # the step's folder (in the message) and the file system's refusal, with its fix
+            print(f"synthflaw: error: {err}\n{_os_message(cause)}", file=sys.stderr)
+            return 2
         print(f"synthflaw: {err}", file=sys.stderr)
         return 1
     except OSError as err:

@@ -182,34 +182,45 @@ def _write_unfinished(folder: Path, problems: list[tuple[str, str]]) -> None:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, html: bool = True, runs_root: str | Path | None = None,
-               allow_unfinished: bool = False) -> list[Path]:
+               allow_unfinished: bool = False, batch=None) -> list[Path]:
     """Copy the kept files of `run_dir` into `out_dir` (which must not exist; with `runs_root`, it must lie inside
     it) and export notebooks as HTML.
 
     Returns the written files. Refuses a run with unfinished or stale steps unless `allow_unfinished`. Writes into a
     temporary sibling and renames it at the end, so an interrupted export leaves no half-written reference.
+    `batch`: of a multi-seed run, export only these seeds, as a batch of its study (the export's seeds.json says
+    which; each must be finished; no findings across seeds): a study stopped before all its seeds ran is committed
+    as a batch, and a later one is added with :func:`add_batch`.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "study.json").exists() and not any(run_dir.glob("seed-*/study.json")):
         raise ValueError(f"{run_dir} is not a finished run (no study.json, no seed-*/study.json)")
     _check_out_dir(run_dir, out_dir, runs_root, "run")
+    if batch is not None:
+        record = read_seed_record(run_dir)
+        if record is None or not set(batch) <= set(record["seeds"]):
+            raise ValueError(f"--batch exports some seeds of a multi-seed study: {run_dir}'s {SEEDS_RECORD} lists "
+                             f"{'none' if record is None else ' '.join(map(str, record['seeds']))}, not all of "
+                             f"{' '.join(map(str, batch))}")
     with run_lock(run_dir):  # no step changes while it is copied
-        problems = _problems(run_dir)
+        problems = _batch_problems(run_dir, batch)
         if problems and not allow_unfinished:
             lines = [line for _, line in problems]
             shown = "\n  - ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
             raise ValueError(f"{run_dir} is not finished:\n  - {shown}\nFinish it (synthflaw run with the same run id; "
                              "--overwrite for stale steps), or export it as it is with --allow-unfinished")
-        return _export(run_dir, out_dir, html, problems=problems)
+        return _export(run_dir, out_dir, html, problems=problems, batch=batch)
 
 
-def add_batch(run_dir: str | Path, out_dir: str | Path, *, runs_root: str | Path | None = None) -> list[Path]:
+def add_batch(run_dir: str | Path, out_dir: str | Path, *, runs_root: str | Path | None = None,
+              batch=None) -> list[Path]:
     """Add a finished batch of a multi-seed study (`run_dir`: its seeds.json names the study's seeds and this
     batch's) to an existing export of the same study (`out_dir`, made by :func:`export_run` from an earlier batch,
     perhaps on another machine): each of the batch's seeds is exported by the same rules into ``seed-<k>/`` of the
     export, and the export's record takes the batch in. Refused, with nothing written, when the two are not the same
     study (seeds, preset, overrides, registered), when the batch is unfinished or stale, or when the export already
-    holds one of its seeds. Once every seed of the study is there, ``synthflaw figures`` makes the findings."""
+    holds one of its seeds. Once every seed of the study is there, ``synthflaw figures`` makes the findings.
+    `batch`: add only these of the run's seeds (finished ones)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if runs_root is not None and not inside(out_dir, runs_root):
         raise ValueError(f"--to {out_dir} resolves to {out_dir.resolve()}, outside the runs folder {runs_root}")
@@ -226,19 +237,20 @@ def add_batch(run_dir: str | Path, out_dir: str | Path, *, runs_root: str | Path
         raise ValueError(f"{run_dir} and {out_dir} are not the same study: {SEEDS_RECORD} says {study} in the "
                          f"first and {({k: v for k, v in target.items() if k != 'batch'})} in the second")
     with run_lock(run_dir), run_lock(out_dir):
-        problems = _problems(run_dir)
+        problems = _batch_problems(run_dir, batch)
         if problems:
             shown = "\n  - ".join(line for _, line in problems[:20])
             raise ValueError(f"{run_dir} is not finished:\n  - {shown}\nFinish the batch (synthflaw run with the "
                              "same run id and --batch) before adding it")
-        adding = [seed_label(p) for p in seed_runs(run_dir)]
+        adding = [seed_label(p) for p in seed_runs(run_dir)
+                  if batch is None or seed_label(p) in {str(s) for s in batch}]
         present = [s for s in adding if (out_dir / f"seed-{s}").exists()]
         if present:
             raise FileExistsError(f"{out_dir} already holds seed-{', seed-'.join(present)}: a seed is added once; "
                                   "add a batch of other seeds")
         staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.add-"))
         try:
-            _export_into(run_dir, out_dir, staging, html=False, outer=None)
+            _export_into(run_dir, out_dir, staging, html=False, outer=None, batch=[int(s) for s in adding])
             written = []
             for seed in adding:
                 (staging / f"seed-{seed}").rename(out_dir / f"seed-{seed}")
@@ -309,18 +321,40 @@ def _export_sweep(sweep_dir: Path, out_dir: Path, tmp: Path, manifest: dict) -> 
 
 
 def _export(run_dir: Path, out_dir: Path, html: bool, outer: Path | None = None,
-            problems: list[tuple[str, str]] = ()) -> list[Path]:
+            problems: list[tuple[str, str]] = (), batch=None) -> list[Path]:
     with _staging(out_dir) as tmp:
-        return _export_into(run_dir, out_dir, tmp, html, outer, problems)
+        return _export_into(run_dir, out_dir, tmp, html, outer, problems, batch)
+
+
+def _batch_problems(run_dir: Path, batch=None) -> list[tuple[str, str]]:
+    """:func:`_problems` of the whole run, or (with `batch`) of the batch's seeds only: the study's other seeds are
+    another batch's."""
+    problems = _problems(run_dir)
+    if batch is None:
+        return problems
+    mine = [(n, line) for n, line in problems if any(n == f"seed-{s}" or n.startswith(f"seed-{s}/") for s in batch)]
+    return mine + [(f"seed-{s}", f"seed-{s}: not started") for s in batch if not (run_dir / f"seed-{s}").is_dir()]
+
+
+def _in_batch(path: Path, root: Path, batch) -> bool:
+    """Whether a file of a multi-seed run belongs to the exported `batch` (None: every file): its seeds' folders
+    and the record; not the other seeds, nor the cross-seed results (made only from every seed)."""
+    if batch is None:
+        return True
+    top = path.relative_to(root).parts[0]
+    return top in {f"seed-{s}" for s in batch} or top == SEEDS_RECORD
 
 
 def _export_into(run_dir: Path, out_dir: Path, tmp: Path, html: bool, outer: Path | None,
-                 problems: list[tuple[str, str]] = ()) -> list[Path]:
+                 problems: list[tuple[str, str]] = (), batch=None) -> list[Path]:
     written = []
     # the first finished seed in numeric order (seed-2 before seed-10), as the cross-seed summary orders them
     seed_dirs = [] if (run_dir / "study.json").exists() else seed_runs(run_dir)
+    if batch is not None:
+        seed_dirs = [p for p in seed_dirs if p.name in {f"seed-{s}" for s in batch}]
     first_seed = seed_dirs[0].name if seed_dirs else None
-    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and _kept(p, run_dir, first_seed)):
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and _kept(p, run_dir, first_seed)
+                       and _in_batch(p, run_dir, batch)):
         target = tmp / path.relative_to(run_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
@@ -344,6 +378,9 @@ def _export_into(run_dir: Path, out_dir: Path, tmp: Path, html: bool, outer: Pat
     if outer is not None:  # a sweep's point: paths into other points of the sweep, relative to the sweep
         relative_paths(tmp, outer)
     machine_paths(tmp)
+    if batch is not None:  # the export holds this batch of the study: its record says so
+        record = read_seed_record(tmp)
+        write_json_atomic(tmp / SEEDS_RECORD, {**record, "batch": [s for s in record["seeds"] if s in batch]})
     reseal(tmp, unsealed={name for name, _ in problems})
     _write_unfinished(tmp, problems)
     if problems:

@@ -92,3 +92,32 @@ def test_a_study_in_two_batches_gives_the_tables_of_its_seeds_run_as_one(tmp_pat
                                                                                                      "whole")]
     assert [{k: v for k, v in a.items() if k != "runs"} for a in aggregate][0] == \
         [{k: v for k, v in a.items() if k != "runs"} for a in aggregate][1]
+
+
+def test_a_study_stopped_part_way_is_exported_as_a_batch_and_completed_by_another(tmp_path, fake_stages, capsys):
+    """A run of every seed stopped after some of them (a session's end): its finished seeds go out as a batch
+    (export --batch), the rest run elsewhere and are added; without --batch the partial study is refused."""
+    from synthflaw.runs import record_seeds
+
+    common = ["--runs-root", tmp_path]
+    record_seeds(tmp_path / "whole", [0, 1, 2], preset="smoke", overrides={}, registered=False)  # asked for all
+    study = ["run", "--preset", "smoke", "--seeds", "0", "1", "2", "--engine", "inprocess", *common]
+    code, out, err = main(capsys, *study, "--run-id", "whole", "--batch", "0", "1")  # stopped after two seeds
+    assert code == 0, err
+    assert "batch" not in json.loads((tmp_path / "whole" / "seeds.json").read_text())
+    code, out, err = main(capsys, "export", "--run-id", "whole", "--to", tmp_path / "ref", *common)
+    assert code == 2 and "seed-2: listed in seeds.json, missing" in err, err
+    code, out, err = main(capsys, "export", "--run-id", "whole", "--to", tmp_path / "ref", "--batch", "0", "1",
+                          *common)
+    assert code == 0 and "2 of 3 seeds have evaluated" in out, err
+    assert json.loads((tmp_path / "ref" / "seeds.json").read_text())["batch"] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "ref").iterdir() if p.name.startswith("seed")) == \
+        ["seed-0", "seed-1", "seeds.json"]
+    code, out, err = main(capsys, "export", "--run-id", "whole", "--to", tmp_path / "bad", "--batch", "2", *common)
+    assert code == 2 and "seed-2: not started" in err, err
+
+    code, out, err = main(capsys, *study, "--run-id", "later", "--batch", "2")
+    assert code == 0, err
+    code, out, err = main(capsys, "export", "--run-id", "later", "--to", tmp_path / "ref", "--add", *common)
+    assert code == 0 and "3 of 3 seeds have evaluated" in out, err
+    assert "batch" not in json.loads((tmp_path / "ref" / "seeds.json").read_text())
