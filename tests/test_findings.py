@@ -89,10 +89,12 @@ def test_retention_is_tested_only_when_finding_1s_gain_is_significant():
     check = retention_check(noisy)
     assert check["ci"][0] > 0  # kept - (syn + nat) / 2 = (0.30, 0.43, 0.365): significant on its own
     assert check["reproduces"] is None  # but untested, as the gain is not significant
+    assert check["verdict"] == "inconclusive"  # the label too, not only the three-valued flag
     assert "given a significant gain" in check["rule"]
     # a significantly negative gain does not open the gate either
     lost = findings.findings(aggregate({"natural": natural, "synthetic": (0.30, 0.31, 0.32), U: kept_well}))
     assert finding(lost, "1")["checks"][0]["reproduces"] is False and retention_check(lost)["reproduces"] is None
+    assert retention_check(lost)["verdict"] == "inconclusive"
     # the same kept benchmark with a significant gain (0.10, 0.11, 0.12): tested, and it reproduces
     clear = findings.findings(aggregate({"natural": natural, "synthetic": (0.50, 0.53, 0.53), U: kept_well}))
     assert finding(clear, "1")["checks"][0]["reproduces"] is True
@@ -153,6 +155,7 @@ MARGIN_ROW = {"natural": 0.55, "best_null": 0.15, "above_null": 0.4, "delta": 0.
 FOUND = [
     {"id": "1", "claim": "gain", "metric": "benchmark: s - n", "value": 0.123456, "ci": [0.0123456, 0.2345678],
      "n": 3, "reproduces": True, "verdict": "reproduces", "rule": "d > 0", "note": None, "ni_margin": MARGIN_ROW,
+     "study_p": 0.0123, "study_wide": True,
      "margins": {"values": {"learnable_HSR": 0.052}, "registered": False},
      "checks": [check_row("benchmark: s - n", 0.123456, 0.0123456, 0.2345678, True, "d(benchmark; s - n) > 0",
                           items=60, mdd=0.0412345, method="items", p=0.0061234),
@@ -161,6 +164,7 @@ FOUND = [
      "reported": {"sft: s - n": {"mean": -0.02, "low": -0.1, "high": 0.06, "n": 3, "mdd": 0.12}, "absent": None}},
     {"id": "2", "claim": "worse", "metric": "learnable_HSR: s - n", "value": -0.03, "ci": [-0.2, 0.14], "n": 3,
      "reproduces": None, "verdict": "inconclusive", "rule": "d < 0", "note": "not run: rewritten",
+     "study_p": 1.0, "study_wide": False,
      "ni_margin": MARGIN_ROW,
      "checks": [check_row("learnable_HSR: s - n", -0.03, -0.2, 0.14, None, "d(learnable_HSR; s - n) < 0", mdd=0.25,
                           delta=0.052, p=0.4)],
@@ -180,7 +184,7 @@ FOUND = [
 FINDINGS_MD = [
     '# Findings across seeds (0, 1, 2; 95% intervals)',
     '',
-    'Rules (docs/preregistration.md): each finding has a primary family of at most two checks, Holm-adjusted within it (one-sided at 2.5% for a directional claim); every other check is exploratory. Verdicts: reproduces | reversed | paper-sized effect excluded (the interval lies on the near side of the paper-sized effect, and the positive control was detected on that endpoint) | inconclusive (with its MDD beside the paper-sized effect).',
+    'Rules (docs/preregistration.md): each finding has a primary family of at most two checks, Holm-adjusted within it (one-sided at 2.5% for a directional claim); every other check is exploratory. Verdicts: reproduces | reversed | paper-sized effect excluded (the interval lies on the near side of the paper-sized effect, and the positive control was detected on that endpoint) | inconclusive (with its MDD beside the paper-sized effect). Study-wide: Holm across findings 1, 2, 2c, 3, 3b, 4, 5, 6 on each finding\'s p (the largest Holm p of its primary checks, 1 unless it reproduces); a count of findings that reproduce counts this column.',
     '',
     'Primary endpoints: learnable_HSR, compliance_margin, template_pull, pre_sft_template_pull, benchmark, chat_preference. Per-item endpoints (benchmark, benchmark_synthqa_only, benchmark_stated, learnable_HSR, compliance_margin, template_pull, pre_sft_template_pull, chat_score, chat_preference, pre_sft_leakage) are contrasted item by item within seeds (standard errors clustered by base prompt where items share one) and combined over seeds (random effects, Student t on k - 1 degrees of freedom); the others by the Student t interval of per-seed differences. MDD: the minimum detectable difference at these seeds (two-sided 5%, power 80%).',
     '',
@@ -188,11 +192,11 @@ FINDINGS_MD = [
     '',
     "Natural's learnable HSR above the best null: 0.550 - 0.150 = 0.400.",
     '',
-    '| # | claim | primary check | mean [CI] | seeds | verdict |',
-    '|---|---|---|---|---|---|',
-    '| 1 | gain | benchmark: s - n | +0.1235 [+0.01235, +0.2346] | 3 | reproduces |',
-    '| 2 | worse | learnable_HSR: s - n | -0.03 [-0.2, +0.14] | 3 | inconclusive (MDD 0.25 vs paper-sized 0.052) (not run: rewritten) |',
-    '| 4 | kept | learnable_HSR: u - n |  |  | reversed |',
+    '| # | claim | primary check | mean [CI] | seeds | verdict | study-wide (Holm p) |',
+    '|---|---|---|---|---|---|---|',
+    '| 1 | gain | benchmark: s - n | +0.1235 [+0.01235, +0.2346] | 3 | reproduces | reproduces (0.0123) |',
+    '| 2 | worse | learnable_HSR: s - n | -0.03 [-0.2, +0.14] | 3 | inconclusive (MDD 0.25 vs paper-sized 0.052) (not run: rewritten) | no (1) |',
+    '| 4 | kept | learnable_HSR: u - n |  |  | reversed |  |',
     '',
     '## Checks',
     '',
@@ -456,9 +460,13 @@ def test_power_sets_each_endpoints_mdd_against_the_papers_effect_on_natural_abov
     rows = findings.power(agg, finding)
     assert rows == [
         {"endpoint": "learnable_HSR", "natural_above_null": pytest.approx(0.40), "paper_effect_here":
-            pytest.approx(hsr_size), "mdd": hsr_size * 1.01, "detectable": False},
+            pytest.approx(hsr_size), "registered": False, "mdd": hsr_size * 1.01, "detectable": False},
         {"endpoint": "compliance_margin", "natural_above_null": pytest.approx(0.2),
-         "paper_effect_here": margin_size, "mdd": margin_size, "detectable": True}]
+         "paper_effect_here": margin_size, "registered": False, "mdd": margin_size, "detectable": True}]
+    # judged by registered margins, the yardstick is the registered effect, the one its verdicts use
+    registered = findings.power(agg, finding, {"learnable_HSR": hsr_size * 1.02, "compliance_margin": 0.001})
+    assert [(r["paper_effect_here"], r["registered"], r["detectable"]) for r in registered] == [
+        (hsr_size * 1.02, True, True), (0.001, True, False)]
     # natural not above its null: no size to detect; no MDD: nothing to say; no margin null: no margin row
     del agg["per_seed"]["natural"]["compliance_margin_null"]
     agg["per_seed"]["null:plain"]["learnable_HSR"] = seeds(0.55, 0.55, 0.55)
@@ -473,3 +481,32 @@ def test_ni_margin_of_a_natural_level_with_its_null_is_none():
     agg = aggregate({}, natural={"learnable_HSR": (0.2, 0.2, 0.2)}, **{"null:c": {"learnable_HSR": (0.2, 0.2, 0.2)}})
     margin = findings.ni_margin(agg)
     assert margin["above_null"] == 0.0 and margin["delta"] is None
+
+
+def test_study_wide_holm_runs_across_the_findings_on_each_familys_largest_p():
+    found = [{"id": "C", "verdict": "reproduces", "checks": [{"primary": True, "p_holm": 0.001}]},
+             {"id": "1", "verdict": "reproduces", "checks": [{"primary": True, "p_holm": 0.001},
+                                                              {"primary": True, "p_holm": 0.002},
+                                                              {"primary": False, "p_holm": None}]},
+             {"id": "2", "verdict": "reproduces", "checks": [{"primary": True, "p_holm": 0.02}]},
+             {"id": "2c", "verdict": "inconclusive", "checks": [{"primary": True, "p_holm": 0.03}]},
+             {"id": "4", "verdict": "reproduces", "checks": [{"primary": True, "p_holm": 0.0001},
+                                                              {"primary": True, "p_holm": None}]}]
+    findings.study_wide(found)
+    by = {f["id"]: f for f in found}
+    assert "study_p" not in by["C"]  # the control is the instrument's check, outside the family
+    # finding ps: 1 -> 0.002 (its largest), 2 -> 0.02, 2c -> 1 (not reproduced), 4 -> 1 (a primary p missing)
+    assert [by[k]["finding_p"] for k in ("1", "2", "2c", "4")] == [0.002, 0.02, 1.0, 1.0]
+    # Holm over four: 0.002 x 4 = 0.008; 0.02 x 3 = 0.06; the ones stay 1
+    assert by["1"]["study_p"] == pytest.approx(0.008) and by["1"]["study_wide"] is True
+    assert by["2"]["study_p"] == pytest.approx(0.06) and by["2"]["study_wide"] is False  # reproduces on its own
+    assert by["2c"]["study_wide"] is False and by["4"]["study_wide"] is False
+
+
+def test_findings_md_shows_the_study_wide_column(tmp_path):
+    found = findings.findings(study())
+    findings_report.write_findings(found, tmp_path, 0.95, ["0", "1", "2"])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in (tmp_path / "findings.md").read_text().splitlines()
+            if line.startswith("| ") and line.count(" | ") == 6}
+    assert rows["1"].endswith(f"| reproduces ({finding(found, '1')['study_p']:.3g}) |")
+    assert rows["C"].endswith("|  |")  # the control: no study-wide cell

@@ -31,9 +31,11 @@ from synthflaw.metrics.statistics import (
 )
 from synthflaw.reporting import verdicts
 from synthflaw.reporting.preregistration import (
+    ALPHA,
     CONTROL,
     PAPER_RELATIVE_EFFECT,
     PRIMARY,
+    STUDY_FINDINGS,
 )
 from synthflaw.reporting.tables import NULL_PREFIX
 
@@ -221,12 +223,27 @@ def findings(aggregated: dict, unlearning_method: str = "lower_bounded",
     out = [control, *_after_sft(rules, detected), *_output_shift(rules),
            _unlearning(rules, aggregated, unlearning_method, detected), *_more_data(rules, detected)]
     two = next(f for f in out if f["id"] == "2")
-    two["power"] = power(aggregated, two)
+    two["power"] = power(aggregated, two, rules.margins if registered else None)
+    study_wide(out)
     margin = ni_margin(aggregated)
     for f in out:
         f["ni_margin"] = margin
         f["margins"] = {"values": rules.margins, "registered": registered}
     return out
+
+
+def study_wide(found: list[dict]) -> None:
+    """Holm across the findings of `STUDY_FINDINGS` (docs/preregistration.md, amendment 1): each finding's p is its
+    primary family's as an intersection-union test, the largest Holm-adjusted one-sided p of its primary checks, or
+    1 where its verdict is not "reproduces" (a gated or missing check, a reversed one); `study_p` is that p adjusted
+    across the findings, `study_wide` whether it is below ALPHA / 2. The positive control gets neither."""
+    family = [f for f in found if f["id"] in STUDY_FINDINGS]
+    for f in family:
+        ps = [c.get("p_holm") for c in f["checks"] if c["primary"]]
+        f["finding_p"] = (max(ps) if f["verdict"] == verdicts.REPRODUCES and ps and None not in ps else 1.0)
+    for f, adjusted in zip(family, verdicts.holm([f["finding_p"] for f in family])):
+        f["study_p"] = adjusted
+        f["study_wide"] = adjusted < ALPHA / 2
 
 
 def _positive_control(rules: _Rules) -> dict:
@@ -339,11 +356,13 @@ def _more_data(rules: _Rules, detected: dict) -> list[dict]:
     return [five, six]
 
 
-def power(aggregated: dict, finding: dict) -> list[dict]:
+def power(aggregated: dict, finding: dict, registered: dict[str, float] | None = None) -> list[dict]:
     """Could these seeds see the paper's effect? For finding 2's likelihood and generation endpoints: natural's
     value above its null (learnable HSR: the best null reply; compliance margin: the margin with the instruction
-    sentence removed), the paper's relative effect of it (the size to detect), and the check's minimum detectable
-    difference; `detectable` when the MDD is at most that size. Natural and nulls only, as the margin."""
+    sentence removed), the size to detect, and the check's minimum detectable difference; `detectable` when the MDD
+    is at most that size. The size is the registered paper-sized effect where the run is judged by registered
+    margins (`registered`: the same values its verdicts use), else the paper's relative effect of natural above its
+    null (natural and nulls only, as the margin)."""
     per_seed = aggregated["per_seed"]
     natural = per_seed.get("natural", {})
 
@@ -362,8 +381,12 @@ def power(aggregated: dict, finding: dict) -> list[dict]:
     for check in finding["checks"]:
         metric = check["check"].split(":")[0]
         if metric in above:
-            size = PAPER_RELATIVE_EFFECT * above[metric] if above[metric] > 0 else None
+            if registered is not None:
+                size = registered.get(metric)
+            else:
+                size = PAPER_RELATIVE_EFFECT * above[metric] if above[metric] > 0 else None
             rows.append({"endpoint": metric, "natural_above_null": above[metric], "paper_effect_here": size,
+                         "registered": registered is not None,
                          "mdd": check["mdd"],
                          "detectable": None if size is None or check["mdd"] is None else check["mdd"] <= size})
     return rows

@@ -10,7 +10,7 @@ from pathlib import Path
 from synthflaw.records import write_json, write_text_atomic
 from synthflaw.reporting import verdicts
 from synthflaw.reporting.findings import ITEM_METRICS
-from synthflaw.reporting.preregistration import PAPER_RELATIVE_EFFECT, PRIMARY_ENDPOINTS
+from synthflaw.reporting.preregistration import PAPER_RELATIVE_EFFECT, PRIMARY_ENDPOINTS, STUDY_FINDINGS
 
 
 def _verdict(label: str, mdd=None, delta=None) -> str:
@@ -53,7 +53,9 @@ def _preamble(found: list[dict], confidence: float, seeds) -> list[str]:
              "Holm-adjusted within it (one-sided at 2.5% for a directional claim); every other check is "
              "exploratory. Verdicts: reproduces | reversed | paper-sized effect excluded (the interval lies on the "
              "near side of the paper-sized effect, and the positive control was detected on that endpoint) | "
-             "inconclusive (with its MDD beside the paper-sized effect).",
+             "inconclusive (with its MDD beside the paper-sized effect). Study-wide: Holm across findings "
+             f"{', '.join(STUDY_FINDINGS)} on each finding's p (the largest Holm p of its primary checks, 1 unless it "
+             "reproduces); a count of findings that reproduce counts this column.",
              "",
              f"Primary endpoints: {', '.join(PRIMARY_ENDPOINTS)}. Per-item endpoints ({', '.join(ITEM_METRICS)}) "
              "are contrasted item by item within seeds (standard errors clustered by base prompt where items share "
@@ -85,12 +87,14 @@ def _preamble(found: list[dict], confidence: float, seeds) -> list[str]:
 
 def _tables(found: list[dict]) -> list[str]:
     """One row per finding, one per check, finding 2's power and what is reported untested."""
-    lines = ["", "| # | claim | primary check | mean [CI] | seeds | verdict |", "|---|---|---|---|---|---|"]
+    lines = ["", "| # | claim | primary check | mean [CI] | seeds | verdict | study-wide (Holm p) |",
+             "|---|---|---|---|---|---|---|"]
     for f in found:
         head = f["checks"][0] if f["checks"] else {}
+        wide = "" if "study_p" not in f else f"{'reproduces' if f['study_wide'] else 'no'} ({f['study_p']:.3g})"
         lines.append(f"| {f['id']} | {f['claim']} | {f['metric']} | {_interval(f['value'], f['ci'])} | "
                      f"{f['n'] or ''} | {_verdict(f['verdict'], head.get('mdd'), head.get('delta'))}"
-                     f"{' (' + f['note'] + ')' if f['note'] else ''} |")
+                     f"{' (' + f['note'] + ')' if f['note'] else ''} | {wide} |")
     lines += ["", "## Checks", "",
               "| # | check | family | mean [CI] | seeds | MDD | p (Holm) | verdict | rule |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -104,8 +108,10 @@ def _tables(found: list[dict]) -> list[str]:
                          f"{ch['rule']} |")
     rows = next((f.get("power") for f in found if f["id"] == "2"), None)
     if rows:
+        size = ("paper-sized effect (registered)" if rows[0].get("registered") else
+                f"paper's effect here ({PAPER_RELATIVE_EFFECT:.0%} of that)")
         lines += ["", "## Power: could these seeds see the paper's effect? (finding 2)", "",
-                  "| endpoint | natural above its null | paper's effect here (13% of that) | MDD | detectable |",
+                  f"| endpoint | natural above its null | {size} | MDD | detectable |",
                   "|---|---|---|---|---|"]
         lines += [f"| {r['endpoint']} | {r['natural_above_null']:.4g} | {_mdd(r['paper_effect_here'])} | "
                   f"{_mdd(r['mdd'])} | {'' if r['detectable'] is None else 'yes' if r['detectable'] else 'no'} |"
