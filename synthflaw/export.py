@@ -378,9 +378,11 @@ def _export_into(run_dir: Path, out_dir: Path, tmp: Path, html: bool, outer: Pat
     if outer is not None:  # a sweep's point: paths into other points of the sweep, relative to the sweep
         relative_paths(tmp, outer)
     machine_paths(tmp)
-    if batch is not None:  # the export holds this batch of the study: its record says so
-        record = read_seed_record(tmp)
-        write_json_atomic(tmp / SEEDS_RECORD, {**record, "batch": [s for s in record["seeds"] if s in batch]})
+    if batch is not None:  # the export holds this batch of the study: its record says so (all of it: no batch)
+        record = {k: v for k, v in read_seed_record(tmp).items() if k != "batch"}
+        if set(record["seeds"]) - set(batch):
+            record["batch"] = [s for s in record["seeds"] if s in batch]
+        write_json_atomic(tmp / SEEDS_RECORD, record)
     reseal(tmp, unsealed={name for name, _ in problems})
     _write_unfinished(tmp, problems)
     if problems:

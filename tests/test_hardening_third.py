@@ -222,7 +222,8 @@ def test_a_failed_point_advises_the_command_that_continues_the_sweep(tmp_path, f
     grid = ["--preset", "smoke", "--grid", "cpt.synthetic_fraction=0.1,0.5", "--seeds", "0"]
     common = ["--run-id", "sw", "--runs-root", tmp_path, "--engine", "inprocess", "--stages", "01", "02"]
     code, err = main(capsys, "sweep", *common, *grid)
-    assert code == 1 and "point cpt.synthetic_fraction=0.1 failed" in err, err
+    # a full disk is the user's to fix: exit 2, the step's folder and the file system's fix beside the sweep's
+    assert code == 2 and "point cpt.synthetic_fraction=0.1 failed" in err and "free some space" in err, err
     argv = advised(err, r"continue the sweep \((synthflaw sweep [^)]+)\)")
     assert "--grid" not in argv and argv[argv.index("--stages") + 1:][:2] == ["01", "02"]
     monkeypatch.setattr(stages, "stage_module", real)  # the cause, fixed

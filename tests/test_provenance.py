@@ -36,6 +36,11 @@ def test_the_git_state_names_the_commit_and_every_changed_file(checkout):
     (checkout / "runs").mkdir()
     (checkout / "runs" / "x.json").write_text("{}")  # an ignored run folder leaves the tree clean
     assert provenance.git_state(checkout / "synthflaw")["git_dirty"] is False
+    (checkout / ".gitignore").write_text("__pycache__/\n")  # runs/ tracked, as committed exports are
+    _git(checkout, "add", "-A")
+    _git(checkout, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "track runs")
+    (checkout / "runs" / "x.json").write_text('{"redrawn": 1}')  # results edited: the code is still clean
+    assert provenance.git_state(checkout / "synthflaw")["git_dirty"] is False
     (checkout / "synthflaw" / "config.py").write_text("# edited\n")
     (checkout / "synthflaw" / "new_module.py").write_text("")
     state = provenance.git_state(checkout / "synthflaw")

@@ -88,3 +88,15 @@ def test_single_and_multi_seed_layouts_refuse_each_other(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert code == 2 and "holds a single run, not a multi-seed run" in err, err
     assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["study.json"]
+
+
+def test_a_new_study_is_refused_in_a_folder_holding_another_studys_seeds(tmp_path):
+    """Before its first seed runs, not at its end: a study asked into a committed export's folder (seeds 0-4, no
+    record) would otherwise run for hours and then be refused when its findings are made."""
+    _fake_seed(tmp_path / "old", 0)
+    _fake_seed(tmp_path / "old", 1)
+    aggregate.summarize(tmp_path / "old")
+    with pytest.raises(ValueError, match="holds seeds 0 1 of another study.*pick another --run-id"):
+        record_seeds(tmp_path / "old", [300, 301], preset="default")
+    assert not (tmp_path / "old" / "seeds.json").exists()
+    record_seeds(tmp_path / "old", [0, 1], preset="smoke")  # the same seeds: that study continued

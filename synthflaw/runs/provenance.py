@@ -46,17 +46,23 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+# The checkout's folder of results: what runs write (and the committed exports), never code. A change there does
+# not make the code dirty: regenerating a committed reference's figures edits it.
+RESULTS = "runs/"
+
+
 def git_state(where: Path = PACKAGE_DIR) -> dict:
     """The checkout `where` lies in: {"git_commit", "git_dirty", "dirty_files"}; all None outside a git checkout
-    (an installed wheel) or without git. Dirty means a tracked file differs from the commit or a file git does not
-    ignore is untracked; run folders are ignored, so a run does not make its own tree dirty."""
+    (an installed wheel) or without git. Dirty means a tracked file outside `RESULTS` differs from the commit or a
+    file git does not ignore is untracked there: the code, notebooks and configuration, not the run folders."""
     commit = _git(["rev-parse", "HEAD"], where)
     if commit is None:
         return {"git_commit": None, "git_dirty": None, "dirty_files": None}
     status = _git(["status", "--porcelain", "--untracked-files=all"], where)
     if status is None:
         return {"git_commit": commit.strip(), "git_dirty": None, "dirty_files": None}
-    files = sorted(line[3:] for line in status.splitlines() if line.strip())
+    files = sorted(path for path in (line[3:] for line in status.splitlines() if line.strip())
+                   if not path.strip('"').startswith(RESULTS))
     return {"git_commit": commit.strip(), "git_dirty": bool(files), "dirty_files": files}
 
 

@@ -50,6 +50,15 @@ def record_seeds(run_dir: str | Path, seeds, batch=None, **about) -> dict:
                          f"seeds {' '.join(map(str, seeds))}")
     existing = read_seed_record(run_dir)
     if existing is None:
+        # a folder without a record may hold the seeds of an earlier study (an export made before records): a new
+        # study's seeds beside them would be refused only at its end, when its findings are made
+        held = set(listed_seeds(run_dir) or []) | {p.name.removeprefix("seed-") for p in Path(run_dir).glob("seed-*")
+                                                    if p.is_dir()}
+        others = sorted(held - {str(s) for s in seeds}, key=lambda s: (len(s), s))
+        if others:
+            raise ValueError(f"{run_dir} holds seeds {' '.join(others)} of another study, and no {SEEDS_RECORD}: "
+                             "pick another --run-id (an exported reference is committed; git keeps it), or remove "
+                             "that study")
         record = {"seeds": seeds, **({"batch": batch} if batch is not None else {}), **about}
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(run_dir) / SEEDS_RECORD, record)
