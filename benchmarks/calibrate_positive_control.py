@@ -5,7 +5,7 @@ uses), e.g.:
 
     synthflaw sweep --run-id pilot-control --grid sft.harm_fraction=0.05,0.1,0.2,0.35 --seeds 100 101 102 \\
         --set cpt.branches=natural --set unlearn.methods= --stages 01 03 04 06 07 --engine inprocess
-    python benchmarks/calibrate_positive_control.py runs/pilot-control --out benchmarks/results/calibration_positive_control.json
+    python benchmarks/calibrate_positive_control.py runs/pilot-control --out docs/calibration_positive_control.json
 
 Per harm fraction: the relative drop of natural's learnable HSR above its best null, (HSR_nat - HSR_harmed) /
 (HSR_nat - best null), from the seed means; the control's item-level contrasts (clustered by base prompt, combined

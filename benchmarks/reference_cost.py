@@ -38,8 +38,8 @@ def seed_costs(run_dir: Path) -> dict:
             "per_stage_mean_s": {k: round(statistics.mean(s["stages"].get(k, 0.0) for s in seeds.values()), 1)
                                  for k in stage_names},
             "all_seeds_s": round(sum(totals), 1),
-            "machines": sorted(list(m) for m in machines if m != (None,) * 5),
-            "commits": sorted(list(c) for c in commits)}
+            "machines": sorted((list(m) for m in machines if m != (None,) * 5), key=str),
+            "commits": sorted((list(c) for c in commits), key=str)}
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The committed reference results: stage 08 and the sweeps' figures regenerate their tables and figures exactly.
 
-The reference (runs/reference/) is the default study (seeds 0-4) exported with `synthflaw export` (no weights, no
-data sets). `synthflaw figures` on a copy must rewrite every table and the cross-seed intervals and findings byte for
+The reference (runs/reference/) is the registered default study (seeds 300-306, docs/preregistration.md) exported
+with `synthflaw export` (no weights, no data sets). `synthflaw figures` on a copy must rewrite every table and the cross-seed intervals and findings byte for
 byte. The reference sweeps (runs/reference-fraction/, runs/reference-templates/) are sweeps on the default preset
 exported the same way; `synthflaw sweep --figures-only` on a copy must rewrite the sweep's figures' tables, its trend
 tests and every point's cross-seed tables and findings byte for byte.
@@ -9,12 +9,13 @@ tests and every point's cross-seed tables and findings byte for byte.
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from synthflaw import cli
-from synthflaw.reporting.preregistration import PRIMARY_ENDPOINTS
+from synthflaw.reporting.preregistration import PRIMARY_ENDPOINTS, REFERENCE_SEEDS
 from synthflaw.runner import regenerate
 
 pytestmark = pytest.mark.slow  # end to end
@@ -52,9 +53,32 @@ def figures(root: Path, regenerated: Path) -> list[str]:
 def test_reference_exists_with_seeds_and_no_weights():
     assert (REFERENCE / "seeds" / "findings.md").exists(), "runs/reference is committed with the repository"
     seed_dirs = sorted(p.name for p in REFERENCE.glob("seed-*"))
-    assert seed_dirs == [f"seed-{k}" for k in range(5)]  # the default preset's seeds
+    assert seed_dirs == [f"seed-{k}" for k in REFERENCE_SEEDS]  # the registered seeds, each once
+    record = json.loads((REFERENCE / "seeds.json").read_text())
+    assert record == {"seeds": list(REFERENCE_SEEDS), "preset": "default", "overrides": {}, "registered": True}
     assert not [p for p in REFERENCE.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt") or p.name == "model"]
     assert (REFERENCE / "notebooks" / "07_evaluate.html").exists()
+
+
+def _git(*args) -> str:
+    return subprocess.run(["git", *args], cwd=RUNS.parent, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_every_step_of_the_reference_ran_code_committed_after_its_preregistration():
+    """Rules before data: each step's meta.json names a commit that already held the pre-registration as it stands
+    (docs/preregistration.md and the constants' file byte for byte: the rules that judge the reference are the
+    ones its steps ran under, unchanged since), with clean code (a dirty file, if any, is a result under runs/,
+    never code); the steps of stages 01-07 share one source digest."""
+    registered = {path: (RUNS.parent / path).read_text() for path in
+                  ("docs/preregistration.md", "synthflaw/reporting/preregistration.py")}
+    metas = [json.loads(p.read_text()) for p in sorted(REFERENCE.glob("seed-*/**/meta.json"))]
+    assert len(metas) == 24 * len(REFERENCE_SEEDS)
+    for commit in {m["git_commit"] for m in metas}:
+        for path, text in registered.items():
+            assert _git("show", f"{commit}:{path}") == text.strip(), f"{path} changed after {commit} ran"
+    assert all(f.startswith("runs/") for m in metas for f in m["dirty_files"])
+    trained = {m["source_digest"] for m in metas if not m["step"].startswith("08")}
+    assert len(trained) == 1
 
 
 def test_figures_regenerate_the_reference_tables_exactly(tmp_path):

@@ -33,7 +33,7 @@ PRIMARY_ENDPOINTS = ("learnable_HSR", "compliance_margin", "template_pull", "pre
 # The preset these values were measured on; a run of another preset derives its margins from itself and says so.
 REGISTERED_PRESET = "default"
 # The paper-sized effect in each endpoint's units, from natural pilot seeds 100-102 and the positive control at
-# sft.harm_fraction = 0.05 (benchmarks/calibrate_positive_control.py; benchmarks/results/calibration_positive_control.json):
+# sft.harm_fraction = 0.05 (benchmarks/calibrate_positive_control.py; docs/calibration_positive_control.json):
 # learnable HSR 13% of natural's 0.2356 above its best null; chat preference 13% of natural's. Compliance margin
 # (amendment 1): the smallest of its five derivations from the same pilot, the control's exchange rate at each
 # grid fraction (1.49-2.42 nats/token per unit HSR) times delta(HSR) and 13% of natural's margin above its null
