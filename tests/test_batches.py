@@ -86,7 +86,7 @@ def test_a_study_in_two_batches_gives_the_tables_of_its_seeds_run_as_one(tmp_pat
                 if p.is_file() and p.suffix in (".csv", ".md") or p.name == "findings.json"}
 
     batched, whole = tables(tmp_path / "batched"), tables(tmp_path / "whole")
-    assert "findings.md" in batched and "tables/headline_ci.csv" in batched
+    assert "seeds/findings.md" in batched and "seeds/tables/headline_ci.csv" in batched
     assert batched == whole
     aggregate = [json.loads((tmp_path / name / "seeds" / "aggregate.json").read_text()) for name in ("batched",
                                                                                                      "whole")]

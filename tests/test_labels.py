@@ -103,7 +103,7 @@ def test_cross_seed_and_sweep_figures_are_in_words_and_redraw_to_the_committed_b
 
 @pytest.mark.slow
 def test_every_figure_of_a_run_and_a_sweep_is_in_words(tmp_path, drawn):
-    make_figures(RUNS / "reference" / "seed-0", tmp_path / "run", 120)
+    make_figures(min((RUNS / "reference").glob("seed-*")), tmp_path / "run", 120)  # its first seed
     for folder in SWEEPS:
         for csv in sorted(folder.glob("*__*.csv")):
             metric, key = csv.stem.split("__")
