@@ -22,7 +22,7 @@ from synthflaw.runs import (
     refuse_other_kind,
     run_folder,
 )
-from synthflaw.runs.provenance import DirtyCheckout, code_state, require_clean
+from synthflaw.runs.provenance import DirtyCheckout, require_clean
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +199,6 @@ def _run(args) -> int:
     seeds = _registered(args, overrides) if args.registered else args.seeds
     if seeds is None and "seed" not in overrides and args.preset == preregistration.REGISTERED_PRESET:
         seeds = list(preregistration.REFERENCE_SEEDS)
-    code_state()  # the code this process runs, taken now: a commit made while it runs does not change it
     if args.batch and not (seeds and (len(seeds) > 1 or args.registered)):
         raise config.ConfigError("--batch runs some seeds of a multi-seed study: give the study's seeds with "
                                  "--seeds (or --registered, or the default preset's seeds) and the batch with --batch")

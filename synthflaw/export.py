@@ -33,7 +33,7 @@ from pathlib import Path
 
 from synthflaw.config import from_dict
 from synthflaw.registry import study_steps
-from synthflaw.reporting.aggregate import seed_label, seed_runs
+from synthflaw.reporting.aggregate import evaluated_seeds, seed_runs
 from synthflaw.reporting.sweep_figures import FOLDER as FIGURES
 from synthflaw.runs import (
     SEEDS_RECORD,
@@ -49,6 +49,7 @@ from synthflaw.runs import (
     read_seed_record,
     run_lock,
     seeds_status,
+    study_of,
     write_json_atomic,
 )
 from synthflaw.sweep.definition import MANIFEST, read_manifest
@@ -154,7 +155,7 @@ def _seed_problems(run_dir: Path) -> list[tuple[str, str]]:
     aggregate made from other seeds than the listed ones."""
     if folder_kind(run_dir) != "seeds":
         return []
-    status = seeds_status(run_dir, [seed_label(p) for p in seed_runs(run_dir)])
+    status = seeds_status(run_dir, evaluated_seeds(run_dir))
     # the seeds this folder is to hold: a batch's, where a study runs in batches (the others are added elsewhere)
     problems = [(f"seed-{s}", f"seed-{s}: listed in {SEEDS_RECORD}, "
                               f"{'not evaluated' if (run_dir / f'seed-{s}').is_dir() else 'missing'}")
@@ -232,18 +233,16 @@ def add_batch(run_dir: str | Path, out_dir: str | Path, *, runs_root: str | Path
     if target is None:
         raise ValueError(f"{out_dir} is not an export of a multi-seed study (no {SEEDS_RECORD}): export the first "
                          f"batch with synthflaw export --run-id {run_dir.name} --to {out_dir} (without --add)")
-    study = {k: v for k, v in source.items() if k != "batch"}
-    if study != {k: v for k, v in target.items() if k != "batch"}:
-        raise ValueError(f"{run_dir} and {out_dir} are not the same study: {SEEDS_RECORD} says {study} in the "
-                         f"first and {({k: v for k, v in target.items() if k != 'batch'})} in the second")
+    if study_of(source) != study_of(target):
+        raise ValueError(f"{run_dir} and {out_dir} are not the same study: {SEEDS_RECORD} says {study_of(source)} "
+                         f"in the first and {study_of(target)} in the second")
     with run_lock(run_dir), run_lock(out_dir):
         problems = _batch_problems(run_dir, batch)
         if problems:
             shown = "\n  - ".join(line for _, line in problems[:20])
             raise ValueError(f"{run_dir} is not finished:\n  - {shown}\nFinish the batch (synthflaw run with the "
                              "same run id and --batch) before adding it")
-        adding = [seed_label(p) for p in seed_runs(run_dir)
-                  if batch is None or seed_label(p) in {str(s) for s in batch}]
+        adding = [s for s in evaluated_seeds(run_dir) if batch is None or s in {str(b) for b in batch}]
         present = [s for s in adding if (out_dir / f"seed-{s}").exists()]
         if present:
             raise FileExistsError(f"{out_dir} already holds seed-{', seed-'.join(present)}: a seed is added once; "
@@ -258,7 +257,7 @@ def add_batch(run_dir: str | Path, out_dir: str | Path, *, runs_root: str | Path
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         held = set(target.get("batch", target["seeds"])) | {int(s) for s in adding}
-        record = {k: v for k, v in target.items() if k != "batch"}
+        record = study_of(target)
         if held != set(target["seeds"]):  # still a part of the study: the record says which part
             record["batch"] = [s for s in target["seeds"] if s in held]
         write_json_atomic(out_dir / SEEDS_RECORD, record)
@@ -379,7 +378,7 @@ def _export_into(run_dir: Path, out_dir: Path, tmp: Path, html: bool, outer: Pat
         relative_paths(tmp, outer)
     machine_paths(tmp)
     if batch is not None:  # the export holds this batch of the study: its record says so (all of it: no batch)
-        record = {k: v for k, v in read_seed_record(tmp).items() if k != "batch"}
+        record = study_of(read_seed_record(tmp))
         if set(record["seeds"]) - set(batch):
             record["batch"] = [s for s in record["seeds"] if s in batch]
         write_json_atomic(tmp / SEEDS_RECORD, record)

@@ -97,6 +97,11 @@ def seed_runs(run_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def evaluated_seeds(run_dir: str | Path) -> list[str]:
+    """The labels of the seeds of a multi-seed run whose evaluations have all finished (`seed_runs`), in order."""
+    return [seed_label(p) for p in seed_runs(run_dir)]
+
+
 def seed_label(run: Path, position: int = 0) -> str:
     """The seed of one seed's run, as a label: from its folder name ``seed-<k>``, else its study.json, else
     `position`."""

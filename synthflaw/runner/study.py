@@ -200,10 +200,10 @@ def status_text(run_dir: str | Path) -> str:
     """What a multi-seed run holds, in words: "k of K seeds have evaluated", which are missing or unfinished, and
     whether its findings across seeds exist (they are made only once every listed seed has evaluated: no interim
     verdict)."""
-    from synthflaw.reporting.aggregate import seed_label, seed_runs
+    from synthflaw.reporting.aggregate import evaluated_seeds
 
     run_dir = Path(run_dir)
-    status = seeds_status(run_dir, [seed_label(p) for p in seed_runs(run_dir)])
+    status = seeds_status(run_dir, evaluated_seeds(run_dir))
     listed = status["listed"] or status["finished"]
     done = [s for s in listed if s in status["finished"]]
     lines = [f"{run_dir}: {len(done)} of {len(listed)} seeds have evaluated ({' '.join(done) or 'none'})"]
@@ -258,10 +258,10 @@ def regenerate(run_id: str, runs_root: str | Path = "runs", engine: str = "paper
     study = run_dir / "study.json"
     seed_dirs = sorted(p for p in run_dir.glob("seed-*") if (p / "study.json").exists())
     if folder_kind(run_dir) == "seeds":  # a multi-seed run: each seed's figures, then the intervals across seeds
-        from synthflaw.reporting.aggregate import seed_label, seed_runs
+        from synthflaw.reporting.aggregate import evaluated_seeds
 
         refuse_other_kind(run_dir, "seeds")  # a single run's study.json written on top of it
-        require_every_seed(run_dir, [seed_label(p) for p in seed_runs(run_dir)])  # before any figure is redrawn
+        require_every_seed(run_dir, evaluated_seeds(run_dir))  # before any figure is redrawn
         run_seeds(run_dir, [p.name.removeprefix("seed-") for p in seed_dirs],
                   lambda seed: regenerate(f"seed-{seed}", runs_root=run_dir, engine=engine, log=log))
         return run_dir

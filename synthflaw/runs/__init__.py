@@ -80,6 +80,7 @@ from synthflaw.runs.seed_record import (
     record_seeds,
     require_every_seed,
     seeds_status,
+    study_of,
 )
 from synthflaw.runs.staleness import (
     Cause,
@@ -98,6 +99,7 @@ __all__ = [
     "record_seeds",
     "require_every_seed",
     "seeds_status",
+    "study_of",
     "Decision",
     "decide",
     "BrokenRunFile",

@@ -74,6 +74,12 @@ def record_seeds(run_dir: str | Path, seeds, batch=None, **about) -> dict:
     return existing
 
 
+def study_of(record: dict) -> dict:
+    """What makes a record's study (its seeds, preset, overrides, registered): the record without the batches a
+    folder holds, which two folders of one study may differ in."""
+    return {k: v for k, v in record.items() if k != "batch"}
+
+
 def batch_seeds(record: dict | None) -> list[str] | None:
     """The seeds a folder holds (or is to hold) of its study, as labels: its batches' union, else every seed."""
     if record is None:
@@ -106,7 +112,7 @@ def seeds_status(run_dir: str | Path, finished: list[str]) -> dict:
     listed = listed_seeds(run_dir)
     if listed is None:
         return {"listed": None, "here": None, "finished": finished, "missing": [], "missing_here": [], "extra": []}
-    here = batch_seeds(read_seed_record(run_dir)) or listed
+    here = batch_seeds(read_seed_record(run_dir)) or listed  # a run made before records: every listed seed here
     return {"listed": listed, "here": here, "finished": finished, "missing": [s for s in listed if s not in finished],
             "missing_here": [s for s in here if s not in finished], "extra": [s for s in finished if s not in listed]}
 
